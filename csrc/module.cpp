@@ -1,0 +1,45 @@
+// The pybind11 module pyevo._C: importing it loads the op registrations in this library
+// (TORCH_LIBRARY blocks in csrc/) and reports how the extension was built.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::string(PYEVO_TORCH_VERSION);
+#ifdef PYEVO_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::string(PYEVO_CUDA_VERSION);
+  std::vector<std::string> archs;
+  std::string list = PYEVO_CUDA_ARCHS;
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find_first_of("; ", start);
+    if (end == std::string::npos) end = list.size();
+    if (end > start) archs.push_back(list.substr(start, end - start));
+    start = end + 1;
+  }
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = std::vector<std::string>{};
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyevo compiled ops (registered as torch.ops.pyevo.*)";
+  m.def("build_info", &build_info,
+        "How this extension was built: cuda (bool), cuda_archs, cuda_version, torch_version, openmp");
+}
