@@ -1,0 +1,204 @@
+"""Run configuration: one dataclass per pipeline stage, loaded from YAML, overridable from the CLI.
+
+Every key is checked: an unknown key or a value of the wrong kind is a ``ConfigError`` naming it,
+which the CLI turns into one line and a non-zero exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is wrong (unknown key, bad type, out of range)."""
+
+
+@dataclass
+class DistillConfig:
+    """Block-wise distillation of the supernet (teacher-forced, sandwich rule)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    random_paths: int = 1  # random paths per step, besides the largest and the smallest
+
+
+@dataclass
+class LatencyConfig:
+    """How candidate blocks and whole networks are timed on the run's device."""
+
+    warmup: int = 3
+    repeats: int = 15
+    threads: int = 2  # CPU threads while timing (fixed, so tables are comparable)
+    cuda_graph: bool = False
+    cache: str = "~/.cache/pyevo/latency.json"  # persisted table; "" keeps it in the run folder
+
+
+@dataclass
+class SearchConfig:
+    """Per-block NSGA-II over genomes: objectives NSR on a fixed held-out set and latency."""
+
+    population: int = 16
+    generations: int = 8
+    crossover_prob: float = 0.6
+    mutation_prob: float = 0.4
+    heldout_size: int = 256
+    rule: str = "diffnas"  # diffnas | block-budget | budget
+    slack: float = 1.5  # diffnas: NSR <= teacher-shaped NSR * slack
+    budget: float = 0.5  # block-budget / budget: fraction of the teacher's latency
+
+
+@dataclass
+class RetrainConfig:
+    """Retraining of the assembled student with the dynamic joint loss."""
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 5e-4
+    loss: str = "dynamic"  # dynamic | static | hard | end-only
+    lambda_share: float = 0.5  # share of the steps over which lambda decays 1 -> 0
+    static_lambda: float = 0.5  # the weight of the block loss for the "static" arm
+    ema_decay: float = 0.995
+    data_free: bool = False  # end loss against the teacher's epsilon instead of the true noise
+
+
+@dataclass
+class EvaluateConfig:
+    """Quality of teacher and student: samples from the same noise."""
+
+    num_samples: int = 1000
+    ddim_steps: int = 50
+
+
+@dataclass
+class RunConfig:
+    """A whole pyevo run."""
+
+    teacher: str = "digits"  # "digits" (built-in) or a local diffusers UNet / pipeline folder
+    data: str = "digits"  # "digits", an image folder, or "data-free"
+    device: str = "cpu"
+    dtype: str = "float32"  # deployment dtype for latency: float32 | float16 | bfloat16
+    batch: int = 64  # deployment batch for latency
+    seed: int = 0
+    out: str = "runs/default"
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def validate(self) -> "RunConfig":
+        _choice("dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _choice("search.rule", self.search.rule, ("diffnas", "block-budget", "budget"))
+        _choice("retrain.loss", self.retrain.loss, ("dynamic", "static", "hard", "end-only"))
+        if not 0.0 < self.search.budget <= 1.0:
+            raise ConfigError(f"search.budget must be in (0, 1], got {self.search.budget}")
+        if self.search.slack < 1.0:
+            raise ConfigError(f"search.slack must be >= 1, got {self.search.slack}")
+        if not 0.0 < self.retrain.lambda_share <= 1.0:
+            raise ConfigError(f"retrain.lambda_share must be in (0, 1], got {self.retrain.lambda_share}")
+        for name in ("batch", "distill.steps", "distill.batch_size", "retrain.batch_size",
+                     "search.population", "search.generations", "search.heldout_size",
+                     "latency.repeats", "evaluate.num_samples", "evaluate.ddim_steps"):
+            if _get(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {_get(self, name)}")
+        if self.retrain.steps < 0:
+            raise ConfigError(f"retrain.steps must be >= 0, got {self.retrain.steps}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                              f"got {value!r}") from None
+        if kind is int and float(value) != number:
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return number
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{name} cannot be set this way")
+
+
+def _set(config: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    target = config
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} in {where}; "
+                              f"known: {', '.join(fields)})")
+        hints = typing.get_type_hints(type(target))
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted} is a section; give it a mapping")
+                for key, item in value.items():
+                    _set(getattr(target, part), str(key), item)
+            else:
+                setattr(target, part, _coerce(dotted, value, hints[part]))
+            return
+        if not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"unknown config key {dotted!r} ({'.'.join(parts[:depth + 1])} "
+                              "is not a section)")
+        target = getattr(target, part)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: "
+                              f"{str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        for key, value in data.items():
+            _set(config, str(key), value)
+    for key, value in (overrides or {}).items():
+        _set(config, key, value)
+    return config.validate()
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,71 @@
+"""Quality and speed of teacher and student, compared on equal terms.
+
+Samples come from ``DDIMPipeline`` with the same initial noise for both models (same seeds, same
+chunks), so PSNR/SSIM between the two sets measure how closely the student follows the teacher.
+Latency is the whole model timed on the run's device at the deployment batch and dtype.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+from torch import nn
+
+from pyevo.config import LatencyConfig
+from pyevo.latency import DTYPES, time_call
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def ddim_samples(unet: nn.Module, scheduler_config, count: int, steps: int, seed: int,
+                 chunk: int = 500, progress: bool = False) -> torch.Tensor:
+    """``count`` DDIM samples (eta 0) in [-1, 1], (N, C, H, W) float32 on the CPU.
+
+    Chunk i uses the noise of ``torch.Generator().manual_seed(seed + i)``, so any two models
+    sampled with the same arguments start from the same noise.
+    """
+    pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipeline.set_progress_bar_config(disable=not progress)
+    parts = []
+    for index, start in enumerate(range(0, count, chunk)):
+        generator = torch.Generator(device="cpu").manual_seed(seed + index)
+        images = pipeline(batch_size=min(chunk, count - start), generator=generator, eta=0.0,
+                          num_inference_steps=steps, output_type="pt").images
+        parts.append(images.to("cpu", torch.float32) * 2 - 1)
+    return torch.cat(parts)
+
+
+def model_latency_ms(unet: nn.Module, batch: int, dtype: str, device: str, config: LatencyConfig) -> float:
+    """Median latency of one forward of the whole model at the deployment batch and dtype."""
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    model = unet.to(device=device, dtype=DTYPES[dtype]).eval()
+    sample = torch.randn(batch, unet.config.in_channels, *size, device=device, dtype=DTYPES[dtype])
+    timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
+    try:
+        return time_call(lambda: model(sample, timesteps), device, config.warmup, config.repeats,
+                         config.threads, config.cuda_graph)
+    finally:
+        unet.to(device="cpu", dtype=torch.float32)
+
+
+def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """Fréchet distance to ``reference`` and class shares, with the digits classifier's features.
+
+    Only meaningful for digits-like samples (1 channel, 16x16); for other data it returns nulls.
+    """
+    if reference is None or samples.shape[1:] != (1, 16, 16):
+        return {"fd": None, "class_coverage": None}
+    from pyevo.metrics import class_coverage, frechet_distance
+
+    return {"fd": frechet_distance(samples, reference), "class_coverage": class_coverage(samples)}
+
+
+def paired_similarity(student_samples: torch.Tensor, teacher_samples: torch.Tensor) -> dict:
+    """PSNR and SSIM of the student's samples against the teacher's from the same noise."""
+    from pyevo.metrics import psnr, ssim
+
+    return {"psnr_vs_teacher": psnr(student_samples, teacher_samples),
+            "ssim_vs_teacher": ssim(student_samples, teacher_samples)}

@@ -1,0 +1,150 @@
+"""Measured latency: candidate blocks and whole networks timed on the run's device.
+
+CPU: ``time.perf_counter`` around each call with a fixed thread count. CUDA: CUDA events, optional
+replay of one captured CUDA graph. Both: warm-up, then the median of repeats. Block timings are
+kept in a persisted table keyed by device, torch version, dtype, batch, teacher, block and genome,
+so a block is timed once per device and a later run (or a resumed one) reads the same figure.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pyevo.runfolder import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def device_name(device: torch.device | str) -> str:
+    """A name for the timing device that tells machines apart (CPU model or GPU name)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return model
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """Fix torch's intra-op thread count while timing, then restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int, repeats: int,
+              threads: int = 2, cuda_graph: bool = False) -> float:
+    """Median wall time of ``fn()`` in milliseconds on ``device``."""
+    device = torch.device(device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            return _time_cuda(fn, device, warmup, repeats, cuda_graph)
+        with cpu_threads(threads):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _time_cuda(fn, device, warmup, repeats, cuda_graph) -> float:
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        call = fn
+        if cuda_graph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            call = graph.replay
+            call()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fingerprint(config: dict) -> str:
+    """A short stable hash of a model config, so tables of different teachers never mix."""
+    text = json.dumps({k: v for k, v in sorted(config.items()) if not k.startswith("_")},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class LatencyTable:
+    """Block latencies (ms) keyed by device, torch version, dtype, batch, teacher, block, genome.
+
+    Persisted as JSON (written atomically) so every run on the same device reuses a measurement.
+    """
+
+    def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
+                 teacher_id: str):
+        self.path = Path(path).expanduser() if path else None
+        self.prefix = "|".join([device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}", teacher_id])
+        self.entries: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                log.warning("latency table %s is unreadable; starting a new one", self.path)
+
+    def key(self, block: str, genome: str) -> str:
+        return f"{self.prefix}|{block}|{genome}"
+
+    def get(self, block: str, genome: str) -> float | None:
+        return self.entries.get(self.key(block, genome))
+
+    def put(self, block: str, genome: str, milliseconds: float) -> None:
+        self.entries[self.key(block, genome)] = float(milliseconds)
+
+    def lookup(self, block: str, genome: str, measure: Callable[[], float]) -> float:
+        """The stored latency, or ``measure()`` stored for next time."""
+        value = self.get(block, genome)
+        if value is None:
+            value = measure()
+            self.put(block, genome, value)
+        return value
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Another run may have added entries meanwhile: merge rather than overwrite them.
+        merged = {}
+        if self.path.is_file():
+            with contextlib.suppress(json.JSONDecodeError):
+                merged = json.loads(self.path.read_text())
+        merged.update(self.entries)
+        atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))

@@ -1,0 +1,316 @@
+"""The whole DiffNAS run, stage by stage, in one run folder.
+
+teacher -> supernet + distill -> per-block search -> selection -> retrain -> evaluate -> report
+
+Each stage writes its result atomically. A stage's result records the configuration it depends on
+(its *key*, chained through the stages before it); on ``--resume`` a stage whose result exists with
+the same key is read back instead of run again, so an interrupted run loses at most the stage in
+progress, and changing, say, the selection rule re-runs selection and what follows, not the search.
+Everything a user can get wrong (teacher, data, config, an impossible budget) is checked before
+the run folder is created.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+
+from pyevo.config import ConfigError, RunConfig, save_config
+from pyevo.distill import block_nsr, distill_supernet, heldout_calls
+from pyevo.evaluate import ddim_samples, model_latency_ms, paired_similarity, sample_quality
+from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
+from pyevo.retrain import retrain_student
+from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from pyevo.search.local import BlockSearchResult, search_block
+from pyevo.search.select import BudgetError, select_block_budget, select_budget, select_diffnas
+from pyevo.space import BlockSpace, encode_network, unet_space
+from pyevo.student import StudentUNet2DModel, build_static_block
+from pyevo.supernet import build_supernet
+from pyevo.teacher import BlockCall, load_teacher, record_blocks
+
+log = logging.getLogger(__name__)
+
+
+class RunError(ValueError):
+    """The run cannot start or go on as asked (e.g. its folder holds a different run)."""
+
+
+# -------------------------------------------------------------------------------------- inputs
+def load_images(config: RunConfig, teacher, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Training images, held-out images (for NSR), and the reference set for the Fréchet distance."""
+    size = teacher.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    channels = teacher.config.in_channels
+    if config.data == "digits":
+        from pyevo.data import digits
+
+        if (channels, *size) != (1, 16, 16):
+            raise RunError(f"data 'digits' is 1x16x16 but the teacher takes {channels}x{size[0]}x{size[1]}; "
+                           "pass --data FOLDER or --data data-free")
+        train, heldout = digits("train")[0], digits("heldout")[0]
+        return train, heldout, heldout
+    if config.data == "data-free":
+        # Inputs generated from the teacher's own sampling trajectories, for users without its data.
+        count = 4 * config.search.heldout_size
+        log.info("data-free: sampling %d images from the teacher", count)
+        images = ddim_samples(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919)
+        split = count - config.search.heldout_size
+        return images[:split], images[split:], None
+    from pyevo.data import ImageFolder
+
+    folder = Path(config.data).expanduser()
+    if not folder.is_dir():
+        raise RunError(f"data folder not found: {folder}")
+    try:
+        dataset = ImageFolder(folder, size=size[0], channels=channels)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    images = torch.stack([dataset[i] for i in range(len(dataset))])
+    if len(images) < 2:
+        raise RunError(f"data folder {folder} holds {len(images)} image(s); pyevo needs at least 2")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+    held = max(1, min(config.search.heldout_size, len(images) // 10))
+    return images[order[held:]], images[order[:held]], None
+
+
+def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
+    """Every block's inputs at the deployment batch, for timing candidate blocks stand-alone."""
+    size = teacher.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, teacher.config.in_channels, *size, generator=generator)
+    return record_blocks(teacher, sample, torch.full((batch,), 500, dtype=torch.long))[0]
+
+
+class BlockTimer:
+    """Times stand-alone static blocks on the run's device, through the persisted latency table."""
+
+    def __init__(self, config: RunConfig, teacher, table: LatencyTable):
+        self.config, self.table = config, table
+        self.calls = {name: call.to(config.device, DTYPES[config.dtype])
+                      for name, call in timing_call(teacher, config.batch, config.seed).items()}
+
+    def __call__(self, name: str, super_block, space: BlockSpace, genome) -> float:
+        return self.table.lookup(name, space.encode(genome), lambda: self._measure(name, super_block, genome))
+
+    def _measure(self, name, super_block, genome) -> float:
+        cfg = self.config
+        block = build_static_block(super_block, genome).to(cfg.device, DTYPES[cfg.dtype]).eval()
+        call = self.calls[name]
+        return time_call(lambda: block(*call.args, **call.kwargs), cfg.device, cfg.latency.warmup,
+                         cfg.latency.repeats, cfg.latency.threads, cfg.latency.cuda_graph)
+
+
+def _fastest_genome(space: BlockSpace) -> tuple[int, ...]:
+    """Every resnet skipped and every attention dropped: the least a block can do."""
+    return space.canonical(tuple(0 for _ in space.num_choices))
+
+
+# -------------------------------------------------------------------------------------- stages
+class Stages:
+    """Runs stages in order with resume-by-key and per-stage timing."""
+
+    def __init__(self, folder: Path, resume: bool):
+        self.folder, self.resume = folder, resume
+        self.key = ""
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, inputs: Any, compute: Callable[[], dict], result_file: str | None = None) -> dict:
+        """``compute()`` returns a JSON-able dict; it is stored in ``<name>.json`` with its key."""
+        self.key = hashlib.sha256(json.dumps([self.key, name, inputs], sort_keys=True, default=str)
+                                  .encode()).hexdigest()[:16]
+        path = self.folder / (result_file or f"{name}.json")
+        if self.resume and path.is_file():
+            stored = read_json(path)
+            if stored.get("key") == self.key:
+                log.info("stage %s: done already, read from %s", name, path)
+                self.seconds[name] = stored["seconds"]
+                return stored
+        start = time.perf_counter()
+        result = compute()
+        result.update(key=self.key, seconds=round(time.perf_counter() - start, 2))
+        atomic_write_json(path, result)
+        self.seconds[name] = result["seconds"]
+        log.info("stage %s: %.1f s", name, result["seconds"])
+        return result
+
+
+def prepare(config: RunConfig, resume: bool):
+    """Load and check everything a user can get wrong; create nothing yet."""
+    config.validate()
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
+    if config.search.population % 4:
+        raise ConfigError(f"search.population must be a multiple of 4, got {config.search.population}")
+    teacher, scheduler = load_teacher(config.teacher)
+    spaces = {space.name: space for space in unet_space(teacher)}
+    train, heldout, reference = load_images(config, teacher, scheduler)
+    folder = Path(config.out)
+    saved = folder / "config.yaml"
+    if folder.exists() and any(folder.iterdir()):
+        if not resume:
+            raise RunError(f"run folder {folder} is not empty; pass --resume to continue that run "
+                           "or choose another --out")
+        if not saved.is_file():
+            raise RunError(f"--resume: {folder} holds no pyevo run (no config.yaml)")
+    return teacher, scheduler, spaces, train, heldout, reference
+
+
+def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+    """The whole pipeline; returns the report (also written to ``<out>/report.json``)."""
+    teacher, scheduler, spaces, train, heldout, reference = prepare(config, resume)
+    torch.manual_seed(config.seed)
+    teacher_id = fingerprint(dict(teacher.config))
+    table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
+    table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
+    supernet = build_supernet(teacher)
+    timer = BlockTimer(config, teacher, table)
+
+    # The latency budget is checked before anything is written: the fastest genome of each block
+    # (everything skipped) bounds what any selection can reach.
+    teacher_ms = model_latency_ms(teacher, config.batch, config.dtype, config.device, config.latency)
+    teacher_blocks_ms = {n: timer(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items()}
+    stem_ms = max(teacher_ms - sum(teacher_blocks_ms.values()), 0.0)
+    if config.search.rule in ("budget", "block-budget"):
+        fastest = {n: timer(n, supernet[n], s, _fastest_genome(s)) for n, s in spaces.items()}
+        if config.search.rule == "budget":
+            floor = stem_ms + sum(fastest.values())
+            if floor > config.search.budget * teacher_ms:
+                raise BudgetError(f"budget {config.search.budget:g} x teacher ({config.search.budget * teacher_ms:.3f} ms) "
+                                  f"is impossible: the fastest student takes {floor:.3f} ms "
+                                  f"({floor / teacher_ms:.2f} x the teacher's {teacher_ms:.3f} ms)")
+        else:
+            for name, ms in fastest.items():
+                if ms > config.search.budget * teacher_blocks_ms[name]:
+                    raise BudgetError(f"block budget {config.search.budget:g} is impossible for {name}: its fastest "
+                                      f"genome takes {ms / teacher_blocks_ms[name]:.2f} x the teacher block")
+
+    folder = Path(config.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    table.save()
+    save_config(config, folder / "config.yaml")
+    stages = Stages(folder, resume)
+
+    # --- distillation
+    supernet_file = folder / "supernet.safetensors"
+
+    def distill() -> dict:
+        result = distill_supernet(teacher, supernet, spaces, train, scheduler, config.distill, config.seed, progress)
+        atomic_write_bytes(supernet_file, safetensors.torch.save(
+            {k: v.contiguous() for k, v in supernet.state_dict().items()}))
+        return {"history": result.history}
+
+    stages.run("distill", [asdict(config.distill), config.teacher, config.data, config.seed], distill)
+    supernet.load_state_dict(safetensors.torch.load_file(supernet_file))
+    supernet.eval()
+
+    # --- per-block local search
+    def search() -> dict:
+        calls = heldout_calls(teacher, heldout, scheduler, config.search.heldout_size, config.seed)
+        results = {}
+        for index, (name, space) in enumerate(spaces.items()):
+            block = supernet[name]
+
+            def evaluate(genome, name=name, space=space, block=block):
+                block.set_genome(genome)
+                nsr = block_nsr(block, calls[name])
+                return nsr, timer(name, block, space, genome)
+
+            # Generation checkpoints live under the stage's key: a changed search never resumes
+            # from another search's generations.
+            result = search_block(space, evaluate, config.search, config.seed * 1009 + index,
+                                  folder / "search" / stages.key / name, progress)
+            table.save()
+            results[name] = result.to_dict()
+        return {"blocks": results}
+
+    search_inputs = [asdict(config.search) | {"rule": None, "slack": None, "budget": None},
+                     asdict(config.latency), config.device, config.dtype, config.batch]
+    searched = stages.run("search", search_inputs, search)
+    results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
+
+    # --- selection
+    def select() -> dict:
+        rule = config.search.rule
+        if rule == "diffnas":
+            picks = select_diffnas(results, config.search.slack)
+        elif rule == "block-budget":
+            picks = select_block_budget(results, config.search.budget)
+        else:
+            picks = select_budget(results, config.search.budget * teacher_ms - stem_ms)
+        genomes = {name: pick.genome for name, pick in picks.items()}
+        return {"rule": rule, "genome": encode_network(genomes, list(spaces.values())),
+                "blocks": {name: pick.to_dict() for name, pick in picks.items()},
+                "teacher_ms": teacher_ms, "stem_ms": stem_ms,
+                "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values())}
+
+    selected = stages.run("select", [config.search.rule, config.search.slack, config.search.budget], select)
+    genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
+
+    # --- retraining
+    student_folder = folder / "student"
+
+    def retrain() -> dict:
+        student = StudentUNet2DModel.from_supernet(teacher, supernet, genomes)
+        history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress)
+        _save_pretrained_atomic(student, student_folder)
+        return {"history": history}
+
+    stages.run("retrain", asdict(config.retrain), retrain)
+    student = StudentUNet2DModel.from_pretrained(student_folder).eval()
+
+    # --- evaluation
+    def evaluate() -> dict:
+        return _evaluate(config, teacher, student, scheduler, reference, folder, progress)
+
+    evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
+                                        config.dtype, config.device], evaluate)
+
+    from pyevo.report import write_report
+
+    return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student)
+
+
+def _evaluate(config, teacher, student, scheduler, reference, folder: Path, progress: bool) -> dict:
+    from pyevo.cost import count_macs, count_params
+
+    size = teacher.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    probe = torch.zeros(1, teacher.config.in_channels, *size)
+    steps = torch.zeros(1, dtype=torch.long)
+    samples = {}
+    out = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.to(config.device)
+        samples[name] = ddim_samples(model, scheduler.config, config.evaluate.num_samples,
+                                     config.evaluate.ddim_steps, config.seed, progress=progress)
+        model.to("cpu")
+        out[name] = {"macs": count_macs(model, probe, steps), "params": count_params(model),
+                     "latency_ms": model_latency_ms(model, config.batch, config.dtype, config.device, config.latency),
+                     **sample_quality(samples[name], reference)}
+    out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
+    atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
+        {name: images[:64].contiguous() for name, images in samples.items()}))
+    return out
+
+
+def _save_pretrained_atomic(model, folder: Path) -> None:
+    """save_pretrained into a temporary folder beside ``folder``, then swap it in."""
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,158 @@
+"""The run's report: ``report.json``, ``report.md`` and PNG plots in the run folder."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+
+from pyevo.latency import device_name  # noqa: E402
+from pyevo.runfolder import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
+                 seconds: dict[str, float], teacher, student) -> dict:
+    estimate = selected["latency_estimate_ms"]
+    measured = evaluated["student"]["latency_ms"]
+    report = {
+        "device": config.device,
+        "device_name": device_name(config.device),
+        "torch": torch.__version__,
+        "dtype": config.dtype,
+        "batch": config.batch,
+        "seed": config.seed,
+        "rule": selected["rule"],
+        "teacher": {**evaluated["teacher"]},
+        "student": {**evaluated["student"], "latency_estimate_ms": estimate,
+                    "latency_estimate_error": (estimate - measured) / measured,
+                    "genome": selected["genome"]},
+        "blocks": {name: {"pick": selected["blocks"][name], "teacher": results[name].teacher.to_dict(),
+                          "front_size": len(results[name].front), "evaluated": len(results[name].evaluated)}
+                   for name in spaces},
+        "stages": {name: {"seconds": value} for name, value in seconds.items()},
+    }
+    t, s = report["teacher"], report["student"]
+    report["ratios"] = {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"],
+                        "latency": s["latency_ms"] / t["latency_ms"],
+                        "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None}
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    _plot_fronts(plots / "pareto_fronts.png", results, selected)
+    _plot_losses(plots / "losses.png", read_json(folder / "distill.json")["history"],
+                 read_json(folder / "retrain.json")["history"])
+    samples_file = folder / "samples.safetensors"
+    if samples_file.is_file():
+        _plot_samples(plots / "samples.png", safetensors.torch.load_file(samples_file))
+    atomic_write_json(folder / "report.json", report)
+    atomic_write_text(folder / "report.md", _markdown(report))
+    log.info("report written to %s", folder / "report.md")
+    return report
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _markdown(report: dict) -> str:
+    t, s, r = report["teacher"], report["student"], report["ratios"]
+    lines = [
+        "# pyevo run report",
+        "",
+        f"Device: {report['device']} ({report['device_name']}), torch {report['torch']}, "
+        f"{report['dtype']}, batch {report['batch']}, seed {report['seed']}, rule {report['rule']}.",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---|---|---|",
+        f"| MACs (batch 1) | {t['macs']:,} | {s['macs']:,} | {r['macs']:.3f} |",
+        f"| params | {t['params']:,} | {s['params']:,} | {r['params']:.3f} |",
+        f"| latency, measured (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | {r['latency']:.3f} |",
+        f"| latency, per-block estimate (ms) | — | {s['latency_estimate_ms']:.3f} | "
+        f"error {100 * s['latency_estimate_error']:+.1f}% |",
+        f"| Fréchet distance | {_fmt(t.get('fd'))} | {_fmt(s.get('fd'))} | {_fmt(r['fd'], '.3f')} |",
+        f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "
+        f"{s['ssim_vs_teacher']:.3f} | |",
+        "",
+    ]
+    if t.get("class_coverage"):
+        lines += ["Class shares of the samples (digits classifier):", "",
+                  "| | " + " | ".join(str(c) for c in range(len(t["class_coverage"]))) + " |",
+                  "|---" * (len(t["class_coverage"]) + 1) + "|",
+                  "| teacher | " + " | ".join(f"{v:.3f}" for v in t["class_coverage"]) + " |",
+                  "| student | " + " | ".join(f"{v:.3f}" for v in s["class_coverage"]) + " |", ""]
+    lines += ["## Blocks", "", "| block | pick | NSR | latency (ms) | teacher-shaped NSR | teacher latency (ms) |",
+              "|---|---|---|---|---|---|"]
+    for name, block in report["blocks"].items():
+        p, tb = block["pick"], block["teacher"]
+        lines.append(f"| {name} | `{p['genome']}` | {p['nsr']:.4g} | {p['latency_ms']:.3f} | "
+                     f"{tb['nsr']:.4g} | {tb['latency_ms']:.3f} |")
+    lines += ["", f"Student genome: `{s['genome']}`", "", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {value['seconds']:.1f} |" for name, value in report["stages"].items()]
+    lines += ["", "Plots: `plots/pareto_fronts.png`, `plots/losses.png`, `plots/samples.png`.", ""]
+    return "\n".join(lines)
+
+
+def _plot_fronts(path: Path, results, selected: dict) -> None:
+    names = list(results)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        result = results[name]
+        ax.scatter([c.latency_ms for c in result.evaluated], [c.nsr for c in result.evaluated],
+                   s=8, c="0.7", label="evaluated")
+        ax.plot([c.latency_ms for c in result.front], [c.nsr for c in result.front], "o-", ms=3, label="front")
+        ax.scatter([result.teacher.latency_ms], [result.teacher.nsr], marker="*", s=120, c="k", label="teacher-shaped")
+        pick = selected["blocks"][name]
+        ax.scatter([pick["latency_ms"]], [pick["nsr"]], s=90, facecolors="none", edgecolors="r", lw=2, label="pick")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("NSR")
+        ax.set_yscale("log")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_losses(path: Path, distill_history: list[dict], retrain_history: list[dict]) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name in [k for k in (distill_history[0] if distill_history else {}) if k != "step"]:
+        left.plot([h["step"] for h in distill_history], [h[name] for h in distill_history], lw=1, label=name)
+    left.set(title="block-wise distillation (MSE, mean over sandwich paths)", xlabel="step", yscale="log")
+    left.legend(fontsize=6)
+    if retrain_history:
+        steps = [h["step"] for h in retrain_history]
+        right.plot(steps, [h["end_loss"] for h in retrain_history], lw=1, label="end-to-end ε loss")
+        nsr = [(h["step"], h["block_nsr"]) for h in retrain_history if "block_nsr" in h]
+        if nsr:
+            right.plot(*zip(*nsr), lw=1, label="mean block NSR")
+        right.set(yscale="log", xlabel="step", title="retraining")
+        twin = right.twinx()
+        twin.plot(steps, [h["lambda"] for h in retrain_history], "k--", lw=1, label="λ")
+        twin.set_ylabel("λ")
+        right.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_samples(path: Path, samples: dict[str, torch.Tensor], count: int = 32) -> None:
+    fig, axes = plt.subplots(2, 1, figsize=(12, 3.4))
+    for ax, name in zip(axes, ("teacher", "student")):
+        images = ((samples[name][:count] + 1) / 2).clamp(0, 1)
+        row = torch.cat(list(images), dim=-1)  # C, H, count*W
+        ax.imshow(row.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name} (same noise)", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""Retraining of the assembled student with the dynamic joint loss.
+
+    L(s) = lambda(s) * mean_b NSR_b + (1 - lambda(s)) * L_end
+
+NSR_b compares the student's block b, fed the teacher's input to that block, with the teacher's
+output of it; L_end is the epsilon-prediction MSE against the true noise (or against the teacher's
+epsilon in data-free mode). The arms:
+
+- ``dynamic``: lambda decays 1 -> 0 along a cosine over the first ``lambda_share`` of the steps;
+- ``static``: lambda fixed at ``static_lambda``;
+- ``hard``: lambda = 1 for the first ``lambda_share`` of the steps, then 0;
+- ``end-only``: lambda = 0.
+
+The weights kept are an exponential moving average of the trained ones.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from pyevo.config import RetrainConfig
+from pyevo.distill import noisy_batch
+from pyevo.space import searchable_blocks
+from pyevo.teacher import noise_to_signal, record_blocks
+
+log = logging.getLogger(__name__)
+
+
+def block_weight(step: int, steps: int, config: RetrainConfig) -> float:
+    """lambda(step): the weight of the block-wise term at ``step`` of ``steps``."""
+    decay_steps = max(1, round(config.lambda_share * steps))
+    if config.loss == "end-only":
+        return 0.0
+    if config.loss == "static":
+        return config.static_lambda
+    if config.loss == "hard":
+        return 1.0 if step < decay_steps else 0.0
+    if step >= decay_steps:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def retrain_student(teacher: nn.Module, student: nn.Module, images: torch.Tensor, scheduler,
+                    config: RetrainConfig, seed: int, progress: bool = True) -> list[dict[str, float]]:
+    """Train ``student`` in place; on return it holds the EMA weights. Returns the loss history."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
+    ema = EMAModel(student.parameters(), decay=config.ema_decay)
+    student_blocks = searchable_blocks(student)
+    student.train()
+    history = []
+    for step in tqdm(range(config.steps), desc="retrain", disable=not progress):
+        noisy, timesteps, noise = noisy_batch(images, scheduler, config.batch_size, generator)
+        weight = block_weight(step, config.steps, config)
+        # The teacher runs only when a term needs it (block targets, or epsilon in data-free mode).
+        needs_teacher = weight > 0 or config.data_free
+        calls, teacher_eps = record_blocks(teacher, noisy, timesteps) if needs_teacher else ({}, None)
+        target = teacher_eps if config.data_free else noise
+        end_loss = F.mse_loss(student(noisy, timesteps).sample, target)
+        record = {"step": step, "lambda": weight, "end_loss": float(end_loss)}
+        loss = (1.0 - weight) * end_loss
+        if weight > 0:
+            nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
+                   for name, block in student_blocks.items()]
+            block_loss = torch.stack(nsr).mean()
+            loss = loss + weight * block_loss
+            record["block_nsr"] = float(block_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        ema.step(student.parameters())
+        record["loss"] = float(loss)
+        history.append(record)
+    ema.copy_to(student.parameters())
+    student.eval()
+    return history

@@ -1,0 +1,43 @@
+"""Config loading: defaults, YAML, overrides, and clear errors for user mistakes."""
+import pytest
+
+from pyevo.config import ConfigError, RunConfig, load_config, save_config
+
+
+def test_defaults_validate():
+    assert load_config().to_dict() == RunConfig().validate().to_dict()
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\ndistill:\n  steps: 7\nsearch:\n  rule: budget\n  budget: 0.4\n")
+    config = load_config(path, {"distill.steps": "9", "latency.cuda_graph": "true"})
+    assert (config.seed, config.distill.steps, config.search.rule, config.search.budget) == (3, 9, "budget", 0.4)
+    assert config.latency.cuda_graph is True
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distill.stepz": 3}, "unknown config key 'distill.stepz'"),
+    ({"nope": 1}, "unknown config key 'nope'"),
+    ({"search.budget": 1.5}, "search.budget must be in"),
+    ({"search.budget": 0}, "search.budget must be in"),
+    ({"search.rule": "fastest"}, "search.rule must be one of"),
+    ({"distill.steps": "many"}, "distill.steps must be an integer"),
+    ({"batch": 2.5}, "batch must be an integer"),
+    ({"device": "tpu"}, "device must be"),
+    ({"seed.x": 1}, "not a section"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_missing_or_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
