@@ -112,6 +112,9 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
             logbook = state["logbook"]
             population = [creator.PyevoGenome(genes) for genes in state["population"]]
             assess(population)
+            # NSGA-II's tournament reads the crowding distances of the last selection: restore them.
+            for individual, distance in zip(population, state["crowding"]):
+                individual.fitness.crowding_dist = distance
             random.setstate(_random_state_from_json(state["random_state"]))
             start = state["generation"] + 1
             log.info("%s: resuming the search at generation %d", space.name, start)
@@ -157,6 +160,7 @@ def _checkpoint(folder: Path | None, generation: int, population, cache, logbook
     atomic_write_json(folder / f"gen_{generation:04d}.json", {
         "generation": generation,
         "population": [list(ind) for ind in population],
+        "crowding": [ind.fitness.crowding_dist for ind in population],
         "cache": {k: list(v) for k, v in cache.items()},
         "logbook": logbook,
         "random_state": _random_state_to_json(random.getstate()),

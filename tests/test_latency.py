@@ -1,0 +1,41 @@
+"""Latency measurement and the persisted table."""
+import json
+
+import torch
+
+from pyevo.latency import LatencyTable, fingerprint, time_call
+
+
+def test_time_call_measures_the_work():
+    x = torch.randn(256, 256)
+    small = time_call(lambda: x @ x, "cpu", warmup=1, repeats=5, threads=1)
+    big_x = torch.randn(1024, 1024)
+    big = time_call(lambda: big_x @ big_x, "cpu", warmup=1, repeats=5, threads=1)
+    assert 0 < small < big  # 64x the FLOPs cannot take less time
+
+
+def test_table_keys_persist_and_merge(tmp_path):
+    path = tmp_path / "table.json"
+    table = LatencyTable(path, "cpu", "float32", 64, "abc")
+    calls = []
+    assert table.lookup("mid_block", "r0:skip", lambda: calls.append(1) or 1.5) == 1.5
+    assert table.lookup("mid_block", "r0:skip", lambda: calls.append(1) or 9.9) == 1.5
+    assert calls == [1]
+    table.save()
+    other = LatencyTable(path, "cpu", "float32", 64, "abc")
+    other.put("up_blocks.0", "a0:drop", 2.0)
+    table.put("down_blocks.0", "r0:skip", 3.0)
+    other.save()
+    table.save()  # merges with what `other` wrote
+    entries = json.loads(path.read_text())
+    assert {k.split("|", 5)[-1] for k in entries} == {"mid_block|r0:skip", "up_blocks.0|a0:drop",
+                                                       "down_blocks.0|r0:skip"}
+    # A different batch, dtype or teacher is a different key.
+    assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "r0:skip") is None
+    assert LatencyTable(path, "cpu", "float16", 64, "abc").get("mid_block", "r0:skip") is None
+    assert LatencyTable(path, "cpu", "float32", 64, "xyz").get("mid_block", "r0:skip") is None
+
+
+def test_fingerprint_ignores_private_keys_only():
+    assert fingerprint({"a": 1, "_name": "x"}) == fingerprint({"a": 1, "_name": "y"})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
