@@ -116,7 +116,7 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
                 loss = block_mse(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
                 # One backward per path keeps only one path's graph alive at a time.
                 (loss / len(paths)).backward()
-                total += float(loss)
+                total += float(loss.detach())
             record[name] = total / len(paths)
         optimizer.step()
         schedule.step()

@@ -64,20 +64,20 @@ def retrain_student(teacher: nn.Module, student: nn.Module, images: torch.Tensor
         calls, teacher_eps = record_blocks(teacher, noisy, timesteps) if needs_teacher else ({}, None)
         target = teacher_eps if config.data_free else noise
         end_loss = F.mse_loss(student(noisy, timesteps).sample, target)
-        record = {"step": step, "lambda": weight, "end_loss": float(end_loss)}
+        record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
         loss = (1.0 - weight) * end_loss
         if weight > 0:
             nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
                    for name, block in student_blocks.items()]
             block_loss = torch.stack(nsr).mean()
             loss = loss + weight * block_loss
-            record["block_nsr"] = float(block_loss)
+            record["block_nsr"] = float(block_loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         ema.step(student.parameters())
-        record["loss"] = float(loss)
+        record["loss"] = float(loss.detach())
         history.append(record)
     ema.copy_to(student.parameters())
     student.eval()

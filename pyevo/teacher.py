@@ -111,6 +111,13 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
+def _detached(tensor: torch.Tensor) -> torch.Tensor:
+    # Contiguous as well: oneDNN convolutions may return channels-last tensors, and torch 2.13's
+    # CPU GroupNorm backward crashes (segfault) on a channels-last input that needs no gradient,
+    # which is exactly what a recorded block input is.
+    return tensor.detach().contiguous()
+
+
 def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
                   ) -> tuple[dict[str, BlockCall], torch.Tensor]:
     """Run the teacher once; return every searchable block's inputs and output, and its prediction."""
@@ -119,11 +126,11 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
     handles = []
     for name, block in searchable_blocks(unet).items():
         def before(module, args, kwargs, name=name):
-            pending[name] = (_map_tensors(args, torch.Tensor.detach), _map_tensors(kwargs, torch.Tensor.detach))
+            pending[name] = (_map_tensors(args, _detached), _map_tensors(kwargs, _detached))
 
         def after(module, args, kwargs, output, name=name):
             block_args, block_kwargs = pending.pop(name)
-            calls[name] = BlockCall(block_args, block_kwargs, _map_tensors(output, torch.Tensor.detach))
+            calls[name] = BlockCall(block_args, block_kwargs, _map_tensors(output, _detached))
 
         handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(block.register_forward_hook(after, with_kwargs=True))
