@@ -5,6 +5,7 @@ Importing pyevo loads the compiled extension, which registers the ``torch.ops.py
 import torch  # noqa: F401  (libc10 must be loaded before pyevo._C)
 
 from pyevo import _C
+from pyevo import ops  # noqa: F401  (fake and autograd registrations of torch.ops.pyevo.*)
 
 __version__ = "0.1.0"
 
@@ -12,3 +13,13 @@ __version__ = "0.1.0"
 def build_info() -> dict:
     """How ``pyevo._C`` was built (CUDA or not, archs, torch version)."""
     return _C.build_info()
+
+
+def __getattr__(name: str):
+    # The diffusers model class is imported on first use, so `import pyevo` stays light for code
+    # that only wants the ops.
+    if name == "StudentUNet2DModel":
+        from pyevo.student import StudentUNet2DModel
+
+        return StudentUNet2DModel
+    raise AttributeError(f"module 'pyevo' has no attribute {name!r}")

@@ -1,0 +1,290 @@
+"""The exported student: a diffusers UNet2DModel whose searched layers take the genome's shapes.
+
+``StudentUNet2DModel`` is ``UNet2DModel`` with one more config field, ``genome`` (the network genome
+string, see ``pyevo.space``). Its constructor builds the teacher-shaped network from the config and
+then swaps every searched layer for a plain static one: ``SlimResnetBlock2D`` (nn.Conv2d, GroupNorm,
+Linear, SiLU), ``ShortcutOnly`` for a skipped resnet, a diffusers ``Attention`` with fewer heads,
+or ``DroppedAttention``. So ``save_pretrained`` / ``from_pretrained`` round-trip through the config
+alone, and the model is a drop-in ``unet`` for ``DDPMPipeline`` / ``DDIMPipeline``. Inference uses
+no supernet op.
+
+``build_static_block`` turns one super-block and a genome into such a stand-alone block (for
+per-block latency and cost); ``StudentUNet2DModel.from_supernet`` assembles the whole student
+from the teacher's stem/head and the supernet's blocks.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Callable, Mapping
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from pyevo.space import (AttentionArch, BlockSpace, NetworkGenome, ResnetArch, decode_network, encode_network,
+                         teacher_network, unet_space)
+from pyevo.supernet import AttentionConfig, ResnetConfig, SuperAttention, SuperBlock, SuperResnetBlock2D, Supernet
+
+log = logging.getLogger(__name__)
+
+SEARCHED_CHILDREN = ("down_blocks", "mid_block", "up_blocks")
+
+
+# ------------------------------------------------------------ static layers
+class SlimResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D computation with its own kernels and hidden width.
+
+    Submodule names follow ResnetBlock2D (norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut).
+    """
+
+    def __init__(self, config: ResnetConfig, arch: ResnetArch, upsample: Callable | None = None,
+                 downsample: Callable | None = None):
+        super().__init__()
+        hidden = arch.hidden
+        self.time_embedding_norm = config.time_embedding_norm
+        self.skip_time_act = config.skip_time_act
+        self.output_scale_factor = config.output_scale_factor
+        self.norm1 = nn.GroupNorm(config.norm1_groups, config.in_channels, eps=config.norm1_eps)
+        self.conv1 = nn.Conv2d(config.in_channels, hidden, arch.kernel1, padding=arch.kernel1 // 2)
+        self.time_emb_proj = None
+        if config.temb_channels is not None:
+            rows = 2 * hidden if config.time_embedding_norm == "scale_shift" else hidden
+            self.time_emb_proj = nn.Linear(config.temb_channels, rows)
+        self.norm2 = nn.GroupNorm(hidden // config.norm2_channels_per_group, hidden, eps=config.norm2_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.conv2 = nn.Conv2d(hidden, config.out_channels, arch.kernel2, padding=arch.kernel2 // 2)
+        self.nonlinearity = nn.SiLU()
+        self.conv_shortcut = None
+        if config.has_shortcut:
+            self.conv_shortcut = nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.shortcut_bias)
+        self.upsample = upsample
+        self.downsample = downsample
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        hidden = self.nonlinearity(self.norm1(input_tensor))
+        if self.upsample is not None:
+            if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
+                input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+            input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
+        elif self.downsample is not None:
+            input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
+        hidden = self.conv1(hidden)
+        if self.time_emb_proj is not None and temb is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+        if self.time_embedding_norm == "default":
+            if temb is not None:
+                hidden = hidden + temb
+            hidden = self.norm2(hidden)
+        else:
+            if temb is None:
+                raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
+            scale, shift = torch.chunk(temb, 2, dim=1)
+            hidden = self.norm2(hidden) * (1 + scale) + shift
+        hidden = self.conv2(self.dropout(self.nonlinearity(hidden)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden) / self.output_scale_factor
+
+
+class ShortcutOnly(nn.Module):
+    """A skipped resnet: only its shortcut (identity or the teacher's 1x1 conv), rescaled."""
+
+    def __init__(self, config: ResnetConfig, upsample: Callable | None = None, downsample: Callable | None = None):
+        super().__init__()
+        self.output_scale_factor = config.output_scale_factor
+        self.conv_shortcut = None
+        if config.has_shortcut:
+            self.conv_shortcut = nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.shortcut_bias)
+        self.upsample = upsample
+        self.downsample = downsample
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if self.upsample is not None:
+            input_tensor = self.upsample(input_tensor)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return input_tensor / self.output_scale_factor
+
+
+class DroppedAttention(nn.Module):
+    """A dropped attention: the identity, accepting whatever the block passes an attention."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def static_resnet(config: ResnetConfig, arch: ResnetArch, upsample: Callable | None = None,
+                  downsample: Callable | None = None) -> nn.Module:
+    """An initialised-at-random static resnet of the given shape."""
+    if arch.skip:
+        return ShortcutOnly(config, upsample, downsample)
+    return SlimResnetBlock2D(config, arch, upsample, downsample)
+
+
+def static_attention(config: AttentionConfig, arch: AttentionArch) -> nn.Module:
+    """An initialised-at-random diffusers Attention with ``arch.heads`` heads, or DroppedAttention."""
+    if arch.dropped:
+        return DroppedAttention()
+    return Attention(config.channels, heads=arch.heads, dim_head=config.head_dim, dropout=config.dropout,
+                     bias=config.qkv_bias, out_bias=config.out_bias, upcast_softmax=config.upcast_softmax,
+                     norm_num_groups=config.norm_groups, eps=config.norm_eps,
+                     rescale_output_factor=config.rescale_output_factor,
+                     residual_connection=config.residual_connection,
+                     _from_deprecated_attn_block=config.from_deprecated_attn_block)
+
+
+# -------------------------------------------------- export from the supernet
+def export_resnet(super_resnet: SuperResnetBlock2D, arch: ResnetArch) -> nn.Module:
+    """The static resnet computing what ``super_resnet`` computes for ``arch`` (weights copied)."""
+    config = super_resnet.config
+    static = static_resnet(config, arch, copy.deepcopy(super_resnet.upsample), copy.deepcopy(super_resnet.downsample))
+    reference = super_resnet.conv1.weight
+    static.to(device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        if super_resnet.conv_shortcut is not None:
+            static.conv_shortcut.load_state_dict(super_resnet.conv_shortcut.state_dict())
+        if arch.skip:
+            return static
+        hidden = arch.hidden
+        static.norm1.weight.copy_(super_resnet.norm1.weight)
+        static.norm1.bias.copy_(super_resnet.norm1.bias)
+        _copy_conv(static.conv1, *super_resnet.conv1.crop(hidden, config.in_channels, arch.kernel1))
+        if static.time_emb_proj is not None:
+            rows = torch.arange(hidden, device=reference.device)
+            if config.time_embedding_norm == "scale_shift":
+                rows = torch.cat([rows, rows + config.hidden_channels])
+            static.time_emb_proj.weight.copy_(super_resnet.time_emb_proj.weight[rows])
+            static.time_emb_proj.bias.copy_(super_resnet.time_emb_proj.bias[rows])
+        static.norm2.weight.copy_(super_resnet.norm2.weight[:hidden])
+        static.norm2.bias.copy_(super_resnet.norm2.bias[:hidden])
+        _copy_conv(static.conv2, *super_resnet.conv2.crop(config.out_channels, hidden, arch.kernel2))
+    return static
+
+
+def _copy_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    conv.weight.copy_(weight)
+    if bias is not None:
+        conv.bias.copy_(bias)
+
+
+def export_attention(super_attention: SuperAttention, arch: AttentionArch) -> nn.Module:
+    """The static attention computing what ``super_attention`` computes for ``arch`` (weights copied)."""
+    static = static_attention(super_attention.config, arch)
+    if arch.dropped:
+        return static
+    reference = super_attention.to_q.weight
+    static.to(device=reference.device, dtype=reference.dtype)
+    inner = arch.heads * arch.head_dim
+    with torch.no_grad():
+        if super_attention.group_norm is not None:
+            static.group_norm.load_state_dict(super_attention.group_norm.state_dict())
+        for name in ("to_q", "to_k", "to_v"):
+            source, target = getattr(super_attention, name), getattr(static, name)
+            target.weight.copy_(source.weight[:inner])
+            if source.bias is not None:
+                target.bias.copy_(source.bias[:inner])
+        static.to_out[0].weight.copy_(super_attention.to_out[0].weight[:, :inner])
+        if super_attention.to_out[0].bias is not None:
+            static.to_out[0].bias.copy_(super_attention.to_out[0].bias)
+    return static
+
+
+def build_static_block(super_block: SuperBlock, genome) -> nn.Module:
+    """A stand-alone static copy of one block for ``genome``: same call signature and returns as the
+    teacher block, plain layers, weights taken from the super-block (samplers etc. copied)."""
+    arch = super_block.space.arch(genome)
+    replacements: dict[int, nn.Module] = {}
+    for index, resnet_arch in arch.resnets.items():
+        super_resnet = super_block.block.resnets[index]
+        replacements[id(super_resnet)] = export_resnet(super_resnet, resnet_arch)
+    for index, attention_arch in arch.attentions.items():
+        super_attention = super_block.block.attentions[index]
+        replacements[id(super_attention)] = export_attention(super_attention, attention_arch)
+    # deepcopy consults its memo before copying: seeding it with id(super-layer) -> static layer
+    # copies everything else in the block and puts the static layers where the super-layers were.
+    return copy.deepcopy(super_block.block, memo=dict(replacements))
+
+
+def make_block_static(block: nn.Module, space: BlockSpace, genome) -> None:
+    """Swap, in place, a teacher-shaped block's searched layers for static ones of ``genome``'s shapes
+    (initialised at random: the caller loads weights)."""
+    arch = space.arch(genome)
+    for index, resnet_arch in arch.resnets.items():
+        teacher = block.resnets[index]
+        block.resnets[index] = static_resnet(ResnetConfig.from_resnet(teacher), resnet_arch,
+                                             teacher.upsample, teacher.downsample)
+    for index, attention_arch in arch.attentions.items():
+        block.attentions[index] = static_attention(AttentionConfig.from_attention(block.attentions[index]),
+                                                   attention_arch)
+
+
+# --------------------------------------------------------------- the model
+def _with_genome_parameter(init):
+    """Give ``init`` UNet2DModel's signature plus ``genome``: diffusers' config machinery reads the
+    config fields from the __init__ signature (register_to_config, from_config)."""
+    parent = inspect.signature(UNet2DModel.__init__)
+    genome = inspect.Parameter("genome", inspect.Parameter.KEYWORD_ONLY, default="", annotation=str)
+    init.__signature__ = parent.replace(parameters=[*parent.parameters.values(), genome])
+    return init
+
+
+class StudentUNet2DModel(UNet2DModel):
+    """UNet2DModel + ``genome``: the teacher's config with the searched layers re-shaped.
+
+    ``genome`` is an ``encode_network`` string over the teacher-shaped network's blocks; the empty
+    string means the teacher's genome everywhere (the teacher's architecture).
+    """
+
+    @register_to_config
+    @_with_genome_parameter
+    def __init__(self, *, genome: str = "", **unet_config):
+        super().__init__(**unet_config)
+        spaces = unet_space(self)
+        network = decode_network(genome, spaces) if genome else teacher_network(spaces)
+        for space in spaces:
+            make_block_static(self.get_submodule(space.name), space, network[space.name])
+
+    def network_genome(self) -> NetworkGenome:
+        """The genome of every block, decoded from the config."""
+        spaces = unet_space(_teacher_shaped(self.config))
+        return decode_network(self.config.genome, spaces) if self.config.genome else teacher_network(spaces)
+
+    @classmethod
+    def from_supernet(cls, teacher: UNet2DModel, supernet: Supernet,
+                      network_genome: Mapping[str, tuple[int, ...]] | str) -> "StudentUNet2DModel":
+        """The student of ``network_genome`` with inherited weights: the stem and head (conv_in, time
+        and class embeddings, conv_norm_out, conv_out) from ``teacher``, every searched block from
+        ``supernet`` (crops and prefixes of the shared weights), so each block computes what its
+        super-block computes for that genome. Returned in eval mode on the teacher's device/dtype."""
+        spaces = [supernet.spaces[name] for name in supernet.names]
+        if isinstance(network_genome, str):
+            genomes = decode_network(network_genome, spaces)
+        else:
+            genomes = {name: tuple(genome) for name, genome in network_genome.items()}
+        text = encode_network(genomes, spaces)
+        student = cls.from_config(teacher.config, genome=text).to(teacher.device)
+        if student.dtype != teacher.dtype:
+            student.to(teacher.dtype)
+        for name, child in student.named_children():
+            if name not in SEARCHED_CHILDREN:
+                child.load_state_dict(teacher.get_submodule(name).state_dict())
+        for space in spaces:
+            static = build_static_block(supernet[space.name], genomes[space.name])
+            student.get_submodule(space.name).load_state_dict(static.state_dict())
+        log.info("student %s: %.2f M parameters", text, sum(p.numel() for p in student.parameters()) / 1e6)
+        return student.eval()
+
+
+def _teacher_shaped(config: Mapping) -> UNet2DModel:
+    """The teacher-shaped UNet2DModel of a student config, on the meta device (shapes only)."""
+    unet_config = {k: v for k, v in config.items() if not k.startswith("_") and k != "genome"}
+    with torch.device("meta"):
+        return UNet2DModel(**unet_config)

@@ -1,0 +1,459 @@
+"""The weight-shared supernet: one super-block per searchable teacher block.
+
+A super-block is a deep copy of the teacher's diffusers block in which every searched
+``ResnetBlock2D`` became a ``SuperResnetBlock2D`` and every searched ``Attention`` a
+``SuperAttention``. The block's own forward (samplers, skip tensors, residual tuples, the up-block
+signature) stays diffusers'; only the searched layers change, and they follow the genome last
+given to ``SuperBlock.set_genome``.
+
+Initialised from the teacher so that the teacher-shaped path computes the teacher block:
+
+* conv kernels are stored 5x5 with the teacher's 3x3 in the centre and a zero ring; a k x k choice
+  reads the centred crop (1x1 = the centre tap) through ``torch.ops.pyevo.shared_conv2d``;
+* hidden channels (conv1 out = norm2 = conv2 in) are re-ordered by whole norm2 groups, most
+  important first, so a width prefix keeps the most important groups; norm2 keeps its
+  channels-per-group, so a prefix of whole groups normalises exactly as those groups did;
+* attention heads are re-ordered by importance the same way, so a head prefix keeps the
+  most important heads.
+
+Both re-orderings are permutations applied consistently to every tensor that touches the
+permuted channels, so they do not change the full-width function.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+import pyevo  # noqa: F401  (loads pyevo._C, which registers torch.ops.pyevo.*)
+from pyevo.space import (MAX_KERNEL_SIZE, AttentionArch, AttentionChoices, BlockSpace, Genome, ResnetArch,
+                         ResnetChoices, searchable_blocks, unet_space)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class ResnetConfig:
+    """The fixed hyper-parameters of a teacher ResnetBlock2D (what a genome does not change)."""
+
+    in_channels: int
+    hidden_channels: int  # the teacher's conv1 out channels
+    out_channels: int
+    temb_channels: int | None
+    norm1_groups: int
+    norm1_eps: float
+    norm2_channels_per_group: int
+    norm2_eps: float
+    time_embedding_norm: str
+    skip_time_act: bool
+    output_scale_factor: float
+    dropout: float
+    has_shortcut: bool
+    shortcut_bias: bool
+
+    @classmethod
+    def from_resnet(cls, resnet: ResnetBlock2D) -> "ResnetConfig":
+        temb = resnet.time_emb_proj
+        shortcut = resnet.conv_shortcut
+        return cls(in_channels=resnet.conv1.in_channels, hidden_channels=resnet.conv1.out_channels,
+                   out_channels=resnet.conv2.out_channels, temb_channels=None if temb is None else temb.in_features,
+                   norm1_groups=resnet.norm1.num_groups, norm1_eps=resnet.norm1.eps,
+                   norm2_channels_per_group=resnet.norm2.num_channels // resnet.norm2.num_groups,
+                   norm2_eps=resnet.norm2.eps, time_embedding_norm=resnet.time_embedding_norm,
+                   skip_time_act=resnet.skip_time_act, output_scale_factor=resnet.output_scale_factor,
+                   dropout=resnet.dropout.p, has_shortcut=shortcut is not None,
+                   shortcut_bias=shortcut is not None and shortcut.bias is not None)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The fixed hyper-parameters of a teacher self-attention (what a genome does not change)."""
+
+    channels: int
+    heads: int
+    head_dim: int
+    qkv_bias: bool
+    out_bias: bool
+    norm_groups: int | None
+    norm_eps: float
+    residual_connection: bool
+    rescale_output_factor: float
+    upcast_softmax: bool
+    dropout: float
+    from_deprecated_attn_block: bool
+
+    @classmethod
+    def from_attention(cls, attention: Attention) -> "AttentionConfig":
+        norm = attention.group_norm
+        return cls(channels=attention.query_dim, heads=attention.heads,
+                   head_dim=attention.inner_dim // attention.heads, qkv_bias=attention.to_q.bias is not None,
+                   out_bias=attention.to_out[0].bias is not None,
+                   norm_groups=None if norm is None else norm.num_groups,
+                   norm_eps=1e-5 if norm is None else norm.eps,
+                   residual_connection=attention.residual_connection,
+                   rescale_output_factor=attention.rescale_output_factor,
+                   upcast_softmax=attention.upcast_softmax, dropout=attention.to_out[1].p,
+                   from_deprecated_attn_block=attention._from_deprecated_attn_block)
+
+
+# ------------------------------------------------------------ shared layers
+class SharedConv2d(nn.Module):
+    """A conv whose candidates read ``weight[:out, :in]`` and a centred k x k crop of its kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int) -> torch.Tensor:
+        return torch.ops.pyevo.shared_conv2d(x, self.weight, self.bias, out_channels, kernel_size, 1)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, out_order: torch.Tensor | None = None,
+                  in_order: torch.Tensor | None = None) -> "SharedConv2d":
+        """The conv's kernel centred in a MAX_KERNEL_SIZE kernel (zero ring), rows/columns re-ordered."""
+        weight = conv.weight.detach()
+        if out_order is not None:
+            weight = weight[out_order]
+        if in_order is not None:
+            weight = weight[:, in_order]
+        k = conv.kernel_size[0]
+        ring = (MAX_KERNEL_SIZE - k) // 2
+        shared = weight.new_zeros(weight.shape[0], weight.shape[1], MAX_KERNEL_SIZE, MAX_KERNEL_SIZE)
+        shared[:, :, ring:ring + k, ring:ring + k] = weight
+        bias = None
+        if conv.bias is not None:
+            bias = conv.bias.detach()
+            bias = (bias[out_order] if out_order is not None else bias).clone()
+        return cls(shared, bias)
+
+    def crop(self, out_channels: int, in_channels: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense weight (and bias) one candidate computes with (copies, for export)."""
+        ring = (MAX_KERNEL_SIZE - kernel_size) // 2
+        weight = self.weight[:out_channels, :in_channels, ring:ring + kernel_size, ring:ring + kernel_size]
+        bias = None if self.bias is None else self.bias[:out_channels]
+        return weight.detach().clone(), None if bias is None else bias.detach().clone()
+
+
+class SharedGroupNorm(nn.Module):
+    """GroupNorm over a channel prefix with a fixed channels-per-group (affine = the prefix)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, channels_per_group: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.channels_per_group = channels_per_group
+        self.eps = eps
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(GroupNorm(x)), fused."""
+        return torch.ops.pyevo.shared_group_norm_silu(x, self.weight, self.bias, self.channels_per_group, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GroupNorm(x) alone (scale_shift resnets modulate between the norm and the SiLU)."""
+        channels = x.shape[1]
+        return F.group_norm(x, channels // self.channels_per_group, self.weight[:channels], self.bias[:channels],
+                            self.eps)
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, order: torch.Tensor | None = None) -> "SharedGroupNorm":
+        weight, bias = norm.weight.detach(), norm.bias.detach()
+        if order is not None:
+            weight, bias = weight[order], bias[order]
+        return cls(weight.clone(), bias.clone(), norm.num_channels // norm.num_groups, norm.eps)
+
+
+# ---------------------------------------------------------- importance order
+def hidden_channel_order(resnet: ResnetBlock2D) -> torch.Tensor:
+    """A permutation of the hidden channels that lists whole norm2 groups, most important first.
+
+    A hidden channel c reaches the output only through conv2, after norm2 and SiLU. After the
+    group normalisation its pre-activation is gamma_c * z + beta_c with z of zero mean and unit
+    variance, so its second moment is gamma_c^2 + beta_c^2 whatever conv1 did (GroupNorm removes
+    conv1's scale, which is why conv1's weights are not a good measure). conv2 then reads it with
+    the weights W2[:, c]. The channel's contribution is thus scored
+    sqrt(gamma_c^2 + beta_c^2) * ||W2[:, c]||_2, and a group by the L2 norm of its channels'
+    scores (groups are kept or dropped whole, so they are ranked whole). Ties keep teacher order.
+    """
+    norm2, conv2 = resnet.norm2, resnet.conv2
+    per_group = norm2.num_channels // norm2.num_groups
+    with torch.no_grad():
+        gain = torch.sqrt(norm2.weight.double() ** 2 + norm2.bias.double() ** 2)
+        reads = conv2.weight.double().transpose(0, 1).flatten(1).norm(dim=1)
+        channel_score = gain * reads
+        group_score = channel_score.view(norm2.num_groups, per_group).norm(dim=1)
+        groups = torch.sort(-group_score, stable=True).indices
+    return (groups[:, None] * per_group + torch.arange(per_group)).flatten()
+
+
+def head_order(attention: Attention) -> torch.Tensor:
+    """A permutation of the heads, most important first.
+
+    Attention weights are convex combinations, so a head's output is bounded by its value path:
+    a head h is scored ||W_v[h rows]||_F * ||W_out[:, h columns]||_F. Ties keep teacher order.
+    """
+    heads = attention.heads
+    with torch.no_grad():
+        value = attention.to_v.weight.double().view(heads, -1).norm(dim=1)
+        out = attention.to_out[0].weight.double().view(attention.query_dim, heads, -1).transpose(0, 1)
+        score = value * out.flatten(1).norm(dim=1)
+        return torch.sort(-score, stable=True).indices
+
+
+# ------------------------------------------------------------ super-layers
+class SuperResnetBlock2D(nn.Module):
+    """A ResnetBlock2D whose kernels and hidden width (or skip) follow ``arch``."""
+
+    def __init__(self, resnet: ResnetBlock2D, choices: ResnetChoices):
+        super().__init__()
+        self.config = ResnetConfig.from_resnet(resnet)
+        self.choices = choices
+        order = hidden_channel_order(resnet)
+        self.norm1 = SharedGroupNorm.from_group_norm(resnet.norm1)
+        self.conv1 = SharedConv2d.from_conv(resnet.conv1, out_order=order)
+        self.time_emb_proj = None
+        if resnet.time_emb_proj is not None:
+            rows = order
+            if self.config.time_embedding_norm == "scale_shift":  # [scale; shift], each over the hidden channels
+                rows = torch.cat([order, order + self.config.hidden_channels])
+            self.time_emb_proj = _linear_rows(resnet.time_emb_proj, rows)
+        self.norm2 = SharedGroupNorm.from_group_norm(resnet.norm2, order)
+        self.dropout = copy.deepcopy(resnet.dropout)
+        self.conv2 = SharedConv2d.from_conv(resnet.conv2, in_order=order)
+        self.conv_shortcut = copy.deepcopy(resnet.conv_shortcut)
+        # Samplers of up/down resnets hold no weights (Upsample2D/Downsample2D without conv, FIR, pooling).
+        self.upsample = resnet.upsample
+        self.downsample = resnet.downsample
+        self.arch = ResnetArch(resnet.conv1.kernel_size[0], resnet.conv2.kernel_size[0],
+                               self.config.hidden_channels)
+
+    def set_arch(self, arch: ResnetArch) -> None:
+        self.arch = arch
+
+    def _time_embedding(self, temb: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the hidden prefix receives from the time embedding, from rows of the shared projection:
+        (added term, None) for "default", (scale, shift) for "scale_shift"."""
+        if not self.config.skip_time_act:
+            temb = F.silu(temb)
+        weight, bias = self.time_emb_proj.weight, self.time_emb_proj.bias
+        first = F.linear(temb, weight[:hidden], bias[:hidden])[:, :, None, None]
+        if self.config.time_embedding_norm == "default":
+            return first, None
+        full = self.config.hidden_channels
+        second = F.linear(temb, weight[full:full + hidden], bias[full:full + hidden])[:, :, None, None]
+        return first, second
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample is not None:
+            return self.upsample(x.contiguous() if x.shape[0] >= 64 else x)
+        if self.downsample is not None:
+            return self.downsample(x)
+        return x
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        arch, config = self.arch, self.config
+        shortcut = self._sample(input_tensor)
+        if self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(shortcut)
+        if arch.skip:
+            return shortcut / config.output_scale_factor
+
+        hidden = self._sample(self.norm1.forward_silu(input_tensor))
+        hidden = self.conv1(hidden, arch.hidden, arch.kernel1)
+        if self.time_emb_proj is None and temb is not None:
+            raise ValueError("this resnet has no time_emb_proj (temb_channels=None) but was given temb")
+        if config.time_embedding_norm == "default":
+            if temb is not None:
+                hidden = hidden + self._time_embedding(temb, arch.hidden)[0]
+            hidden = self.norm2.forward_silu(hidden)
+        else:
+            if temb is None:
+                raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
+            scale, shift = self._time_embedding(temb, arch.hidden)
+            hidden = F.silu(self.norm2(hidden) * (1 + scale) + shift)
+        hidden = self.dropout(hidden)
+        hidden = self.conv2(hidden, config.out_channels, arch.kernel2)
+        return (shortcut + hidden) / config.output_scale_factor
+
+
+class SuperAttention(nn.Module):
+    """A diffusers self-attention whose kept heads (a prefix) or drop follow ``arch``."""
+
+    def __init__(self, attention: Attention, choices: AttentionChoices):
+        super().__init__()
+        self.config = AttentionConfig.from_attention(attention)
+        self.choices = choices
+        heads, head_dim = self.config.heads, self.config.head_dim
+        order = head_order(attention)
+        rows = (order[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        self.group_norm = copy.deepcopy(attention.group_norm)
+        self.to_q = _linear_rows(attention.to_q, rows)
+        self.to_k = _linear_rows(attention.to_k, rows)
+        self.to_v = _linear_rows(attention.to_v, rows)
+        self.to_out = copy.deepcopy(attention.to_out)  # [Linear, Dropout]; columns re-ordered below
+        with torch.no_grad():
+            self.to_out[0].weight.copy_(attention.to_out[0].weight[:, rows])
+        self.arch = AttentionArch(heads, head_dim)
+
+    def set_arch(self, arch: AttentionArch) -> None:
+        self.arch = arch
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if self.arch.dropped:
+            return hidden_states
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("SuperAttention is self-attention without a mask: got encoder_hidden_states "
+                             "or attention_mask")
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        out_linear = self.to_out[0]
+        hidden_states = torch.ops.pyevo.shared_attention(
+            hidden_states.contiguous(), None, self.to_q.weight, self.to_q.bias, self.to_k.weight, self.to_k.bias,
+            self.to_v.weight, self.to_v.bias, out_linear.weight, out_linear.bias, self.arch.heads, self.arch.head_dim)
+        hidden_states = self.to_out[1](hidden_states)
+        if spatial:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if self.config.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / self.config.rescale_output_factor
+
+
+def _linear_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    copied = copy.deepcopy(linear)
+    with torch.no_grad():
+        copied.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            copied.bias.copy_(linear.bias[rows])
+    return copied
+
+
+# -------------------------------------------------------------- super-block
+class SuperBlock(nn.Module):
+    """One teacher block with its searched layers weight-shared; computes the genome last set.
+
+    Called exactly like the teacher block (same arguments, same returns). Attributes the UNet's
+    forward inspects on a block (``resnets``, ``skip_conv``, ...) are read through to the block,
+    so a super-block can stand in a UNet for the teacher's.
+    """
+
+    def __init__(self, teacher_block: nn.Module, space: BlockSpace):
+        super().__init__()
+        self.space = space
+        self.block = copy.deepcopy(teacher_block)
+        for choices in space.resnets:
+            self.block.resnets[choices.index] = SuperResnetBlock2D(self.block.resnets[choices.index], choices)
+        for choices in space.attentions:
+            self.block.attentions[choices.index] = SuperAttention(self.block.attentions[choices.index], choices)
+        self.requires_grad_(True)  # the teacher may be frozen; the super-block is what gets trained
+        self.genome: Genome = space.teacher_genome()
+        self.set_genome(self.genome)
+
+    def set_genome(self, genome: Genome) -> None:
+        arch = self.space.arch(genome)
+        for index, resnet_arch in arch.resnets.items():
+            self.block.resnets[index].set_arch(resnet_arch)
+        for index, attention_arch in arch.attentions.items():
+            self.block.attentions[index].set_arch(attention_arch)
+        self.genome = self.space.canonical(genome)
+
+    def super_resnets(self) -> Iterator[SuperResnetBlock2D]:
+        return (self.block.resnets[c.index] for c in self.space.resnets)
+
+    def super_attentions(self) -> Iterator[SuperAttention]:
+        return (self.block.attentions[c.index] for c in self.space.attentions)
+
+    def forward(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(super().__getattr__("block"), name)
+
+
+# ---------------------------------------------------------------- supernet
+def _module_key(block_name: str) -> str:
+    """ModuleDict keys cannot hold '.': "down_blocks.1" -> "down_blocks_1"."""
+    return block_name.replace(".", "_")
+
+
+class Supernet(nn.Module):
+    """The super-blocks of a UNet, looked up by block name (``supernet["down_blocks.1"]``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        teacher_blocks = searchable_blocks(unet)
+        self.spaces = {space.name: space for space in unet_space(unet)}
+        self.names = list(self.spaces)
+        self.blocks = nn.ModuleDict({_module_key(name): SuperBlock(teacher_blocks[name], space)
+                                     for name, space in self.spaces.items()})
+        log.info("supernet: %d blocks, %.2f M shared parameters", len(self.names),
+                 sum(p.numel() for p in self.parameters()) / 1e6)
+
+    def __getitem__(self, name: str) -> SuperBlock:
+        if name not in self.spaces:
+            raise KeyError(f"no super-block {name!r} (blocks: {', '.join(self.names)})")
+        return self.blocks[_module_key(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.spaces
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def values(self) -> list[SuperBlock]:
+        return [self[name] for name in self.names]
+
+    def items(self) -> list[tuple[str, SuperBlock]]:
+        return [(name, self[name]) for name in self.names]
+
+    def set_genome(self, network: Mapping[str, Genome]) -> None:
+        """Set every named block's genome (blocks not named keep theirs)."""
+        for name, genome in network.items():
+            self[name].set_genome(genome)
+
+    def network_genome(self) -> dict[str, Genome]:
+        """The genome each super-block holds now."""
+        return {name: self[name].genome for name in self.names}
+
+
+def build_supernet(unet: nn.Module) -> Supernet:
+    """The supernet of a diffusers UNet, initialised so each teacher-shaped path is the teacher."""
+    return Supernet(unet)
+
+
+def supernet_unet(unet: nn.Module, supernet: Supernet) -> nn.Module:
+    """A copy of the UNet whose searchable blocks are the supernet's (shared, not copied).
+
+    Its forward computes the whole network for the genomes the super-blocks hold; the stem and head
+    are copies of the teacher's.
+    """
+    assembled = copy.deepcopy(unet)
+    assembled.down_blocks = nn.ModuleList([supernet[f"down_blocks.{i}"] for i in range(len(unet.down_blocks))])
+    assembled.up_blocks = nn.ModuleList([supernet[f"up_blocks.{i}"] for i in range(len(unet.up_blocks))])
+    if getattr(unet, "mid_block", None) is not None:
+        assembled.mid_block = supernet["mid_block"]
+    return assembled

@@ -1,0 +1,134 @@
+"""The whole pipeline at toy sizes: report contents, export, determinism, resume, user errors."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from pyevo.config import load_config
+from pyevo.pipeline import run
+
+TOY = {
+    "distill.steps": 2, "distill.batch_size": 8, "search.population": 4, "search.generations": 1,
+    "search.heldout_size": 16, "retrain.steps": 2, "retrain.batch_size": 8, "evaluate.num_samples": 8,
+    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.threads": 1, "batch": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    """A small random digits-shaped teacher (1x16x16, attention at one level, several heads)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def toy_config(teacher_folder, out, cache, **extra):
+    return load_config(None, {**TOY, "teacher": str(teacher_folder), "out": str(out),
+                              "latency.cache": str(cache), **extra})
+
+
+@pytest.fixture(scope="module")
+def finished_run(teacher_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    config = toy_config(teacher_folder, root / "a", root / "latency.json")
+    return root, config, run(config, progress=False)
+
+
+def test_report_holds_what_the_issue_asks(finished_run):
+    root, config, report = finished_run
+    stored = json.loads((root / "a" / "report.json").read_text())
+    assert stored["student"]["genome"] == report["student"]["genome"]
+    for side in ("teacher", "student"):
+        for key in ("macs", "params", "latency_ms", "fd", "class_coverage"):
+            assert stored[side][key] is not None, (side, key)
+        assert abs(sum(stored[side]["class_coverage"]) - 1) < 1e-6
+    for key in ("latency_estimate_ms", "psnr_vs_teacher", "ssim_vs_teacher", "genome"):
+        assert key in stored["student"]
+    for key in ("device", "dtype", "batch", "seed"):
+        assert stored[key] == getattr(config, key)
+    assert set(stored["stages"]) == {"distill", "search", "select", "retrain", "evaluate"}
+    assert all(stage["seconds"] >= 0 for stage in stored["stages"].values())
+    for name in ("pareto_fronts.png", "losses.png", "samples.png"):
+        assert (root / "a" / "plots" / name).stat().st_size > 1000
+    assert (root / "a" / "report.md").read_text().startswith("# pyevo run report")
+    assert (root / "a" / "config.yaml").is_file()
+
+
+def test_same_seed_same_genomes_and_resume_skips_every_stage(finished_run, teacher_folder):
+    root, config, report = finished_run
+    again = run(toy_config(teacher_folder, root / "b", root / "latency.json"), progress=False)
+    assert again["student"]["genome"] == report["student"]["genome"]
+    resumed = run(config, resume=True, progress=False)
+    assert resumed["student"]["genome"] == report["student"]["genome"]
+    assert resumed["stages"] == report["stages"]  # every stage read back, none re-run
+
+
+def test_student_loads_in_a_fresh_process_and_samples(finished_run):
+    root, _, _ = finished_run
+    script = textwrap.dedent(f"""
+        import torch, pyevo
+        from diffusers import DDIMPipeline, DDIMScheduler
+        student = pyevo.StudentUNet2DModel.from_pretrained({str(root / "a" / "student")!r})
+        pipe = DDIMPipeline(unet=student, scheduler=DDIMScheduler(num_train_timesteps=100))
+        images = pipe(batch_size=2, num_inference_steps=3, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+        print(student.config.genome)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((root / "a" / "report.json").read_text())
+    assert out.stdout.strip().splitlines()[-1] == report["student"]["genome"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pyevo.search", "--quiet", *args], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd=cwd)
+
+
+def _toy_flags():
+    return [f"--set={key}={value}" for key, value in TOY.items()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "/nonexistent/teacher"], "teacher folder not found: /nonexistent/teacher"),
+    (["--set", "distill.stepz=3"], "unknown config key 'distill.stepz'"),
+    (["--budget", "1.7", "--rule", "budget"], "search.budget must be in (0, 1]"),
+    (["--rule", "fastest"], "search.rule must be one of"),
+])
+def test_user_errors_end_in_one_line(tmp_path, args, message):
+    out = cli("--out", str(tmp_path / "run"), *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("pyevo.search: error: ") and message in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unsupported_teacher_and_impossible_budget(tmp_path, teacher_folder):
+    not_unet = tmp_path / "not_unet"
+    not_unet.mkdir()
+    (not_unet / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    out = cli("--teacher", str(not_unet), "--out", str(tmp_path / "r1"))
+    assert out.returncode == 2 and "holds a AutoencoderKL; pyevo supports UNet2DModel" in out.stderr
+    assert not (tmp_path / "r1").exists()
+
+    out = cli("--teacher", str(teacher_folder), "--out", str(tmp_path / "r2"), "--rule", "budget",
+              "--budget", "0.001", f"--set=latency.cache={tmp_path / 'lat.json'}", *_toy_flags())
+    assert out.returncode == 2 and "is impossible: the fastest student takes" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "r2").exists()
+
+
+def test_a_used_folder_needs_resume(finished_run, teacher_folder):
+    root, _, _ = finished_run
+    out = cli("--teacher", str(teacher_folder), "--out", str(root / "a"), *_toy_flags())
+    assert out.returncode == 2 and "is not empty; pass --resume" in out.stderr
