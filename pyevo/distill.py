@@ -114,8 +114,10 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
             for genome in paths:
                 block.set_genome(genome)
                 loss = block_mse(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
-                # One backward per path keeps only one path's graph alive at a time.
-                (loss / len(paths)).backward()
+                # One backward per path keeps only one path's graph alive at a time. A path that
+                # skips every layer of a block without a sampler is the identity: nothing to train.
+                if loss.requires_grad:
+                    (loss / len(paths)).backward()
                 total += float(loss.detach())
             record[name] = total / len(paths)
         optimizer.step()
