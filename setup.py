@@ -26,11 +26,15 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # torch.utils.cpp_extension adds the C++ standard its headers need. -fno-trapping-math lets
+    # GCC vectorise loops with comparisons/conversions in them (our kernels run with FP traps
+    # masked, like all of torch); it changes no computed value.
+    cxx_flags = ["-O3", "-fno-trapping-math"]
     macros = [("PYEVO_TORCH_VERSION", f'"{torch.__version__}"')]
     if not _want_cuda():
         sources = [s for s in sources if os.sep + "cuda" + os.sep not in s]
         return CppExtension("pyevo._C", sources, define_macros=macros,
+                            include_dirs=[os.path.join(ROOT, "csrc")],
                             extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
                             extra_link_args=["-fopenmp"])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -45,7 +49,7 @@ def _extension():
     return CUDAExtension("pyevo._C", sources, define_macros=macros,
                          include_dirs=[os.path.join(ROOT, "kernels"), os.path.join(ROOT, "csrc")],
                          extra_compile_args={"cxx": cxx_flags + ["-fopenmp"],
-                                             "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                             "nvcc": ["-O3", "--use_fast_math",
                                                       "-lineinfo"]},
                          extra_link_args=["-fopenmp"])
 

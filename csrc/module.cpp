@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "composite_kernels.h"
+
 namespace {
 
 pybind11::dict build_info() {
@@ -42,4 +44,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyevo compiled ops (registered as torch.ops.pyevo.*)";
   m.def("build_info", &build_info,
         "How this extension was built: cuda (bool), cuda_archs, cuda_version, torch_version, openmp");
+  // The ATen composites that serve as CUDA backward kernels, callable on any device so that the
+  // CPU test suite covers them.
+  m.def("_shared_group_norm_silu_backward_composite",
+        &pyevo::shared_group_norm_silu_backward_composite,
+        "shared_group_norm_silu_backward built from ATen ops (for tests)");
+  // Likewise the CUDA backward of shared_attention (the CPU one uses ATen's CPU flash kernels).
+  m.def("_shared_attention_backward_composite", &pyevo::shared_attention_backward_composite,
+        "shared_attention_backward with a materialised attention matrix (for tests)");
 }

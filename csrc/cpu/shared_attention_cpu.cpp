@@ -1,0 +1,50 @@
+// CPU kernels of pyevo::shared_attention.
+//  * forward: at::linear on prefix views of the shared projections and
+//    at::scaled_dot_product_attention (csrc/composite_kernels.cpp).
+//  * backward: recomputes the projections, then runs ATen's CPU flash-attention forward (for the
+//    output and its log-sum-exp) and backward, which never materialise the attention matrix;
+//    the chain rule through the projections is shared with the CUDA backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "composite_kernels.h"
+
+namespace pyevo {
+namespace {
+
+AttentionCoreBackwardResult attention_core_backward_cpu_flash(const at::Tensor& grad_attended,
+                                                             const at::Tensor& query,
+                                                             const at::Tensor& key,
+                                                             const at::Tensor& value) {
+  // The flash kernels need non-empty sequences; the math version handles the degenerate cases.
+  if (query.numel() == 0 || key.numel() == 0) {
+    return attention_core_backward_math(grad_attended, query, key, value);
+  }
+  auto [attended, logsumexp] = at::_scaled_dot_product_flash_attention_for_cpu(query, key, value);
+  auto [grad_query, grad_key, grad_value] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      grad_attended, query, key, value, attended, logsumexp, /*dropout_p=*/0.0,
+      /*is_causal=*/false);
+  return {grad_query, grad_key, grad_value, attended};
+}
+
+std::vector<at::Tensor> shared_attention_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& hidden_states,
+    const std::optional<at::Tensor>& encoder_hidden_states, const at::Tensor& q_weight,
+    const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,
+    const std::optional<at::Tensor>& k_bias, const at::Tensor& v_weight,
+    const std::optional<at::Tensor>& v_bias, const at::Tensor& out_weight,
+    const std::optional<at::Tensor>& out_bias, int64_t heads, int64_t head_dim) {
+  return shared_attention_backward_with(&attention_core_backward_cpu_flash, grad_output,
+                                        hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                        k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
+                                        heads, head_dim);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyevo, CPU, m) {
+  m.impl("shared_attention", &shared_attention_composite);
+  m.impl("shared_attention_backward", &shared_attention_backward_cpu);
+}
+
+}  // namespace pyevo

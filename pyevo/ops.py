@@ -1,0 +1,256 @@
+"""The ``torch.ops.pyevo`` ops: layers that run on a slice of a supernet's shared parameters.
+
+The schemas and the CPU/CUDA kernels live in C++ (``csrc/``); this module registers what
+``torch.compile`` and autograd need on top of them:
+
+* fake (meta) kernels, which compute output shapes without touching data;
+* autograd formulas, which call the ops' own backward ops (``pyevo::*_backward``). The gradients
+  of shared parameters always have the FULL shared shape, with zeros outside the slice the call
+  used: several sub-networks that share one weight then simply add their gradients into it.
+
+It also exposes typed wrappers (:func:`shared_conv2d`, :func:`shared_group_norm_silu`,
+:func:`shared_attention`). ``import pyevo`` imports this module, so ``torch.ops.pyevo.*`` is
+fully usable after it.
+
+Conventions of the backward ops: they return a fixed number of tensors; a gradient that does not
+exist (an absent optional input) or was not asked for comes back as an empty ``(0,)`` tensor,
+which the autograd formulas below turn into ``None``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pyevo import _C  # noqa: F401  (loads the library that defines the ops)
+
+__all__ = ["shared_conv2d", "shared_group_norm_silu", "shared_attention"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def shared_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+                  kernel_size: int, stride: int = 1) -> Tensor:
+    """2-D convolution with a sub-kernel of a shared weight, read in place.
+
+    Equivalent to ``F.conv2d(input, weight[:out_channels, :C_in, c:c+k, c:c+k],
+    bias[:out_channels], stride, padding=k // 2)`` with ``C_in = input.shape[1]``,
+    ``k = kernel_size`` and ``c = (K - k) // 2`` (a centred crop), but without copying the slice.
+
+    Args:
+        input: ``(N, C_in, H, W)``.
+        weight: the shared ``(C_out_max, C_in_max, K, K)`` weight, ``K`` odd, ``C_in <= C_in_max``.
+        bias: the shared bias (at least ``out_channels`` entries) or ``None``.
+        out_channels: output channels used, ``1 <= out_channels <= C_out_max``.
+        kernel_size: odd kernel size, ``<= K``.
+        stride: spatial stride (padding is always ``kernel_size // 2``).
+
+    Returns:
+        ``(N, out_channels, H_out, W_out)``, contiguous. Gradients w.r.t. ``weight`` and ``bias``
+        have their full shared shapes, zero outside the slice used.
+    """
+    return torch.ops.pyevo.shared_conv2d.default(input, weight, bias, out_channels, kernel_size,
+                                                 stride)
+
+
+def shared_group_norm_silu(input: Tensor, weight: Tensor, bias: Tensor, channels_per_group: int,
+                           eps: float) -> Tensor:
+    """``silu(group_norm(input))`` with the first ``C`` entries of shared affine parameters.
+
+    Equivalent to ``F.silu(F.group_norm(input, C // channels_per_group, weight[:C], bias[:C],
+    eps))`` with ``C = input.shape[1]``; one fused kernel. The number of channels per group stays
+    fixed as the width changes, so narrower layers have fewer groups.
+
+    Args:
+        input: ``(N, C, *spatial)``, ``C % channels_per_group == 0``.
+        weight, bias: 1-D shared affine parameters with at least ``C`` entries.
+        channels_per_group: channels in each normalisation group.
+        eps: added to the variance.
+
+    Returns:
+        A contiguous tensor of the input's shape. Gradients w.r.t. ``weight`` and ``bias`` have
+        their full shared length, zero beyond ``C``.
+    """
+    return torch.ops.pyevo.shared_group_norm_silu.default(input, weight, bias, channels_per_group,
+                                                          eps)
+
+
+def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tensor],
+                     q_weight: Tensor, q_bias: Optional[Tensor], k_weight: Tensor,
+                     k_bias: Optional[Tensor], v_weight: Tensor, v_bias: Optional[Tensor],
+                     out_weight: Tensor, out_bias: Optional[Tensor], heads: int,
+                     head_dim: int) -> Tensor:
+    """Multi-head attention over the first ``heads`` heads of shared projections.
+
+    Queries come from ``hidden_states``; keys and values from ``encoder_hidden_states`` when
+    given, else from ``hidden_states``. With ``I = heads * head_dim``, the projections use
+    ``q/k/v_weight[:I]`` (``nn.Linear`` layout, ``(H_max * head_dim, in_features)``),
+    ``q/k/v_bias[:I]``, ``out_weight[:, :I]`` and the whole ``out_bias``; the attention is
+    ``softmax(Q K^T / sqrt(head_dim)) V`` per head, heads merged before the output projection.
+
+    Args:
+        hidden_states: ``(B, S, C)``.
+        encoder_hidden_states: ``(B, S_kv, C_kv)`` or ``None`` (self-attention).
+        q_weight: ``(>= I, C)``; k_weight, v_weight: ``(>= I, C_kv)``.
+        q_bias, k_bias, v_bias: ``(>= I)`` or ``None``.
+        out_weight: ``(C, >= I)``; out_bias: ``(C)`` or ``None``.
+        heads: heads used; head_dim: channels per head.
+
+    Returns:
+        ``(B, S, C)``, contiguous. Gradients w.r.t. the shared projections have their full
+        shapes, zero outside the rows/columns used.
+    """
+    return torch.ops.pyevo.shared_attention.default(
+        hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+        out_weight, out_bias, heads, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output metadata only. The real kernels validate their inputs; these
+# check what the output shapes depend on, so a bad call fails at trace time too.
+# ---------------------------------------------------------------------------------------------
+
+
+def _absent_gradient(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _conv2d_output_size(size, kernel_size: int, stride: int):
+    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+
+
+@torch.library.register_fake("pyevo::shared_conv2d")
+def _shared_conv2d_fake(input, weight, bias, out_channels, kernel_size, stride=1):
+    torch._check(input.dim() == 4, lambda: f"pyevo::shared_conv2d: input must be 4-D, got "
+                                           f"{input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"pyevo::shared_conv2d: weight must be 4-D, got "
+                                            f"{weight.dim()}-D")
+    torch._check(kernel_size % 2 == 1 and kernel_size <= weight.shape[2],
+                 lambda: f"pyevo::shared_conv2d: kernel_size must be odd and <= "
+                         f"{weight.shape[2]}, got {kernel_size}")
+    torch._check(out_channels <= weight.shape[0] and input.shape[1] <= weight.shape[1],
+                 lambda: "pyevo::shared_conv2d: width larger than the shared weight")
+    return input.new_empty((input.shape[0], out_channels,
+                            _conv2d_output_size(input.shape[2], kernel_size, stride),
+                            _conv2d_output_size(input.shape[3], kernel_size, stride)))
+
+
+@torch.library.register_fake("pyevo::shared_conv2d_backward")
+def _shared_conv2d_backward_fake(grad_output, input, weight, bias, out_channels, kernel_size,
+                                 stride, output_mask):
+    grad_input = input.new_empty(input.shape) if output_mask[0] else _absent_gradient(input)
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else _absent_gradient(input)
+    grad_bias = (bias.new_empty(bias.shape) if output_mask[2] and bias is not None
+                 else _absent_gradient(input))
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("pyevo::shared_group_norm_silu")
+def _shared_group_norm_silu_fake(input, weight, bias, channels_per_group, eps):
+    torch._check(input.dim() >= 2, lambda: "pyevo::shared_group_norm_silu: input must be "
+                                           "(N, C, *spatial)")
+    torch._check(input.shape[1] % channels_per_group == 0,
+                 lambda: f"pyevo::shared_group_norm_silu: {input.shape[1]} channels are not "
+                         f"divisible by channels_per_group={channels_per_group}")
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("pyevo::shared_group_norm_silu_backward")
+def _shared_group_norm_silu_backward_fake(grad_output, input, weight, bias, channels_per_group,
+                                          eps):
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+@torch.library.register_fake("pyevo::shared_attention")
+def _shared_attention_fake(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight,
+                           k_bias, v_weight, v_bias, out_weight, out_bias, heads, head_dim):
+    torch._check(hidden_states.dim() == 3, lambda: "pyevo::shared_attention: hidden_states "
+                                                   "must be (B, S, C)")
+    inner = heads * head_dim
+    torch._check(inner <= q_weight.shape[0] and inner <= out_weight.shape[1],
+                 lambda: f"pyevo::shared_attention: heads * head_dim = {inner} is larger than "
+                         "the shared projections")
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+@torch.library.register_fake("pyevo::shared_attention_backward")
+def _shared_attention_backward_fake(grad_output, hidden_states, encoder_hidden_states, q_weight,
+                                    q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
+                                    out_bias, heads, head_dim):
+    def gradient_like(tensor):
+        return tensor.new_empty(tensor.shape) if tensor is not None else _absent_gradient(
+            hidden_states)
+
+    return [gradient_like(t) for t in (hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                       k_weight, k_bias, v_weight, v_bias, out_weight, out_bias)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: each forward saves only its inputs; its backward op recomputes what it needs
+# (shared_group_norm_silu: the group statistics, one extra pass over data the backward reads
+# anyway; shared_attention: the projections and the attention output).
+# ---------------------------------------------------------------------------------------------
+
+
+def _only_needed(gradients: Sequence[Tensor], inputs: Sequence[Optional[Tensor]],
+                 needs_input_grad: Sequence[bool]) -> list:
+    """Replaces the placeholders of absent or unwanted gradients with None."""
+    return [g if needed and tensor is not None else None
+            for g, tensor, needed in zip(gradients, inputs, needs_input_grad)]
+
+
+def _shared_conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, out_channels, kernel_size, stride = inputs
+    ctx.save_for_backward(input, weight, bias)
+    ctx.conv_args = (out_channels, kernel_size, stride)
+
+
+def _shared_conv2d_backward(ctx, grad_output):
+    input, weight, bias = ctx.saved_tensors
+    output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                   ctx.needs_input_grad[2] and bias is not None]
+    gradients = torch.ops.pyevo.shared_conv2d_backward.default(
+        grad_output, input, weight, bias, *ctx.conv_args, output_mask)
+    return (*_only_needed(gradients, (input, weight, bias), output_mask), None, None, None)
+
+
+torch.library.register_autograd("pyevo::shared_conv2d", _shared_conv2d_backward,
+                                setup_context=_shared_conv2d_setup_context)
+
+
+def _shared_group_norm_silu_setup_context(ctx, inputs, output):
+    input, weight, bias, channels_per_group, eps = inputs
+    ctx.save_for_backward(input, weight, bias)
+    ctx.norm_args = (channels_per_group, eps)
+
+
+def _shared_group_norm_silu_backward(ctx, grad_output):
+    input, weight, bias = ctx.saved_tensors
+    gradients = torch.ops.pyevo.shared_group_norm_silu_backward.default(
+        grad_output, input, weight, bias, *ctx.norm_args)
+    return (*_only_needed(gradients, (input, weight, bias), ctx.needs_input_grad[:3]), None, None)
+
+
+torch.library.register_autograd("pyevo::shared_group_norm_silu", _shared_group_norm_silu_backward,
+                                setup_context=_shared_group_norm_silu_setup_context)
+
+
+def _shared_attention_setup_context(ctx, inputs, output):
+    *tensors, heads, head_dim = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.attention_args = (heads, head_dim)
+
+
+def _shared_attention_backward(ctx, grad_output):
+    tensors = ctx.saved_tensors
+    gradients = torch.ops.pyevo.shared_attention_backward.default(grad_output, *tensors,
+                                                                  *ctx.attention_args)
+    return (*_only_needed(gradients, tensors, ctx.needs_input_grad[:10]), None, None)
+
+
+torch.library.register_autograd("pyevo::shared_attention", _shared_attention_backward,
+                                setup_context=_shared_attention_setup_context)
