@@ -64,7 +64,7 @@ class RetrainConfig:
     lambda_share: float = 0.5  # share of the steps over which lambda decays 1 -> 0
     static_lambda: float = 0.5  # the weight of the block loss for the "static" arm
     ema_decay: float = 0.995
-    data_free: bool = False  # end loss against the teacher's epsilon instead of the true noise
+    end_target: str = "noise"  # L_end against the true noise, or the teacher's epsilon ("teacher")
 
 
 @dataclass
@@ -96,6 +96,7 @@ class RunConfig:
         _choice("dtype", self.dtype, ("float32", "float16", "bfloat16"))
         _choice("search.rule", self.search.rule, ("diffnas", "block-budget", "budget"))
         _choice("retrain.loss", self.retrain.loss, ("dynamic", "static", "hard", "end-only"))
+        _choice("retrain.end_target", self.retrain.end_target, ("noise", "teacher"))
         if not 0.0 < self.search.budget <= 1.0:
             raise ConfigError(f"search.budget must be in (0, 1], got {self.search.budget}")
         if self.search.slack < 1.0:

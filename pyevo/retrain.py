@@ -59,10 +59,10 @@ def retrain_student(teacher: nn.Module, student: nn.Module, images: torch.Tensor
     for step in tqdm(range(config.steps), desc="retrain", disable=not progress):
         noisy, timesteps, noise = noisy_batch(images, scheduler, config.batch_size, generator)
         weight = block_weight(step, config.steps, config)
-        # The teacher runs only when a term needs it (block targets, or epsilon in data-free mode).
-        needs_teacher = weight > 0 or config.data_free
-        calls, teacher_eps = record_blocks(teacher, noisy, timesteps) if needs_teacher else ({}, None)
-        target = teacher_eps if config.data_free else noise
+        # The teacher runs only when a term needs it (block targets, or its epsilon as the target).
+        to_teacher = config.end_target == "teacher"
+        calls, teacher_eps = record_blocks(teacher, noisy, timesteps) if weight > 0 or to_teacher else ({}, None)
+        target = teacher_eps if to_teacher else noise
         end_loss = F.mse_loss(student(noisy, timesteps).sample, target)
         record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
         loss = (1.0 - weight) * end_loss
