@@ -95,3 +95,16 @@ def test_ddim_samples_share_noise_across_models(setup):
     assert a.shape == (6, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
+
+
+def test_teacher_target_is_zero_for_the_teacher_shaped_student(setup):
+    """With end_target "teacher", a student that is the teacher (teacher genome, fresh supernet)
+    starts with an end loss at float32 rounding, and with "noise" it does not."""
+    unet, scheduler, spaces, images = setup
+    genomes = {name: space.teacher_genome() for name, space in spaces.items()}
+    losses = {}
+    for target in ("teacher", "noise"):
+        student = StudentUNet2DModel.from_supernet(unet, build_supernet(unet), genomes)
+        config = RetrainConfig(steps=1, batch_size=8, loss="end-only", end_target=target)
+        losses[target] = retrain_student(unet, student, images, scheduler, config, seed=0, progress=False)[0]["end_loss"]
+    assert losses["teacher"] < 1e-10 < 1e-3 < losses["noise"]
