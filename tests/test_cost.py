@@ -6,13 +6,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from pyevo.cost import count_macs, count_params
-
-DDPM_CIFAR10_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                           layers_per_block=2,
-                           down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                           up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                           attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-                           norm_eps=1e-6, norm_num_groups=32)
+from unet_configs import DDPM_CIFAR10_CONFIG
 
 
 def test_conv_and_linear_match_hand_formulas():

@@ -8,11 +8,7 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBloc
 
 from pyevo.space import (UnsupportedBlockError, block_space, decode_network, encode_network, teacher_network,
                          unet_space)
-
-DIGITS_CONFIG = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                     layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                     attention_head_dim=16)
+from unet_configs import DIGITS_CONFIG
 
 
 @pytest.fixture(scope="module")

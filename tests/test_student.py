@@ -16,11 +16,7 @@ from pyevo.space import decode_network, encode_network, unet_space
 from pyevo.student import (DroppedAttention, ShortcutOnly, SlimResnetBlock2D, StudentUNet2DModel,
                            build_static_block)
 from pyevo.supernet import build_supernet, supernet_unet
-
-DIGITS_CONFIG = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                     layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                     attention_head_dim=16)
+from unet_configs import DIGITS_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""The shipped digits teacher and classifier, DDIM sampling, the sample CLI, the training script."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
+
+import pytest
+import torch
+from PIL import Image
+
+from pyevo.classifier import DIGITS_CLASSIFIER_DIR, accuracy, load_digits_classifier
+from pyevo.data import digits
+from pyevo.sample import ddim_sample, image_grid, load_unet_and_scheduler
+from pyevo.sample import main as sample_main
+from pyevo.teachers import DIGITS_TEACHER_DIR, load_digits_teacher
+from pyevo.teachers.digits import TeacherTrainConfig, build_digits_unet, train
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_digits_teacher()
+
+
+def test_teacher_folder_is_a_small_safetensors_pipeline():
+    assert (DIGITS_TEACHER_DIR / "model_index.json").is_file()
+    weights = DIGITS_TEACHER_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and weights.stat().st_size < 10 * 2**20
+    assert not list(DIGITS_TEACHER_DIR.rglob("*.bin"))
+
+
+def test_teacher_has_the_documented_config(teacher):
+    unet, scheduler = teacher
+    cfg = unet.config
+    assert cfg.sample_size == 16 and cfg.in_channels == 1 and cfg.out_channels == 1
+    assert tuple(cfg.block_out_channels) == (32, 64, 64)
+    assert cfg.layers_per_block == 2 and cfg.norm_num_groups == 8 and cfg.attention_head_dim == 16
+    assert tuple(cfg.down_block_types) == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
+    assert tuple(cfg.up_block_types) == ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert unet.down_blocks[1].attentions[0].heads == 4  # several heads: the head-ratio choice applies
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in build_digits_unet().parameters())
+    assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+    assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert scheduler.config.prediction_type == "epsilon"
+
+
+def test_teacher_forward_shape(teacher):
+    unet, _ = teacher
+    out = unet(torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])).sample
+    assert out.shape == (3, 1, 16, 16) and torch.isfinite(out).all()
+
+
+def test_few_step_ddim_sample_is_finite_and_deterministic(teacher):
+    unet, scheduler = teacher
+    a = ddim_sample(unet, dict(scheduler.config), n=6, steps=4, seed=1, progress=False)
+    b = ddim_sample(unet, dict(scheduler.config), n=6, steps=4, seed=1, batch_size=4, progress=False)
+    assert a.shape == (6, 1, 16, 16) and torch.isfinite(a).all()
+    assert a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b)  # independent of batching
+
+
+def test_classifier_heldout_accuracy():
+    classifier = load_digits_classifier()
+    images, labels = digits("heldout")
+    assert accuracy(classifier, images, labels) >= 0.95
+    assert classifier(images[:2]).shape == (2, 10) and classifier.features(images[:2]).shape == (2, 64)
+
+
+def test_loaders_reject_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a digits teacher folder"):
+        load_digits_teacher(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a digits classifier folder"):
+        load_digits_classifier(tmp_path)
+    with pytest.raises(ValueError, match="neither a pipeline folder"):
+        load_unet_and_scheduler(tmp_path)
+    assert DIGITS_CLASSIFIER_DIR.is_dir()
+
+
+def test_sample_cli_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    sample_main(["--out", str(out), "--n", "5", "--steps", "2", "--seed", "3"])
+    with Image.open(out) as image:
+        assert image.mode == "L"
+        assert image.size == image_grid(torch.zeros(5, 1, 16, 16)).size
+
+
+def test_sample_cli_bad_teacher_path_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        sample_main(["--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")])
+    message = str(exc.value.code)
+    assert message.startswith("error:") and "nowhere" in message and "\n" not in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_training_script_writes_a_loadable_teacher(tmp_path):
+    out = tmp_path / "teacher"
+    train(TeacherTrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, out=str(out)))
+    unet, scheduler = load_digits_teacher(out)
+    assert (out / "training_info.json").is_file()
+    assert not list(tmp_path.glob("teacher.tmp-*"))  # written atomically, nothing left over
+    # A bare UNet folder samples with the teacher's schedule.
+    unet.save_pretrained(tmp_path / "bare_unet")
+    bare_unet, scheduler_config = load_unet_and_scheduler(tmp_path / "bare_unet")
+    assert scheduler_config["beta_schedule"] == scheduler.config.beta_schedule
