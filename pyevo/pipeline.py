@@ -266,7 +266,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         return {"history": history}
 
     stages.run("retrain", asdict(config.retrain), retrain)
-    student = StudentUNet2DModel.from_pretrained(student_folder).eval()
+    student = StudentUNet2DModel.from_pretrained(student_folder, low_cpu_mem_usage=False).eval()
 
     # --- evaluation
     def evaluate() -> dict:

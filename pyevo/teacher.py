@@ -52,7 +52,7 @@ def load_teacher(spec: str) -> tuple[UNet2DModel, DDPMScheduler]:
     if class_name not in SUPPORTED_UNETS:
         raise TeacherError(f"{unet_folder} holds a {class_name}; pyevo supports {', '.join(SUPPORTED_UNETS)}")
     try:
-        unet = UNet2DModel.from_pretrained(unet_folder)
+        unet = UNet2DModel.from_pretrained(unet_folder, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as error:
         raise TeacherError(f"cannot load the UNet in {unet_folder}: {str(error).splitlines()[0]}") from None
     scheduler_folder = folder / "scheduler"
