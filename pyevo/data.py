@@ -1,0 +1,119 @@
+"""Image data for pyevo: the built-in digits set and arbitrary image folders.
+
+Every image pyevo hands to a model is float32, channels-first, scaled to [-1, 1].
+
+The digits set is scikit-learn's ``load_digits`` (1,797 real 8x8 scans, values 0..16), upsampled
+to 16x16. It is split once, with a fixed seed and stratified by class, into 1,297 training images
+and 500 held-out images (50 per class, up to rounding). The teacher and the classifier train on
+the training split only; Fréchet distances are measured against the held-out split.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+DIGITS_SIZE = 16
+DIGITS_HELDOUT = 500
+DIGITS_SPLIT_SEED = 0
+DIGITS_SPLITS = ("train", "heldout", "all")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Map images from [-1, 1] to [0, 1] (for saving and plotting)."""
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@lru_cache(maxsize=1)
+def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """All 1,797 digits at 16x16 in [-1, 1], their labels, and the held-out mask (cached)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    raw = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)  # (N, 8, 8) in [0, 1]
+    # bilinear + antialias: antialias is a no-op when upsampling but keeps the call correct for
+    # any target size below 8.
+    resized = F.interpolate(
+        raw[:, None], size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", antialias=True, align_corners=False
+    )
+    images = (resized.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+
+    index = np.arange(len(labels))
+    _, heldout_index = train_test_split(
+        index, test_size=DIGITS_HELDOUT, stratify=bunch.target, random_state=DIGITS_SPLIT_SEED
+    )
+    heldout_mask = np.zeros(len(labels), dtype=bool)
+    heldout_mask[heldout_index] = True
+    return images, labels, heldout_mask
+
+
+def digits(split: Literal["train", "heldout", "all"] = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits images (N, 1, 16, 16) float32 in [-1, 1] and labels (N,) int64 of one split.
+
+    ``train`` has 1,297 images, ``heldout`` 500, ``all`` 1,797 (in scikit-learn's order). The split
+    is fixed: the same images land in the same split on every call and machine.
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; expected one of {', '.join(DIGITS_SPLITS)}")
+    images, labels, heldout_mask = _digits_all()
+    if split == "all":
+        keep = np.ones_like(heldout_mask)
+    else:
+        keep = heldout_mask if split == "heldout" else ~heldout_mask
+    keep_t = torch.from_numpy(keep)
+    return images[keep_t].clone(), labels[keep_t].clone()
+
+
+class ImageFolder(Dataset):
+    """Every image file under ``root`` (recursively, sorted by path) as a [-1, 1] tensor.
+
+    Images are converted to grayscale (``channels=1``) or RGB (``channels=3``) and resized to
+    ``size`` x ``size`` with bicubic filtering (PIL applies antialiasing when shrinking).
+    Items are tensors (channels, size, size); there are no labels.
+    """
+
+    def __init__(self, root: str | Path, size: int, channels: int = 3):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if size < 1:
+            raise ValueError(f"image size must be positive, got {size}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {str(self.root)!r} does not exist or is not a directory")
+        self.paths = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not self.paths:
+            raise ValueError(
+                f"image folder {str(self.root)!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+            )
+        self.size = size
+        self.channels = channels
+        log.info("image folder %s: %d images, %dx%d, %d channel(s)", self.root, len(self.paths), size, size, channels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        with Image.open(path) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+        if array.ndim == 2:
+            array = array[None]
+        else:
+            array = array.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(array)) * 2.0 - 1.0

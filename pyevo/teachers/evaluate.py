@@ -1,0 +1,163 @@
+"""Quality check of the digits teacher (run as ``python -m pyevo.teachers.digits --evaluate``).
+
+The bar: 1,000 DDIM samples (50 steps, eta 0, seed 0) must have a Fréchet distance to the
+held-out digits of at most 1.5x the real-vs-real floor (1,000 training images drawn with a fixed
+seed vs the same held-out set), and every class must hold 5%-15% of the samples.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pyevo.classifier import accuracy, load_digits_classifier
+from pyevo.data import digits
+from pyevo.metrics import class_coverage, frechet_distance
+from pyevo.sample import ddim_sample, load_unet_and_scheduler
+
+log = logging.getLogger(__name__)
+
+NOTES_HEADING = "## Notes"
+
+
+@dataclass
+class TeacherEvalConfig:
+    n_samples: int = 1000
+    steps: int = 50
+    seed: int = 0
+    floor_seed: int = 0
+    max_fd_ratio: float = 1.5
+    min_class_share: float = 0.05
+    max_class_share: float = 0.15
+
+
+@dataclass
+class TeacherEvalResult:
+    fd_samples: float
+    fd_floor: float
+    fd_ratio: float
+    class_shares: list[float]
+    classifier_heldout_accuracy: float
+    sample_seconds: float
+    total_seconds: float
+    passed: bool
+
+
+def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalConfig()) -> TeacherEvalResult:
+    start = time.perf_counter()
+    unet, scheduler_config = load_unet_and_scheduler(folder)
+    classifier = load_digits_classifier()
+    train_images, _ = digits("train")
+    heldout_images, heldout_labels = digits("heldout")
+
+    if cfg.n_samples > len(train_images):
+        raise ValueError(f"n_samples {cfg.n_samples} exceeds the {len(train_images)} training images the floor draws from")
+    floor_draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.floor_seed))
+    fd_floor = frechet_distance(train_images[floor_draw[:cfg.n_samples]], heldout_images, classifier)
+
+    sample_start = time.perf_counter()
+    samples = ddim_sample(unet, scheduler_config, cfg.n_samples, steps=cfg.steps, seed=cfg.seed)
+    sample_seconds = time.perf_counter() - sample_start
+    fd_samples = frechet_distance(samples, heldout_images, classifier)
+    shares = class_coverage(samples, classifier)
+    ratio = fd_samples / fd_floor
+    passed = ratio <= cfg.max_fd_ratio and all(cfg.min_class_share <= s <= cfg.max_class_share for s in shares)
+    return TeacherEvalResult(
+        fd_samples=fd_samples,
+        fd_floor=fd_floor,
+        fd_ratio=ratio,
+        class_shares=shares,
+        classifier_heldout_accuracy=accuracy(classifier, heldout_images, heldout_labels),
+        sample_seconds=sample_seconds,
+        total_seconds=time.perf_counter() - start,
+        passed=passed,
+    )
+
+
+def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig) -> str:
+    rows = [
+        ("FD samples vs held-out", f"{result.fd_samples:.3f}"),
+        ("FD floor (train draw vs held-out)", f"{result.fd_floor:.3f}"),
+        ("ratio (bar <= %.2f)" % cfg.max_fd_ratio, f"{result.fd_ratio:.3f}"),
+        ("class shares 0..9 (bar %.0f%%-%.0f%%)" % (100 * cfg.min_class_share, 100 * cfg.max_class_share),
+         " ".join(f"{100 * s:.1f}" for s in result.class_shares)),
+        ("classifier held-out accuracy", f"{100 * result.classifier_heldout_accuracy:.2f}%"),
+        (f"sampling seconds ({cfg.n_samples} x {cfg.steps} DDIM steps)", f"{result.sample_seconds:.1f}"),
+        ("evaluation seconds", f"{result.total_seconds:.1f}"),
+        ("bar met", "yes" if result.passed else "NO"),
+    ]
+    lines = ["| metric | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, folder: Path, result: TeacherEvalResult, cfg: TeacherEvalConfig) -> None:
+    """Write the markdown results page (atomically), with the training facts the teacher folder records."""
+    info_path = folder / "training_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    train_cfg = info.get("config", {})
+    last_loss = info.get("loss_history", [{}])[-1].get("loss") if info.get("loss_history") else None
+    shown = {k: v for k, v in train_cfg.items() if k not in ("out", "checkpoint_every", "checkpoint_dir", "log_every")}
+    training_lines = [
+        "- " + ", ".join(f"{k} {v}" for k, v in shown.items()),
+        f"- wall time {info.get('seconds')} s on the shared 2-core development CPU; "
+        f"final mean loss {last_loss if last_loss is None else round(last_loss, 4)}; torch {info.get('torch')}",
+    ] if info else ["- (no training_info.json in the teacher folder)"]
+    text = "\n".join([
+        "# Digits teacher: quality check",
+        "",
+        f"Date: {datetime.date.today().isoformat()}",
+        "",
+        "Commands:",
+        "",
+        "```",
+        "python -m pyevo.classifier             # digits classifier (feature extractor)",
+        "python -m pyevo.teachers.digits        # train the teacher -> pyevo/assets/digits_teacher/",
+        "python -m pyevo.teachers.digits --evaluate",
+        "```",
+        "",
+        f"Teacher: `{folder.name}`",
+        "",
+        "Training:",
+        "",
+        *training_lines,
+        "",
+        f"Evaluation: {cfg.n_samples} DDIM samples ({cfg.steps} steps, eta 0, seed {cfg.seed}) vs the 500 "
+        f"held-out digits, in the digits classifier's 64-d feature space (float64). The floor is "
+        f"{cfg.n_samples} training images (draw seed {cfg.floor_seed}) vs the same held-out set.",
+        "",
+        format_table(result, cfg),
+        "",
+        "Raw:",
+        "",
+        "```json",
+        json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=2),
+        "```",
+        "",
+    ])
+    # A hand-written "## Notes" section of an existing page survives re-evaluation.
+    if path.is_file() and NOTES_HEADING in path.read_text():
+        text += "\n" + NOTES_HEADING + path.read_text().split(NOTES_HEADING, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def evaluate_cli(folder: str, report: str | None, num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+    cfg = TeacherEvalConfig()
+    try:
+        result = evaluate_teacher(folder, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_table(result, cfg))
+    if report:
+        write_report(Path(report), Path(folder), result, cfg)
+        log.info("wrote %s", report)
+    if not result.passed:
+        raise SystemExit("error: the teacher does not meet the quality bar")
