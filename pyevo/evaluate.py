@@ -1,7 +1,7 @@
 """Quality and speed of teacher and student, compared on equal terms.
 
-Samples come from ``DDIMPipeline`` with the same initial noise for both models (same seeds, same
-chunks), so PSNR/SSIM between the two sets measure how closely the student follows the teacher.
+Samples come from ``pyevo.sample.ddim_sample`` with the same seed, hence the same initial noise,
+for both models, so PSNR/SSIM between the two sets measure how closely the student follows the teacher.
 Latency is the whole model timed on the run's device at the deployment batch and dtype.
 """
 from __future__ import annotations
@@ -9,32 +9,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler
 from torch import nn
 
 from pyevo.config import LatencyConfig
 from pyevo.latency import DTYPES, time_call
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def ddim_samples(unet: nn.Module, scheduler_config, count: int, steps: int, seed: int,
-                 chunk: int = 500, progress: bool = False) -> torch.Tensor:
-    """``count`` DDIM samples (eta 0) in [-1, 1], (N, C, H, W) float32 on the CPU.
-
-    Chunk i uses the noise of ``torch.Generator().manual_seed(seed + i)``, so any two models
-    sampled with the same arguments start from the same noise.
-    """
-    pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-    pipeline.set_progress_bar_config(disable=not progress)
-    parts = []
-    for index, start in enumerate(range(0, count, chunk)):
-        generator = torch.Generator(device="cpu").manual_seed(seed + index)
-        images = pipeline(batch_size=min(chunk, count - start), generator=generator, eta=0.0,
-                          num_inference_steps=steps, output_type="pt").images
-        parts.append(images.to("cpu", torch.float32) * 2 - 1)
-    return torch.cat(parts)
 
 
 def model_latency_ms(unet: nn.Module, batch: int, dtype: str, device: str, config: LatencyConfig) -> float:

@@ -26,10 +26,11 @@ import torch
 
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.distill import block_nsr, distill_supernet, heldout_calls
-from pyevo.evaluate import ddim_samples, model_latency_ms, paired_similarity, sample_quality
+from pyevo.evaluate import model_latency_ms, paired_similarity, sample_quality
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from pyevo.sample import ddim_sample
 from pyevo.search.local import BlockSearchResult, search_block
 from pyevo.search.select import BudgetError, select_block_budget, select_budget, select_diffnas
 from pyevo.space import BlockSpace, encode_network, unet_space
@@ -62,7 +63,7 @@ def load_images(config: RunConfig, teacher, scheduler) -> tuple[torch.Tensor, to
         # Inputs generated from the teacher's own sampling trajectories, for users without its data.
         count = 4 * config.search.heldout_size
         log.info("data-free: sampling %d images from the teacher", count)
-        images = ddim_samples(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919)
+        images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False)
         split = count - config.search.heldout_size
         return images[:split], images[split:], None
     from pyevo.data import ImageFolder
@@ -291,8 +292,8 @@ def _evaluate(config, teacher, student, scheduler, reference, folder: Path, prog
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
         model.to(config.device)
-        samples[name] = ddim_samples(model, scheduler.config, config.evaluate.num_samples,
-                                     config.evaluate.ddim_steps, config.seed, progress=progress)
+        samples[name] = ddim_sample(model, scheduler.config, config.evaluate.num_samples,
+                                    config.evaluate.ddim_steps, config.seed, progress=progress)
         model.to("cpu")
         out[name] = {"macs": count_macs(model, probe, steps), "params": count_params(model),
                      "latency_ms": model_latency_ms(model, config.batch, config.dtype, config.device, config.latency),

@@ -57,12 +57,14 @@ def ddim_sample(
     unet.eval()
     outputs = []
     bar = tqdm(total=steps * math.ceil(n / batch_size), desc="ddim", disable=not progress, mininterval=2.0)
+    device = next(unet.parameters()).device
     for x in noise.split(batch_size):
+        x = x.to(device)  # the noise is drawn on the CPU, so every device gets the same samples
         for t in scheduler.timesteps:
             eps = unet(x, t).sample
             x = scheduler.step(eps, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
-        outputs.append(x.clamp(-1.0, 1.0))
+        outputs.append(x.clamp(-1.0, 1.0).cpu())
     bar.close()
     unet.train(was_training)
     return torch.cat(outputs)
