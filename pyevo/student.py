@@ -35,6 +35,13 @@ SEARCHED_CHILDREN = ("down_blocks", "mid_block", "up_blocks")
 
 
 # ------------------------------------------------------------ static layers
+def _shortcut_conv(config: ResnetConfig) -> nn.Conv2d | None:
+    """The teacher resnet's 1x1 shortcut conv, shaped (weights loaded later), or None for identity."""
+    if not config.has_shortcut:
+        return None
+    return nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.shortcut_bias)
+
+
 class SlimResnetBlock2D(nn.Module):
     """diffusers' ResnetBlock2D computation with its own kernels and hidden width.
 
@@ -58,9 +65,7 @@ class SlimResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.conv2 = nn.Conv2d(hidden, config.out_channels, arch.kernel2, padding=arch.kernel2 // 2)
         self.nonlinearity = nn.SiLU()
-        self.conv_shortcut = None
-        if config.has_shortcut:
-            self.conv_shortcut = nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.shortcut_bias)
+        self.conv_shortcut = _shortcut_conv(config)
         self.upsample = upsample
         self.downsample = downsample
 
@@ -98,9 +103,7 @@ class ShortcutOnly(nn.Module):
     def __init__(self, config: ResnetConfig, upsample: Callable | None = None, downsample: Callable | None = None):
         super().__init__()
         self.output_scale_factor = config.output_scale_factor
-        self.conv_shortcut = None
-        if config.has_shortcut:
-            self.conv_shortcut = nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.shortcut_bias)
+        self.conv_shortcut = _shortcut_conv(config)
         self.upsample = upsample
         self.downsample = downsample
 
