@@ -101,3 +101,24 @@ def test_training_script_writes_a_loadable_teacher(tmp_path):
     unet.save_pretrained(tmp_path / "bare_unet")
     bare_unet, scheduler_config = load_unet_and_scheduler(tmp_path / "bare_unet")
     assert scheduler_config["beta_schedule"] == scheduler.config.beta_schedule
+
+
+def test_iid_reference_draws_are_multinomial_draws_without_repeats():
+    from pyevo.teachers.evaluate import TeacherEvalConfig, _balanced_index, iid_reference_draws
+
+    images, labels = digits("train")
+    heldout_labels = digits("heldout")[1]
+    # Tag each training image with its index so draws can be traced back.
+    tagged = torch.arange(len(images))
+    cfg = TeacherEvalConfig(n_samples=300, reference_draws=3)
+    draws = list(iid_reference_draws(tagged, labels, heldout_labels, cfg))
+    assert len(draws) == 3
+    counts = []
+    for draw in draws:
+        assert len(draw) == 300 and len(set(draw.tolist())) == 300  # no image twice in one draw
+        counts.append(torch.bincount(labels[draw], minlength=10))
+    # Independent class draws: the counts vary between draws (a stratified draw would not).
+    assert not torch.equal(counts[0], counts[1]) or not torch.equal(counts[1], counts[2])
+    assert all(int(c.sum()) == 300 for c in counts)
+    balanced = _balanced_index(labels, 7, seed=0)
+    assert torch.equal(torch.bincount(labels[balanced], minlength=10), torch.full((10,), 7))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ class TeacherEvalConfig:
     max_fd_ratio: float = 1.5
     min_class_share: float = 0.05
     max_class_share: float = 0.15
+    reference_draws: int = 16  # i.i.d. reference draws
+    balanced_per_class: int = 70  # class-balanced FD: images per class
 
 
 @dataclass
@@ -43,6 +46,9 @@ class TeacherEvalResult:
     fd_ratio: float
     class_shares: list[float]
     classifier_heldout_accuracy: float
+    fd_iid_reference: list[float]  # one per draw, sorted
+    fd_balanced_samples: float
+    fd_balanced_train: float
     sample_seconds: float
     total_seconds: float
     passed: bool
@@ -65,6 +71,14 @@ def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalCon
     sample_seconds = time.perf_counter() - sample_start
     fd_samples = frechet_distance(samples, heldout_images, classifier)
     shares = class_coverage(samples, classifier)
+    train_labels = digits("train")[1]
+    iid = sorted(frechet_distance(draw, heldout_images, classifier)
+                 for draw in iid_reference_draws(train_images, train_labels, heldout_labels, cfg))
+    sample_labels = classifier.predict(samples)
+    fd_balanced_samples = frechet_distance(
+        samples[_balanced_index(sample_labels, cfg.balanced_per_class, cfg.seed)], heldout_images, classifier)
+    fd_balanced_train = frechet_distance(
+        train_images[_balanced_index(train_labels, cfg.balanced_per_class, cfg.floor_seed)], heldout_images, classifier)
     ratio = fd_samples / fd_floor
     passed = ratio <= cfg.max_fd_ratio and all(cfg.min_class_share <= s <= cfg.max_class_share for s in shares)
     return TeacherEvalResult(
@@ -73,10 +87,41 @@ def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalCon
         fd_ratio=ratio,
         class_shares=shares,
         classifier_heldout_accuracy=accuracy(classifier, heldout_images, heldout_labels),
+        fd_iid_reference=iid,
+        fd_balanced_samples=fd_balanced_samples,
+        fd_balanced_train=fd_balanced_train,
         sample_seconds=sample_seconds,
         total_seconds=time.perf_counter() - start,
         passed=passed,
     )
+
+
+def iid_reference_draws(train_images: torch.Tensor, train_labels: torch.Tensor, heldout_labels: torch.Tensor,
+                        cfg: TeacherEvalConfig):
+    """``cfg.reference_draws`` sets of ``cfg.n_samples`` training images with multinomial class counts."""
+    shares = torch.bincount(heldout_labels, minlength=10).double()
+    gen = torch.Generator().manual_seed(cfg.floor_seed + 1)
+    by_class = [torch.nonzero(train_labels == k).flatten() for k in range(len(shares))]
+    for _ in range(cfg.reference_draws):
+        counts = torch.bincount(torch.multinomial(shares, cfg.n_samples, replacement=True, generator=gen),
+                                minlength=len(shares))
+        picks = []
+        for members, count in zip(by_class, counts.tolist()):
+            if count > len(members):
+                raise ValueError(f"an i.i.d. draw needs {count} training images of one class, "
+                                 f"which has only {len(members)}; lower n_samples")
+            picks.append(members[torch.randperm(len(members), generator=gen)[:count]])
+        yield train_images[torch.cat(picks)]
+
+
+def _balanced_index(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """``per_class`` indices of each label (fewer where a class has fewer), in a seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for k in range(int(labels.max()) + 1):
+        members = torch.nonzero(labels == k).flatten()
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picks)
 
 
 def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig) -> str:
@@ -86,6 +131,13 @@ def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig) -> str:
         ("ratio (bar <= %.2f)" % cfg.max_fd_ratio, f"{result.fd_ratio:.3f}"),
         ("class shares 0..9 (bar %.0f%%-%.0f%%)" % (100 * cfg.min_class_share, 100 * cfg.max_class_share),
          " ".join(f"{100 * s:.1f}" for s in result.class_shares)),
+        (f"i.i.d. reference FD, {len(result.fd_iid_reference)} draws: median (min-max)",
+         f"{statistics.median(result.fd_iid_reference):.3f} ({result.fd_iid_reference[0]:.3f}-{result.fd_iid_reference[-1]:.3f})"),
+        ("i.i.d. reference: median ratio to the floor; share of draws within the bar",
+         f"{statistics.median(result.fd_iid_reference) / result.fd_floor:.3f}; "
+         f"{sum(fd <= cfg.max_fd_ratio * result.fd_floor for fd in result.fd_iid_reference)}/{len(result.fd_iid_reference)}"),
+        (f"class-balanced FD ({cfg.balanced_per_class} per class): samples / training images",
+         f"{result.fd_balanced_samples:.3f} / {result.fd_balanced_train:.3f}"),
         ("classifier held-out accuracy", f"{100 * result.classifier_heldout_accuracy:.2f}%"),
         (f"sampling seconds ({cfg.n_samples} x {cfg.steps} DDIM steps)", f"{result.sample_seconds:.1f}"),
         ("evaluation seconds", f"{result.total_seconds:.1f}"),
