@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace pyevo {
 namespace {
 
@@ -39,10 +41,11 @@ void check_prefix_bias(const char* op, const at::Tensor& reference, const char* 
 
 }  // namespace
 
-void check_shared_conv2d(const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, int64_t out_channels,
-                         int64_t kernel_size, int64_t stride) {
-  constexpr const char* op = "pyevo::shared_conv2d";
+namespace {
+
+void check_conv2d_as(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t out_channels,
+                     int64_t kernel_size, int64_t stride) {
   check_rank(op, input, "input", 4, "(N, C_in, H, W)");
   check_rank(op, weight, "weight", 4, "(C_out_max, C_in_max, K, K)");
   check_floating(op, input, "input");
@@ -68,6 +71,14 @@ void check_shared_conv2d(const at::Tensor& input, const at::Tensor& weight,
   check_prefix_bias(op, input, "input", bias, "bias", out_channels);
 }
 
+}  // namespace
+
+void check_shared_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, int64_t out_channels,
+                         int64_t kernel_size, int64_t stride) {
+  check_conv2d_as("pyevo::shared_conv2d", input, weight, bias, out_channels, kernel_size, stride);
+}
+
 void check_shared_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   int64_t out_channels, int64_t kernel_size, int64_t stride) {
@@ -81,9 +92,10 @@ void check_shared_conv2d_backward(const at::Tensor& grad_output, const at::Tenso
               grad_output.sizes(), " but the forward output has shape ", at::IntArrayRef(expected));
 }
 
-void check_shared_group_norm_silu(const at::Tensor& input, const at::Tensor& weight,
-                                  const at::Tensor& bias, int64_t channels_per_group, double eps) {
-  constexpr const char* op = "pyevo::shared_group_norm_silu";
+namespace {
+
+void check_group_norm_silu_as(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                              const at::Tensor& bias, int64_t channels_per_group, double eps) {
   TORCH_CHECK(input.dim() >= 2, op, ": input must be (N, C, *spatial) with at least 2 dims, got ",
               input.dim(), "-D tensor of shape ", input.sizes());
   check_floating(op, input, "input");
@@ -104,6 +116,14 @@ void check_shared_group_norm_silu(const at::Tensor& input, const at::Tensor& wei
   TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
 }
 
+}  // namespace
+
+void check_shared_group_norm_silu(const at::Tensor& input, const at::Tensor& weight,
+                                  const at::Tensor& bias, int64_t channels_per_group, double eps) {
+  check_group_norm_silu_as("pyevo::shared_group_norm_silu", input, weight, bias,
+                           channels_per_group, eps);
+}
+
 void check_shared_group_norm_silu_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                            const at::Tensor& weight, const at::Tensor& bias,
                                            int64_t channels_per_group, double eps) {
@@ -114,14 +134,15 @@ void check_shared_group_norm_silu_backward(const at::Tensor& grad_output, const 
               grad_output.sizes(), " but input has shape ", input.sizes());
 }
 
-void check_shared_attention(const at::Tensor& hidden_states,
-                            const std::optional<at::Tensor>& encoder_hidden_states,
-                            const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias,
-                            const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias,
-                            const at::Tensor& v_weight, const std::optional<at::Tensor>& v_bias,
-                            const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
-                            int64_t heads, int64_t head_dim) {
-  constexpr const char* op = "pyevo::shared_attention";
+namespace {
+
+void check_attention_as(const char* op, const at::Tensor& hidden_states,
+                        const std::optional<at::Tensor>& encoder_hidden_states,
+                        const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias,
+                        const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias,
+                        const at::Tensor& v_weight, const std::optional<at::Tensor>& v_bias,
+                        const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
+                        int64_t heads, int64_t head_dim) {
   check_rank(op, hidden_states, "hidden_states", 3, "(B, S, C)");
   check_floating(op, hidden_states, "hidden_states");
   TORCH_CHECK(heads >= 1, op, ": heads must be >= 1, got ", heads);
@@ -173,6 +194,101 @@ void check_shared_attention(const at::Tensor& hidden_states,
     check_prefix_bias(op, hidden_states, "hidden_states", out_bias, "out_bias", channels);
     TORCH_CHECK(out_bias->size(0) == channels, op, ": out_bias has ", out_bias->size(0),
                 " entries but hidden_states has ", channels, " channels");
+  }
+}
+
+}  // namespace
+
+void check_shared_attention(const at::Tensor& hidden_states,
+                            const std::optional<at::Tensor>& encoder_hidden_states,
+                            const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias,
+                            const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias,
+                            const at::Tensor& v_weight, const std::optional<at::Tensor>& v_bias,
+                            const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
+                            int64_t heads, int64_t head_dim) {
+  check_attention_as("pyevo::shared_attention", hidden_states, encoder_hidden_states, q_weight,
+                     q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, heads,
+                     head_dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Population ops: the list arguments, then every candidate as its single op would check it (the
+// message names the candidate).
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+std::string candidate_op(const char* op, size_t index) {
+  return std::string(op) + " (candidate " + std::to_string(index) + ")";
+}
+
+void check_input_list(const char* op, const char* name, size_t inputs, size_t candidates) {
+  TORCH_CHECK(candidates >= 1, op, ": no candidates (the per-candidate lists are empty)");
+  TORCH_CHECK(inputs == 1 || inputs == candidates, op, ": ", name, " must hold one tensor "
+              "(shared by every candidate) or one per candidate (", candidates, "), got ",
+              inputs);
+}
+
+}  // namespace
+
+void check_population_conv2d(at::TensorList inputs, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef in_channels, at::IntArrayRef out_channels,
+                             at::IntArrayRef kernel_sizes, int64_t stride) {
+  constexpr const char* op = "pyevo::population_conv2d";
+  const size_t count = out_channels.size();
+  check_input_list(op, "inputs", inputs.size(), count);
+  TORCH_CHECK(kernel_sizes.size() == count, op, ": kernel_sizes has ", kernel_sizes.size(),
+              " entries but out_channels has ", count);
+  TORCH_CHECK(in_channels.empty() || in_channels.size() == count, op, ": in_channels has ",
+              in_channels.size(), " entries; give one per candidate (", count,
+              ") or none (each candidate reads all its input's channels)");
+  for (size_t i = 0; i < count; ++i) {
+    const std::string who = candidate_op(op, i);
+    const at::Tensor& input = inputs.size() == 1 ? inputs[0] : inputs[i];
+    check_rank(who.c_str(), input, "input", 4, "(N, C, H, W)");
+    at::Tensor used = input;
+    if (!in_channels.empty()) {
+      TORCH_CHECK(in_channels[i] >= 1 && in_channels[i] <= input.size(1), who,
+                  ": in_channels must be in [1, ", input.size(1), "] (the input's channels), got ",
+                  in_channels[i]);
+      used = input.narrow(1, 0, in_channels[i]);
+    }
+    check_conv2d_as(who.c_str(), used, weight, bias, out_channels[i], kernel_sizes[i], stride);
+  }
+}
+
+void check_population_group_norm_silu(at::TensorList inputs, const at::Tensor& weight,
+                                      const at::Tensor& bias, int64_t channels_per_group,
+                                      double eps) {
+  constexpr const char* op = "pyevo::population_group_norm_silu";
+  TORCH_CHECK(!inputs.empty(), op, ": no inputs");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    check_group_norm_silu_as(candidate_op(op, i).c_str(), inputs[i], weight, bias,
+                             channels_per_group, eps);
+  }
+}
+
+void check_population_attention(at::TensorList hidden_states, const at::Tensor& q_weight,
+                                const std::optional<at::Tensor>& q_bias,
+                                const at::Tensor& k_weight,
+                                const std::optional<at::Tensor>& k_bias,
+                                const at::Tensor& v_weight,
+                                const std::optional<at::Tensor>& v_bias,
+                                const at::Tensor& out_weight,
+                                const std::optional<at::Tensor>& out_bias, at::IntArrayRef heads,
+                                int64_t head_dim) {
+  constexpr const char* op = "pyevo::population_attention";
+  const size_t count = heads.size();
+  check_input_list(op, "hidden_states", hidden_states.size(), count);
+  for (size_t i = 0; i < count; ++i) {
+    const std::string who = candidate_op(op, i);
+    const at::Tensor& x = hidden_states.size() == 1 ? hidden_states[0] : hidden_states[i];
+    check_attention_as(who.c_str(), x, std::nullopt, q_weight, q_bias, k_weight, k_bias, v_weight,
+                       v_bias, out_weight, out_bias, heads[i], head_dim);
+    TORCH_CHECK(x.size(0) == hidden_states[0].size(0), who, ": hidden_states has batch size ",
+                x.size(0), " but candidate 0's has ", hidden_states[0].size(0),
+                "; every candidate's input must have the same batch size");
   }
 }
 

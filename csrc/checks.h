@@ -43,6 +43,28 @@ void check_shared_attention(const at::Tensor& hidden_states,
                             const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias,
                             int64_t heads, int64_t head_dim);
 
+// Population ops (csrc/ops.cpp): the list arguments (one input or one per candidate; list
+// lengths agree), then each candidate as its single op checks it; messages name the candidate.
+void check_population_conv2d(at::TensorList inputs, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef in_channels, at::IntArrayRef out_channels,
+                             at::IntArrayRef kernel_sizes, int64_t stride);
+
+void check_population_group_norm_silu(at::TensorList inputs, const at::Tensor& weight,
+                                      const at::Tensor& bias, int64_t channels_per_group,
+                                      double eps);
+
+// Self-attention only; every candidate's input has the same batch size; heads[i] >= 1.
+void check_population_attention(at::TensorList hidden_states, const at::Tensor& q_weight,
+                                const std::optional<at::Tensor>& q_bias,
+                                const at::Tensor& k_weight,
+                                const std::optional<at::Tensor>& k_bias,
+                                const at::Tensor& v_weight,
+                                const std::optional<at::Tensor>& v_bias,
+                                const at::Tensor& out_weight,
+                                const std::optional<at::Tensor>& out_bias, at::IntArrayRef heads,
+                                int64_t head_dim);
+
 // Spatial output size of shared_conv2d along one dimension (padding kernel_size / 2).
 inline int64_t shared_conv2d_output_size(int64_t input_size, int64_t kernel_size, int64_t stride) {
   return (input_size + 2 * (kernel_size / 2) - kernel_size) / stride + 1;

@@ -45,4 +45,29 @@ TORCH_LIBRARY(pyevo, m) {
       "Tensor? encoder_hidden_states, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
       "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor out_weight, Tensor? out_bias, "
       "int heads, int head_dim) -> Tensor[]");
+
+  // Population ops: K candidates of one layer in one call (one kernel launch on CUDA), for the
+  // search's batched evaluation. Forward only (the search evaluates candidates, it does not train
+  // them): their autograd formula raises. Candidate i's output is the single op's output for
+  // candidate i's arguments; on the CPU they are exactly a loop over the single op.
+  //  * population_conv2d: `inputs` holds one tensor shared by every candidate (a block's first
+  //    layer) or one per candidate. Candidate i reads the first in_channels[i] channels of its
+  //    input (all of them when in_channels is empty) and computes
+  //    shared_conv2d(input[:, :in_channels[i]], weight, bias, out_channels[i], kernel_sizes[i],
+  //    stride).
+  m.def(
+      "population_conv2d(Tensor[] inputs, Tensor weight, Tensor? bias, int[] in_channels, "
+      "int[] out_channels, int[] kernel_sizes, int stride=1) -> Tensor[]");
+  //  * population_group_norm_silu: shared_group_norm_silu of every input (each its own channel
+  //    count) with the same shared affine parameters.
+  m.def(
+      "population_group_norm_silu(Tensor[] inputs, Tensor weight, Tensor bias, "
+      "int channels_per_group, float eps) -> Tensor[]");
+  //  * population_attention: self-attention; candidate i keeps the first heads[i] heads.
+  //    `hidden_states` holds one (B, S, C) tensor shared by every candidate or one per candidate
+  //    (all with the same batch size B).
+  m.def(
+      "population_attention(Tensor[] hidden_states, Tensor q_weight, Tensor? q_bias, "
+      "Tensor k_weight, Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor out_weight, "
+      "Tensor? out_bias, int[] heads, int head_dim) -> Tensor[]");
 }

@@ -9,8 +9,14 @@ The schemas and the CPU/CUDA kernels live in C++ (``csrc/``); this module regist
   used: several sub-networks that share one weight then simply add their gradients into it.
 
 It also exposes typed wrappers (:func:`shared_conv2d`, :func:`shared_group_norm_silu`,
-:func:`shared_attention`). ``import pyevo`` imports this module, so ``torch.ops.pyevo.*`` is
-fully usable after it.
+:func:`shared_attention`, and the population ops :func:`population_conv2d`,
+:func:`population_group_norm_silu`, :func:`population_attention`). ``import pyevo`` imports this
+module, so ``torch.ops.pyevo.*`` is fully usable after it.
+
+The population ops evaluate K candidates of one layer in one call (one kernel launch on CUDA)
+for the search, which scores candidates and never trains them: they are **forward only**. Their
+autograd formula raises a clear error if a gradient is ever asked for (train a candidate through
+the single-candidate ops instead).
 
 Conventions of the backward ops: they return a fixed number of tensors; a gradient that does not
 exist (an absent optional input) or was not asked for comes back as an empty ``(0,)`` tensor,
@@ -25,7 +31,8 @@ from torch import Tensor
 
 from pyevo import _C  # noqa: F401  (loads the library that defines the ops)
 
-__all__ = ["shared_conv2d", "shared_group_norm_silu", "shared_attention"]
+__all__ = ["shared_conv2d", "shared_group_norm_silu", "shared_attention", "population_conv2d",
+           "population_group_norm_silu", "population_attention"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +116,59 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
         out_weight, out_bias, heads, head_dim)
 
 
+def population_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor],
+                      in_channels: Sequence[int], out_channels: Sequence[int],
+                      kernel_sizes: Sequence[int], stride: int = 1) -> list[Tensor]:
+    """:func:`shared_conv2d` for K candidates of one layer at once (forward only).
+
+    Candidate ``i`` computes ``shared_conv2d(x[:, :in_channels[i]], weight, bias,
+    out_channels[i], kernel_sizes[i], stride)`` where ``x`` is ``inputs[0]`` (one input shared by
+    every candidate, a block's first layer) or ``inputs[i]`` (one input per candidate). An empty
+    ``in_channels`` means every candidate reads all of its input's channels. On CUDA all
+    candidates run in one launch of a grouped implicit GEMM; on the CPU this is a loop over
+    :func:`shared_conv2d`.
+
+    Returns:
+        K contiguous tensors ``(N, out_channels[i], H_out_i, W_out_i)``.
+    """
+    return torch.ops.pyevo.population_conv2d.default(list(inputs), weight, bias, list(in_channels),
+                                                     list(out_channels), list(kernel_sizes),
+                                                     stride)
+
+
+def population_group_norm_silu(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor,
+                               channels_per_group: int, eps: float) -> list[Tensor]:
+    """:func:`shared_group_norm_silu` of every input (each with its own channel count) with the
+    same shared affine parameters; one launch on CUDA. Forward only.
+
+    Returns:
+        One contiguous tensor per input, of its shape.
+    """
+    return torch.ops.pyevo.population_group_norm_silu.default(list(inputs), weight, bias,
+                                                              channels_per_group, eps)
+
+
+def population_attention(hidden_states: Sequence[Tensor], q_weight: Tensor,
+                         q_bias: Optional[Tensor], k_weight: Tensor, k_bias: Optional[Tensor],
+                         v_weight: Tensor, v_bias: Optional[Tensor], out_weight: Tensor,
+                         out_bias: Optional[Tensor], heads: Sequence[int],
+                         head_dim: int) -> list[Tensor]:
+    """Self-attention :func:`shared_attention` for K head-prefix candidates (forward only).
+
+    Candidate ``i`` keeps the first ``heads[i]`` heads. ``hidden_states`` holds one ``(B, S, C)``
+    tensor shared by every candidate, or one per candidate (same ``B``). With a shared input the
+    CUDA op projects and attends once, for the most heads any candidate keeps (a head's output
+    does not depend on the other heads), and sums each candidate's output projection over head
+    ranges; with per-candidate inputs every attention core runs in one launch.
+
+    Returns:
+        K contiguous ``(B, S, C)`` tensors.
+    """
+    return torch.ops.pyevo.population_attention.default(
+        list(hidden_states), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
+        out_bias, list(heads), head_dim)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels: output metadata only. The real kernels validate their inputs; these
 # check what the output shapes depend on, so a bad call fails at trace time too.
@@ -189,6 +249,53 @@ def _shared_attention_backward_fake(grad_output, hidden_states, encoder_hidden_s
                                        k_weight, k_bias, v_weight, v_bias, out_weight, out_bias)]
 
 
+@torch.library.register_fake("pyevo::population_conv2d")
+def _population_conv2d_fake(inputs, weight, bias, in_channels, out_channels, kernel_sizes,
+                            stride=1):
+    count = len(out_channels)
+    torch._check(count >= 1, lambda: "pyevo::population_conv2d: no candidates")
+    torch._check(len(inputs) in (1, count) and len(kernel_sizes) == count
+                 and len(in_channels) in (0, count),
+                 lambda: "pyevo::population_conv2d: list lengths do not match the candidates")
+    outputs = []
+    for i in range(count):
+        x = inputs[0] if len(inputs) == 1 else inputs[i]
+        k = kernel_sizes[i]
+        torch._check(x.dim() == 4, lambda: "pyevo::population_conv2d: inputs must be 4-D")
+        torch._check(k % 2 == 1 and k <= weight.shape[2],
+                     lambda: f"pyevo::population_conv2d: bad kernel_size {k}")
+        outputs.append(x.new_empty((x.shape[0], out_channels[i],
+                                    _conv2d_output_size(x.shape[2], k, stride),
+                                    _conv2d_output_size(x.shape[3], k, stride))))
+    return outputs
+
+
+@torch.library.register_fake("pyevo::population_group_norm_silu")
+def _population_group_norm_silu_fake(inputs, weight, bias, channels_per_group, eps):
+    torch._check(len(inputs) >= 1, lambda: "pyevo::population_group_norm_silu: no inputs")
+    for x in inputs:
+        torch._check(x.dim() >= 2 and x.shape[1] % channels_per_group == 0,
+                     lambda: "pyevo::population_group_norm_silu: input channels are not "
+                             "divisible by channels_per_group")
+    return [x.new_empty(x.shape) for x in inputs]
+
+
+@torch.library.register_fake("pyevo::population_attention")
+def _population_attention_fake(hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight,
+                               v_bias, out_weight, out_bias, heads, head_dim):
+    count = len(heads)
+    torch._check(count >= 1 and len(hidden_states) in (1, count),
+                 lambda: "pyevo::population_attention: hidden_states must hold one tensor or one "
+                         "per candidate")
+    outputs = []
+    for i in range(count):
+        x = hidden_states[0] if len(hidden_states) == 1 else hidden_states[i]
+        torch._check(x.dim() == 3, lambda: "pyevo::population_attention: hidden_states must be "
+                                           "(B, S, C)")
+        outputs.append(x.new_empty(x.shape))
+    return outputs
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd: each forward saves only its inputs; its backward op recomputes what it needs
 # (shared_group_norm_silu: the group statistics, one extra pass over data the backward reads
@@ -254,3 +361,21 @@ def _shared_attention_backward(ctx, grad_output):
 
 torch.library.register_autograd("pyevo::shared_attention", _shared_attention_backward,
                                 setup_context=_shared_attention_setup_context)
+
+
+# The population ops are forward only: the search evaluates candidates with them and never
+# trains through them. Asking for a gradient is an error that says what to do instead.
+def _forward_only(name: str):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"pyevo::{name} is forward only (it evaluates search candidates and has "
+                           "no backward); to train a candidate, call the single-candidate op "
+                           f"(pyevo::{name.replace('population_', 'shared_')}) for it")
+
+    torch.library.register_autograd(f"pyevo::{name}", backward, setup_context=setup_context)
+
+
+for _name in ("population_conv2d", "population_group_norm_silu", "population_attention"):
+    _forward_only(_name)

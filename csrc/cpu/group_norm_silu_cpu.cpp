@@ -1,5 +1,6 @@
 // CPU kernels of pyevo::shared_group_norm_silu (forward and backward): GroupNorm over the first
-// C channels of shared affine parameters, fused with SiLU. The loops, and how they split the
+// C channels of shared affine parameters, fused with SiLU; and of
+// pyevo::population_group_norm_silu, a loop over the forward. The loops, and how they split the
 // work and keep precision, are in group_norm_silu_kernel_impl.h; this file compiles them for three
 // instruction sets, picks one at run time, and wraps them as the op's CPU kernels.
 #include <ATen/ATen.h>
@@ -156,11 +157,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_group_norm_silu_backward_c
   return {grad_input, grad_weight, grad_bias};
 }
 
+// The population op on the CPU: a loop over the single op (the CUDA kernel's reference).
+std::vector<at::Tensor> population_group_norm_silu_cpu(at::TensorList inputs,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& bias,
+                                                       int64_t channels_per_group, double eps) {
+  check_population_group_norm_silu(inputs, weight, bias, channels_per_group, eps);
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(inputs.size());
+  for (const at::Tensor& input : inputs) {
+    outputs.push_back(shared_group_norm_silu_cpu(input, weight, bias, channels_per_group, eps));
+  }
+  return outputs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyevo, CPU, m) {
   m.impl("shared_group_norm_silu", &shared_group_norm_silu_cpu);
   m.impl("shared_group_norm_silu_backward", &shared_group_norm_silu_backward_cpu);
+  m.impl("population_group_norm_silu", &population_group_norm_silu_cpu);
 }
 
 }  // namespace pyevo

@@ -4,9 +4,11 @@
 //  * backward: recomputes the projections, then runs ATen's CPU flash-attention forward (for the
 //    output and its log-sum-exp) and backward, which never materialise the attention matrix;
 //    the chain rule through the projections is shared with the CUDA backward.
+//  * population_attention: a loop over the forward, one candidate at a time.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "composite_kernels.h"
 
 namespace pyevo {
@@ -40,11 +42,32 @@ std::vector<at::Tensor> shared_attention_backward_cpu(
                                         heads, head_dim);
 }
 
+// The population op on the CPU: a loop over the single op (the CUDA kernel's reference).
+std::vector<at::Tensor> population_attention_cpu(
+    at::TensorList hidden_states, const at::Tensor& q_weight,
+    const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,
+    const std::optional<at::Tensor>& k_bias, const at::Tensor& v_weight,
+    const std::optional<at::Tensor>& v_bias, const at::Tensor& out_weight,
+    const std::optional<at::Tensor>& out_bias, at::IntArrayRef heads, int64_t head_dim) {
+  check_population_attention(hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                             out_weight, out_bias, heads, head_dim);
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(heads.size());
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const at::Tensor& x = hidden_states.size() == 1 ? hidden_states[0] : hidden_states[i];
+    outputs.push_back(shared_attention_composite(x, std::nullopt, q_weight, q_bias, k_weight,
+                                                 k_bias, v_weight, v_bias, out_weight, out_bias,
+                                                 heads[i], head_dim));
+  }
+  return outputs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyevo, CPU, m) {
   m.impl("shared_attention", &shared_attention_composite);
   m.impl("shared_attention_backward", &shared_attention_backward_cpu);
+  m.impl("population_attention", &population_attention_cpu);
 }
 
 }  // namespace pyevo

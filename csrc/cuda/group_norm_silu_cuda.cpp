@@ -1,10 +1,12 @@
-// CUDA kernels of pyevo::shared_group_norm_silu.
-//  * forward: our fused kernel (kernels/group_norm_silu.cu).
-//  * backward: for now the ATen composite shared_group_norm_silu_backward_composite
-//    (csrc/composite_kernels.cpp): at::native_group_norm recomputes the normalised values and
-//    statistics, the SiLU derivative is applied elementwise, and at::native_group_norm_backward
-//    does the rest; gradients of the shared parameters are scattered into full-length zeros.
-//    About four more passes over memory than a fused backward would need.
+// CUDA kernels of pyevo::shared_group_norm_silu and pyevo::population_group_norm_silu
+// (kernels/group_norm_silu.cu).
+//  * forward: one block per (sample, group) slab; statistics, then normalise + SiLU. The
+//    population op runs every input's slabs in ONE launch (a descriptor table per input).
+//  * backward: one fused kernel per slab: the statistics, then per-channel sums of dz and
+//    dz * xhat (deterministic, no atomics), then one elementwise pass for grad_input; the
+//    per-sample affine gradients are summed over the batch with at::sum. Groups wider than the
+//    kernel's shared memory allows (more than ~2,500 channels per group) use the ATen composite
+//    shared_group_norm_silu_backward_composite instead.
 #include <ATen/ATen.h>
 // The c10 stream and guard headers, not ATen/cuda/CUDAContext.h: that one needs the cuBLAS and
 // cuSPARSE headers, which a bare CUDA toolkit (like the build machine's) lacks.
@@ -12,64 +14,71 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "composite_kernels.h"
-#include "group_norm_silu.h"
+#include "device_table.h"
+#include "group_norm_runner.h"
 
 namespace pyevo {
 namespace {
 
-cuda::GroupNormSiluDtype kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::GroupNormSiluDtype::kFloat32;
-    case at::kDouble: return cuda::GroupNormSiluDtype::kFloat64;
-    case at::kHalf: return cuda::GroupNormSiluDtype::kFloat16;
-    case at::kBFloat16: return cuda::GroupNormSiluDtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, "pyevo::shared_group_norm_silu: CUDA supports float32, float64, float16 ",
-                  "and bfloat16 inputs, got ", type);
-  }
+void check_on_cuda(const at::Tensor& tensor, const char* op) {
+  TORCH_CHECK(tensor.is_cuda(), op, ": the CUDA kernel got a tensor on ", tensor.device());
+}
+
+group_norm_runner::TableUpload uploader(const at::Device& device) {
+  return [device](const void* data, int64_t bytes) { return upload_table(data, bytes, device); };
 }
 
 at::Tensor shared_group_norm_silu_cuda(const at::Tensor& input, const at::Tensor& weight,
                                        const at::Tensor& bias, int64_t channels_per_group,
                                        double eps) {
-  check_shared_group_norm_silu(input, weight, bias, channels_per_group, eps);
   constexpr const char* op = "pyevo::shared_group_norm_silu";
-  TORCH_CHECK(input.is_cuda(), op, ": the CUDA kernel got a tensor on ", input.device());
+  check_shared_group_norm_silu(input, weight, bias, channels_per_group, eps);
+  check_on_cuda(input, op);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const int64_t batch = input.size(0);
-  const int64_t channels = input.size(1);
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  if (input.numel() == 0) return output;
-  const int64_t spatial = input.numel() / (batch * channels);
-  const int64_t groups = channels / channels_per_group;
-  // The kernel indexes within a slab with 32-bit ints and launches one block per slab.
-  TORCH_CHECK(channels_per_group * spatial <= std::numeric_limits<int32_t>::max(), op,
-              ": a group of ", channels_per_group, " channels x ", spatial,
-              " values is too large for the CUDA kernel");
-  TORCH_CHECK(batch * groups <= std::numeric_limits<int32_t>::max(), op, ": ", batch, " x ",
-              groups, " groups is too many for the CUDA kernel");
+  return group_norm_runner::forward({input}, weight, bias, channels_per_group, eps,
+                                    c10::cuda::getCurrentCUDAStream(), uploader(input.device()),
+                                    op)
+      .front();
+}
 
-  const at::Tensor x = input.contiguous();
-  const at::Tensor gamma = weight.narrow(0, 0, channels).contiguous();
-  const at::Tensor beta = bias.narrow(0, 0, channels).contiguous();
-  const cudaError_t status = cuda::launch_group_norm_silu_forward(
-      kernel_dtype(input.scalar_type()), x.const_data_ptr(), gamma.const_data_ptr(),
-      beta.const_data_ptr(), output.mutable_data_ptr(), batch, channels, spatial,
-      channels_per_group, eps, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(status));
-  return output;
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_group_norm_silu_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bias, int64_t channels_per_group, double eps) {
+  constexpr const char* op = "pyevo::shared_group_norm_silu_backward";
+  check_shared_group_norm_silu_backward(grad_output, input, weight, bias, channels_per_group, eps);
+  check_on_cuda(input, op);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  if (!group_norm_runner::backward_fits(input, channels_per_group)) {
+    return shared_group_norm_silu_backward_composite(grad_output, input, weight, bias,
+                                                     channels_per_group, eps);
+  }
+  return group_norm_runner::backward(grad_output, input, weight, bias, channels_per_group, eps,
+                                     c10::cuda::getCurrentCUDAStream(), op);
+}
+
+std::vector<at::Tensor> population_group_norm_silu_cuda(at::TensorList inputs,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& bias,
+                                                        int64_t channels_per_group, double eps) {
+  constexpr const char* op = "pyevo::population_group_norm_silu";
+  check_population_group_norm_silu(inputs, weight, bias, channels_per_group, eps);
+  check_on_cuda(weight, op);
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  return group_norm_runner::forward(inputs.vec(), weight, bias, channels_per_group, eps,
+                                    c10::cuda::getCurrentCUDAStream(), uploader(weight.device()),
+                                    op);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyevo, CUDA, m) {
   m.impl("shared_group_norm_silu", &shared_group_norm_silu_cuda);
-  m.impl("shared_group_norm_silu_backward", &shared_group_norm_silu_backward_composite);
+  m.impl("shared_group_norm_silu_backward", &shared_group_norm_silu_backward_cuda);
+  m.impl("population_group_norm_silu", &population_group_norm_silu_cuda);
 }
 
 }  // namespace pyevo
