@@ -72,7 +72,8 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float]], config: SearchConfig,
                  seed: int, checkpoint_dir: Path | None = None, progress: bool = True) -> BlockSearchResult:
-    """NSGA-II over ``space``'s genomes; ``evaluate(genome) -> (nsr, latency_ms)``."""
+    """NSGA-II over ``space``'s genomes; ``evaluate(genome) -> (nsr, latency_ms)``; if ``evaluate`` also
+    has ``many(genomes) -> [(nsr, latency_ms), ...]``, each generation's new genomes go through it at once."""
     if config.population % 4:
         raise ValueError(f"search.population must be a multiple of 4 (NSGA-II tournament), got {config.population}")
     counts = space.num_choices
@@ -87,6 +88,18 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
 
     def assess(individuals) -> int:
         fresh = 0
+        # --- batched evaluation: an evaluator with a `many` method (pyevo.search.population.
+        # PopulationEvaluator) scores all of a generation's new genomes of the block in one call.
+        if hasattr(evaluate, "many"):
+            new = {}
+            for individual in individuals:
+                code = space.encode(tuple(individual))
+                if code not in cache:
+                    new.setdefault(code, tuple(individual))
+            for code, values in zip(new, evaluate.many(list(new.values())) if new else []):
+                cache[code] = tuple(map(float, values))
+            fresh = len(new)
+        # --- end of batched evaluation
         for individual in individuals:
             code = space.encode(tuple(individual))
             if code not in cache:

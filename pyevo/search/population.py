@@ -1,0 +1,247 @@
+"""Batched candidate evaluation for the local search: the NSRs of many genomes of one block at once.
+
+The per-candidate path (:func:`pyevo.distill.block_nsr`) sets a genome on the super-block and runs
+the block over the held-out set, one genome after another. :class:`PopulationEvaluator` runs a
+whole generation's genomes of one block together, layer by layer:
+
+* the block's recorded inputs are repeated once per candidate along the batch, so diffusers' own
+  block forward (samplers, skip concatenations, residual tuples) runs unchanged on K x N rows;
+* every searched layer (``SuperResnetBlock2D``, ``SuperAttention``) is switched to a population
+  forward for the duration of the call: its convolutions, GroupNorm+SiLU and attention run as
+  ``pyevo.ops.population_*`` ops, one call (one kernel launch on CUDA) for all candidates that
+  use the layer. At the block's first searched layer every candidate sees the same input, so the
+  layer reads it once (a shared-input population op; the shortcut and first norm are computed
+  once); after it, each candidate reads its own rows;
+* the output rows of candidate i are compared with the teacher's, chunk by chunk, exactly as
+  ``block_nsr`` aggregates them.
+
+Candidates are processed in groups of at most ``max_rows // chunk`` so that K x N rows stay within
+memory. On the CPU the population ops are loops over the single-candidate ops, so the NSRs equal
+the per-candidate path's up to float rounding (non-searched layers such as the samplers run on a
+K-times larger batch, which may change the order of sums); tests/test_population_ops.py checks it.
+
+The search uses it through :func:`pyevo.search.local.search_block`: an ``evaluate`` callable with a
+``many`` method gets a generation's new genomes in one call. Population ops are forward only; the
+evaluator runs under ``torch.no_grad``.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pyevo import ops
+from pyevo.distill import block_nsr
+from pyevo.space import Genome
+from pyevo.supernet import SuperAttention, SuperBlock, SuperResnetBlock2D
+from pyevo.teacher import BlockCall, _map_tensors, noise_to_signal, output_tensors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PopulationEvaluator", "population_nsr"]
+
+
+@dataclass
+class _PopulationState:
+    """What the population forwards of one block call share: K candidates of N rows each, and
+    whether the rows of different candidates may differ yet (False until the first searched layer
+    ran: before it every candidate's rows are the same copy of the block input)."""
+
+    candidates: int
+    rows: int
+    diverged: bool = False
+
+    def part(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        return tensor[index * self.rows:(index + 1) * self.rows]
+
+
+def _resnet_population_forward(layer: SuperResnetBlock2D, archs, state: _PopulationState,
+                               input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs
+                               ) -> torch.Tensor:
+    """``SuperResnetBlock2D.forward`` for every candidate's arch at once (same arithmetic)."""
+    config, n = layer.config, state.rows
+    shared = not state.diverged
+    x = input_tensor[:n] if shared else input_tensor
+    shortcut = layer._sample(x)
+    if layer.conv_shortcut is not None:
+        shortcut = layer.conv_shortcut(shortcut)
+    if layer.time_emb_proj is None and temb is not None:
+        raise ValueError("this resnet has no time_emb_proj (temb_channels=None) but was given temb")
+    if config.time_embedding_norm != "default" and temb is None:
+        raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
+    temb_rows = None if temb is None else temb[:n]  # the same rows for every candidate
+
+    def shortcut_of(i: int) -> torch.Tensor:
+        return shortcut if shared else state.part(shortcut, i)
+
+    outputs: list[torch.Tensor | None] = [None] * len(archs)
+    active = [i for i, arch in enumerate(archs) if not arch.skip]
+    if active:
+        hidden_in = layer._sample(layer.norm1.forward_silu(x))
+        conv1_inputs = [hidden_in] if shared else [state.part(hidden_in, i) for i in active]
+        hidden = ops.population_conv2d(conv1_inputs, layer.conv1.weight, layer.conv1.bias, [],
+                                       [archs[i].hidden for i in active], [archs[i].kernel1 for i in active])
+        if config.time_embedding_norm == "default":
+            if temb_rows is not None:
+                hidden = [h + layer._time_embedding(temb_rows, archs[i].hidden)[0] for h, i in zip(hidden, active)]
+            hidden = ops.population_group_norm_silu(hidden, layer.norm2.weight, layer.norm2.bias,
+                                                    layer.norm2.channels_per_group, layer.norm2.eps)
+        else:
+            modulated = []
+            for h, i in zip(hidden, active):
+                scale, shift = layer._time_embedding(temb_rows, archs[i].hidden)
+                modulated.append(F.silu(layer.norm2(h) * (1 + scale) + shift))
+            hidden = modulated
+        hidden = [layer.dropout(h) for h in hidden]
+        hidden = ops.population_conv2d(hidden, layer.conv2.weight, layer.conv2.bias, [],
+                                       [config.out_channels] * len(active), [archs[i].kernel2 for i in active])
+        for h, i in zip(hidden, active):
+            outputs[i] = (shortcut_of(i) + h) / config.output_scale_factor
+    for i, arch in enumerate(archs):
+        if arch.skip:
+            outputs[i] = shortcut_of(i) / config.output_scale_factor
+    state.diverged = True
+    return torch.cat(outputs)
+
+
+def _attention_population_forward(layer: SuperAttention, archs, state: _PopulationState,
+                                  hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                                  attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """``SuperAttention.forward`` for every candidate's arch at once (same arithmetic)."""
+    if encoder_hidden_states is not None or attention_mask is not None:
+        raise ValueError("SuperAttention is self-attention without a mask: got encoder_hidden_states "
+                         "or attention_mask")
+    config, n = layer.config, state.rows
+    shared = not state.diverged
+    source = hidden_states[:n] if shared else hidden_states
+    outputs: list[torch.Tensor | None] = [None] * len(archs)
+    kept = [i for i, arch in enumerate(archs) if not arch.dropped]
+    if kept:
+        residual = source
+        x = source
+        spatial = x.ndim == 4
+        if spatial:
+            batch, channels, height, width = x.shape
+            x = x.view(batch, channels, height * width).transpose(1, 2)
+        if layer.group_norm is not None:
+            x = layer.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        x = x.contiguous()
+        inputs = [x] if shared else [state.part(x, i) for i in kept]
+        out_linear = layer.to_out[0]
+        attended = ops.population_attention(
+            inputs, layer.to_q.weight, layer.to_q.bias, layer.to_k.weight, layer.to_k.bias, layer.to_v.weight,
+            layer.to_v.bias, out_linear.weight, out_linear.bias, [archs[i].heads for i in kept], config.head_dim)
+        for out, i in zip(attended, kept):
+            out = layer.to_out[1](out)
+            if spatial:
+                out = out.transpose(-1, -2).reshape(n, channels, height, width)
+            if config.residual_connection:
+                out = out + (residual if shared else state.part(residual, i))
+            outputs[i] = out / config.rescale_output_factor
+    for i, arch in enumerate(archs):
+        if arch.dropped:
+            outputs[i] = source if shared else state.part(source, i)
+    state.diverged = True
+    return torch.cat(outputs)
+
+
+@contextmanager
+def _population_mode(block: SuperBlock, genomes: Sequence[Genome], rows: int) -> Iterator[_PopulationState]:
+    """Switches the block's searched layers to their population forwards for ``genomes``."""
+    archs = [block.space.arch(genome) for genome in genomes]
+    state = _PopulationState(len(genomes), rows)
+    patched = []
+    try:
+        for choices in block.space.resnets:
+            layer = block.block.resnets[choices.index]
+            layer_archs = [arch.resnets[choices.index] for arch in archs]
+            layer.forward = (lambda *a, _l=layer, _s=layer_archs, **k: _resnet_population_forward(_l, _s, state, *a, **k))
+            patched.append(layer)
+        for choices in block.space.attentions:
+            layer = block.block.attentions[choices.index]
+            layer_archs = [arch.attentions[choices.index] for arch in archs]
+            layer.forward = (lambda *a, _l=layer, _s=layer_archs, **k: _attention_population_forward(_l, _s, state, *a, **k))
+            patched.append(layer)
+        yield state
+    finally:
+        for layer in patched:
+            del layer.forward  # the class's forward again
+
+
+@torch.no_grad()
+def population_nsr(block: SuperBlock, call: BlockCall, genomes: Sequence[Genome], chunk: int = 256,
+                   max_rows: int = 4096) -> list[float]:
+    """The NSR of each genome of ``block`` over ``call`` (as ``block_nsr`` would give one by one)."""
+    if not genomes:
+        return []
+    batch = len(call.args[0]) if call.args else len(next(iter(call.kwargs.values())))
+    chunk = max(1, min(chunk, batch))
+    group = max(1, max_rows // chunk)
+    num = [0.0] * len(genomes)
+    den = 0.0
+    for start in range(0, batch, chunk):
+        part = call.select(slice(start, start + chunk))
+        rows = min(chunk, batch - start)
+        targets = output_tensors(part.output)
+        den_part = sum(float((t.double() ** 2).sum()) for t in targets)
+        den += den_part
+        for first in range(0, len(genomes), group):
+            members = genomes[first:first + group]
+            repeat = len(members)
+
+            def stack(t: torch.Tensor) -> torch.Tensor:
+                return t.repeat(repeat, *([1] * (t.dim() - 1)))
+
+            args, kwargs = _map_tensors(part.args, stack), _map_tensors(part.kwargs, stack)
+            with _population_mode(block, members, rows) as state:
+                out = block(*args, **kwargs)
+            for offset in range(repeat):
+                mine = _map_tensors(out, lambda t, o=offset: state.part(t, o))
+                num[first + offset] += float(noise_to_signal(mine, part.output).double()) * den_part
+    return [value / den for value in num]
+
+
+class PopulationEvaluator:
+    """``evaluate(genome) -> (nsr, latency_ms)`` for :func:`pyevo.search.local.search_block`, with a
+    ``many(genomes)`` method that scores a generation's genomes together through the population ops.
+
+    Args:
+        block: the super-block (its weights are read, never changed; its genome is left as it was).
+        call: the block's held-out call (inputs and teacher outputs).
+        latency: genome -> measured latency in ms (the run's latency table).
+        device: where to evaluate; by default the block's device. The block and the call are copied
+            there once when it differs (e.g. NSRs on the GPU for a supernet kept on the CPU).
+        chunk, max_rows: samples per chunk (as ``block_nsr``) and rows (candidates x samples) per
+            forward.
+    """
+
+    def __init__(self, block: SuperBlock, call: BlockCall, latency: Callable[[Genome], float],
+                 device: torch.device | str | None = None, chunk: int = 256, max_rows: int = 4096):
+        here = next(block.parameters()).device
+        target = torch.device(device) if device is not None else here
+        if target != here:
+            import copy
+
+            block = copy.deepcopy(block).to(target)
+            call = call.to(target)
+        self.block, self.call, self.latency = block, call, latency
+        self.chunk, self.max_rows = chunk, max_rows
+
+    def __call__(self, genome: Genome) -> tuple[float, float]:
+        """One genome through the per-candidate path."""
+        previous = self.block.genome
+        self.block.set_genome(genome)
+        try:
+            nsr = block_nsr(self.block, self.call, self.chunk)
+        finally:
+            self.block.set_genome(previous)
+        return nsr, float(self.latency(genome))
+
+    def many(self, genomes: Sequence[Genome]) -> list[tuple[float, float]]:
+        """Every genome at once through the population ops."""
+        nsrs = population_nsr(self.block, self.call, list(genomes), self.chunk, self.max_rows)
+        return [(nsr, float(self.latency(genome))) for nsr, genome in zip(nsrs, genomes)]
