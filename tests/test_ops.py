@@ -7,7 +7,9 @@ and fed bad arguments. CUDA tests run only where a GPU is visible.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
 import zlib
 from typing import Optional
@@ -278,7 +280,8 @@ def case_seed(case) -> int:
 def test_import_registers_ops():
     for name in ("shared_conv2d", "shared_conv2d_backward", "shared_group_norm_silu",
                  "shared_group_norm_silu_backward", "shared_attention",
-                 "shared_attention_backward"):
+                 "shared_attention_backward", "population_conv2d", "population_group_norm_silu",
+                 "population_attention"):
         assert hasattr(torch.ops.pyevo, name)
     info = pyevo.build_info()
     assert info["torch_version"] == torch.__version__
@@ -747,3 +750,201 @@ def test_cuda_misuse_mixed_devices():
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.pyevo.shared_conv2d(torch.randn(1, 2, 5, 5, device="cuda"),
                                       torch.randn(3, 2, 3, 3), None, 3, 3, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels of the single-candidate ops (pyevo's own: implicit-GEMM conv, fused GroupNorm+SiLU
+# backward, fused attention), on fresh random inputs with NaN-poisoned outputs. float32 within
+# float32 rounding (TF32 off); float16/bfloat16 error at most 2x PyTorch's own error in the same
+# precision, both against float64. Marked `sanitizer`: the memcheck subset of the device script.
+# ---------------------------------------------------------------------------------------------
+
+
+def fresh_generator():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
+def poison_cuda_cache(*shapes, dtype):
+    """Leaves NaN-filled blocks of these sizes in the caching allocator, so that the op's
+    torch.empty outputs most likely start as NaN: an element it does not write shows."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape in shapes]
+    del blocks
+
+
+@contextlib.contextmanager
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check_cuda(ours, reference_fn, inputs, dtype, seed, what):
+    """float64/float32: against float64 PyTorch within rounding. float16/bfloat16: our error
+    against float64 at most 2x PyTorch's own CUDA error in that precision."""
+    expected = reference_fn(*[t.double() if torch.is_tensor(t) else t for t in inputs])
+    ours_error = relative_error(ours, expected)
+    if dtype in (torch.float16, torch.bfloat16):
+        theirs_error = relative_error(reference_fn(*inputs), expected)
+        assert ours_error <= 2 * theirs_error + 1e-6, (
+            f"{what} (seed {seed}): error {ours_error:.3g} vs PyTorch's {theirs_error:.3g}")
+    else:
+        tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+        assert ours_error <= tolerance, f"{what} (seed {seed}): error {ours_error:.3g}"
+
+
+
+CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _cuda_conv_check(case: ConvCase, dtype):
+    generator, seed = fresh_generator()
+    x, w, b = (t.to("cuda", dtype) if t is not None else None
+               for t in case.make(torch.float32, generator))
+    with no_tf32():
+        expected_shape = conv_reference(x, w, b, *case.args).shape
+        poison_cuda_cache(expected_shape, dtype=dtype)
+        out = torch.ops.pyevo.shared_conv2d(x, w, b, *case.args)
+        assert out.is_contiguous() and out.dtype == dtype and out.shape == expected_shape
+        check_cuda(out, lambda x, w, b: conv_reference(x, w, b, *case.args), [x, w, b], dtype, seed,
+                   "forward")
+        grad_output = torch.randn(expected_shape, generator=generator).to("cuda", dtype)
+        poison_cuda_cache(x.shape, w.shape, dtype=dtype)
+        grads = torch.ops.pyevo.shared_conv2d_backward(grad_output, x, w, b, *case.args,
+                                                       [True, True, b is not None])
+
+        def reference(x, w, b, g, index):
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
+            wanted = [t for t in leaves if t is not None]
+            out = conv_reference(*leaves, *case.args)
+            return torch.autograd.grad(out, wanted, g)[index]
+
+        for index, name in enumerate(("grad_input", "grad_weight", "grad_bias")):
+            if index == 2 and b is None:
+                continue
+            check_cuda(grads[index], lambda x, w, b, g: reference(x, w, b, g, index),
+                       [x, w, b, grad_output], dtype, seed, name)
+        # The gradient of the shared weight is zero outside the crop, everywhere.
+        offset = (case.shared_kernel - case.kernel_size) // 2
+        outside = torch.ones(w.shape, dtype=torch.bool, device="cuda")
+        outside[:case.out_channels, :case.in_channels, offset:offset + case.kernel_size,
+                offset:offset + case.kernel_size] = False
+        assert (grads[1][outside] == 0).all()
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES[:10] + CONV_CASES[-3:], ids=case_id)
+def test_cuda_shared_conv2d_kernels(case, dtype):
+    _cuda_conv_check(case, dtype)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_shared_conv2d_unet_shapes(dtype):
+    # A DDPM-CIFAR10-like layer: several tiles in every GEMM dimension.
+    _cuda_conv_check(ConvCase(4, 96, 128, 128, 128, 5, 3, 1, 16, 16, True, "contiguous"), dtype)
+
+
+@CUDA
+@pytest.mark.sanitizer
+def test_cuda_shared_conv2d_small():
+    for dtype in (torch.float32, torch.bfloat16):
+        _cuda_conv_check(ConvCase(2, 5, 7, 6, 9, 5, 3, 2, 9, 7, True, "sliced"), dtype)
+
+
+@CUDA
+def test_cuda_shared_conv2d_tf32():
+    # TF32 tensor cores for float32 when torch.backends.cuda.matmul.allow_tf32 is set: about
+    # 10-bit mantissa products, so a looser bound.
+    generator, seed = fresh_generator()
+    case = ConvCase(4, 64, 64, 64, 64, 5, 3, 1, 16, 16, True, "contiguous")
+    x, w, b = (t.cuda() for t in case.make(torch.float32, generator))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = torch.ops.pyevo.shared_conv2d(x, w, b, *case.args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    error = relative_error(out, conv_reference(x.double(), w.double(), b.double(), *case.args))
+    assert error < 5e-3, f"seed {seed}: {error}"
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("case", CUDA_GROUP_NORM_CASES, ids=case_id)
+def test_cuda_group_norm_silu_fused_backward(case, dtype):
+    generator, seed = fresh_generator()
+    x, w, b = (t.to("cuda", dtype) for t in case.make(torch.float32, generator))
+    grad_output = torch.randn(x.shape, generator=generator).to("cuda", dtype)
+    poison_cuda_cache(x.shape, dtype=dtype)
+    grads = torch.ops.pyevo.shared_group_norm_silu_backward(grad_output, x, w, b, *case.args)
+
+    def reference(x, w, b, g, index):
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        out = group_norm_silu_reference(x, w, b, *case.args)
+        return torch.autograd.grad(out, [x, w, b], g)[index]
+
+    for index, name in enumerate(("grad_input", "grad_weight", "grad_bias")):
+        check_cuda(grads[index], lambda x, w, b, g: reference(x, w, b, g, index),
+                   [x, w, b, grad_output], dtype, seed, name)
+    channels = case.channels
+    assert (grads[1][channels:] == 0).all() and (grads[2][channels:] == 0).all()
+
+
+@CUDA
+@pytest.mark.sanitizer
+def test_cuda_group_norm_silu_small():
+    for dtype in (torch.float32, torch.bfloat16):
+        test_cuda_group_norm_silu_fused_backward(CUDA_GROUP_NORM_CASES[1], dtype)
+        test_cuda_group_norm_silu_forward(CUDA_GROUP_NORM_CASES[1], dtype, False)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 32, 40, 64, 96])
+@pytest.mark.parametrize("cross", [False, True])
+def test_cuda_shared_attention_fused(dtype, head_dim, cross):
+    # 96 > 64: the SDPA fallback; the others run pyevo's fused kernel.
+    generator, seed = fresh_generator()
+    case = AttentionCase(3, 77, 96, (50, 32) if cross else None, 2, 3, head_dim, (True,) * 4, True)
+    tensors = [t.to("cuda", dtype) if t is not None else None
+               for t in case.make(torch.float32, generator)]
+    with no_tf32():
+        poison_cuda_cache(tensors[0].shape, dtype=dtype)
+        out = torch.ops.pyevo.shared_attention(*tensors, *case.args)
+        assert out.is_contiguous() and out.shape == tensors[0].shape
+        check_cuda(out, lambda *t: attention_reference(*t, *case.args), tensors, dtype, seed,
+                   "attention")
+
+
+@CUDA
+@pytest.mark.sanitizer
+def test_cuda_shared_attention_small():
+    for dtype in (torch.float32, torch.bfloat16):
+        test_cuda_shared_attention_fused(dtype, 32, False)
+
+
+@CUDA
+@pytest.mark.sanitizer
+def test_cuda_opcheck_single_ops():
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (t.cuda() for t in
+               ConvCase(2, 3, 4, 5, 6, 5, 3, 2, 7, 6, True, "contiguous").make(torch.float32,
+                                                                               generator))
+    opcheck(torch.ops.pyevo.shared_conv2d.default, (leaf(x), leaf(w), leaf(b), 5, 3, 2))
+    opcheck(torch.ops.pyevo.shared_conv2d_backward.default,
+            (torch.randn(2, 5, 4, 3, device="cuda"), x, w, b, 5, 3, 2, [True, True, True]))
+    tensors = [leaf(t.cuda()) if t is not None else None
+               for t in ATTENTION_CASES[-2].make(torch.float32, generator)]
+    opcheck(torch.ops.pyevo.shared_attention.default, (*tensors, *ATTENTION_CASES[-2].args))

@@ -14,9 +14,7 @@ script runs under compute-sanitizer memcheck.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
 import zlib
 
@@ -31,7 +29,8 @@ from pyevo.distill import block_nsr, heldout_calls
 from pyevo.search.local import search_block
 from pyevo.search.population import PopulationEvaluator, population_nsr
 from pyevo.supernet import build_supernet
-from test_ops import attention_reference, conv_reference, group_norm_silu_reference, opcheck
+from test_ops import (attention_reference, check_cuda, conv_reference, fresh_generator,
+                      group_norm_silu_reference, no_tf32, opcheck, poison_cuda_cache, relative_error)
 from unet_configs import DIGITS_CONFIG
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -501,49 +500,6 @@ def test_search_block_uses_the_population_evaluator(digits_supernet):
 # ---------------------------------------------------------------------------------------------
 # CUDA: fresh inputs, poisoned outputs, CPU op and PyTorch as references
 # ---------------------------------------------------------------------------------------------
-
-
-def fresh_generator():
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
-
-
-def poison_cuda_cache(*shapes, dtype):
-    """Leaves NaN-filled blocks of these sizes in the caching allocator, so that the op's
-    torch.empty outputs most likely start as NaN: an element it does not write shows."""
-    blocks = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape in shapes]
-    del blocks
-
-
-@contextlib.contextmanager
-def no_tf32():
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def relative_error(actual, expected):
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def check_cuda(ours, reference_fn, inputs, dtype, seed, what):
-    """float64/float32: against float64 PyTorch within rounding. float16/bfloat16: our error
-    against float64 at most 2x PyTorch's own CUDA error in that precision."""
-    expected = reference_fn(*[t.double() if torch.is_tensor(t) else t for t in inputs])
-    ours_error = relative_error(ours, expected)
-    if dtype in (torch.float16, torch.bfloat16):
-        theirs_error = relative_error(reference_fn(*inputs), expected)
-        assert ours_error <= 2 * theirs_error + 1e-6, (
-            f"{what} (seed {seed}): error {ours_error:.3g} vs PyTorch's {theirs_error:.3g}")
-    else:
-        tolerance = 1e-12 if dtype == torch.float64 else 2e-6
-        assert ours_error <= tolerance, f"{what} (seed {seed}): error {ours_error:.3g}"
 
 
 CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
