@@ -27,8 +27,10 @@ run search: setup
 test: setup
 	$(PY) -m pytest -q
 
+# pytest-benchmark per op (CPU), then the op-vs-baseline-vs-peak table (CUDA when visible).
 bench: setup
 	$(PY) -m pytest tests/bench --benchmark-only -q
+	mkdir -p runs && $(PY) -m pyevo.bench --json runs/bench.json
 
 clean:
 	rm -rf build $(VENV) pyevo/_C*.so *.egg-info

@@ -1,0 +1,30 @@
+"""Smoke test of the kernel microbenchmarks: ``python -m pyevo.bench --quick`` on the CPU (tiny
+shapes, a few seconds). It checks the table's content and that every op agrees with its
+baseline (the run compares outputs), never a time."""
+import json
+
+import torch
+
+from pyevo.bench.__main__ import main
+
+
+def test_bench_quick_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["quick"] is True
+    assert data["peaks"]["matmul_tflops"]["float32"] > 0 and data["peaks"]["copy_gbps"] > 0
+    ops = {row["op"] for row in data["rows"]}
+    assert ops == {"conv", "gn+silu", "attention", "pop-conv shared-input", "pop-conv own-inputs",
+                   "pop-gn+silu", "pop-attention shared-input"}
+    for row in data["rows"]:
+        assert row["ours_ms"] > 0
+        timed = [b for b in row["baselines"].values() if "ms" in b]
+        assert timed and all(b["ms"] > 0 and b["speedup"] > 0 for b in timed)
+        assert row["max_rel_diff"] < 1e-4, row  # ours computes what the baseline computes
+        assert 0 < row["fraction_of_peak"]
+        assert ("tflops" in row) != ("gbps" in row)
+        if row["op"].startswith("pop-conv"):
+            assert "padded-grouped" in row["baselines"] and row["candidates"] == 4
+    printed = capsys.readouterr().out
+    assert "peaks:" in printed and "pop-conv own-inputs" in printed and str(out) in printed
