@@ -51,6 +51,10 @@ class SearchConfig:
     rule: str = "diffnas"  # diffnas | block-budget | budget
     slack: float = 2.0  # diffnas: NSR <= teacher-shaped NSR * slack
     budget: float = 0.5  # block-budget / budget: fraction of the teacher's latency
+    # Caps on the student's MACs and parameters, as fractions of the teacher's (1 = no cap),
+    # met after any rule by swapping in cheaper evaluated candidates.
+    max_macs: float = 0.5
+    max_params: float = 0.5
 
 
 @dataclass
@@ -101,6 +105,9 @@ class RunConfig:
         _choice("retrain.end_target", self.retrain.end_target, ("noise", "teacher"))
         if not 0.0 < self.search.budget <= 1.0:
             raise ConfigError(f"search.budget must be in (0, 1], got {self.search.budget}")
+        for name in ("search.max_macs", "search.max_params"):
+            if not 0.0 < _get(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {_get(self, name)}")
         if self.search.slack < 1.0:
             raise ConfigError(f"search.slack must be >= 1, got {self.search.slack}")
         if not 0.0 < self.retrain.lambda_share <= 1.0:

@@ -21,14 +21,24 @@ def model_latency_ms(unet: nn.Module, batch: int, dtype: str, device: str, confi
     """Median latency of one forward of the whole model at the deployment batch and dtype."""
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    model = unet.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = _cast(unet, device, DTYPES[dtype]).eval()
     sample = torch.randn(batch, unet.config.in_channels, *size, device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
     try:
         return time_call(lambda: model(sample, timesteps), device, config.warmup, config.repeats,
                          config.threads, config.cuda_graph)
     finally:
-        unet.to(device="cpu", dtype=torch.float32)
+        _cast(unet, "cpu", torch.float32)
+
+
+def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
+    """``unet.to(device, dtype)``, without diffusers' warning when no module must stay float32.
+
+    ``ModelMixin.to`` warns on every dtype cast once its keep-in-float32 list exists, even empty.
+    """
+    if getattr(unet, "_keep_in_fp32_modules", None):
+        return unet.to(device=device, dtype=dtype)
+    return nn.Module.to(unet, device=device, dtype=dtype)
 
 
 def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:

@@ -32,7 +32,9 @@ from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
 from pyevo.sample import ddim_sample
 from pyevo.search.local import BlockSearchResult, search_block
-from pyevo.search.select import BudgetError, select_block_budget, select_budget, select_diffnas
+from pyevo.cost import count_macs, count_params
+from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
+                                 select_diffnas)
 from pyevo.space import BlockSpace, encode_network, unet_space
 from pyevo.student import StudentUNet2DModel, build_static_block
 from pyevo.supernet import build_supernet
@@ -111,9 +113,20 @@ class BlockTimer:
                          cfg.latency.repeats, cfg.latency.threads, cfg.latency.cuda_graph)
 
 
-def _fastest_genome(space: BlockSpace) -> tuple[int, ...]:
-    """Every resnet skipped and every attention dropped: the least a block can do."""
-    return space.canonical(tuple(0 for _ in space.num_choices))
+class BlockCoster:
+    """MACs (batch 1) and parameters of stand-alone static blocks, cached by genome."""
+
+    def __init__(self, teacher, seed: int):
+        self.calls = timing_call(teacher, 1, seed)
+        self.cache: dict[tuple[str, str], Cost] = {}
+
+    def __call__(self, name: str, super_block, space: BlockSpace, genome) -> Cost:
+        key = (name, space.encode(genome))
+        if key not in self.cache:
+            block = build_static_block(super_block, genome).eval()
+            call = self.calls[name]
+            self.cache[key] = Cost(count_macs(block, *call.args, **call.kwargs), count_params(block))
+        return self.cache[key]
 
 
 # -------------------------------------------------------------------------------------- stages
@@ -182,7 +195,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     teacher_blocks_ms = {n: timer(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items()}
     stem_ms = max(teacher_ms - sum(teacher_blocks_ms.values()), 0.0)
     if config.search.rule in ("budget", "block-budget"):
-        fastest = {n: timer(n, supernet[n], s, _fastest_genome(s)) for n, s in spaces.items()}
+        fastest = {n: timer(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items()}
         if config.search.rule == "budget":
             floor = stem_ms + sum(fastest.values())
             if floor > config.search.budget * teacher_ms:
@@ -194,6 +207,17 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                 if ms > config.search.budget * teacher_blocks_ms[name]:
                     raise BudgetError(f"block budget {config.search.budget:g} is impossible for {name}: its fastest "
                                       f"genome takes {ms / teacher_blocks_ms[name]:.2f} x the teacher block")
+
+    # The MACs and params caps likewise: the minimal genomes bound what any selection can reach.
+    coster = BlockCoster(teacher, config.seed)
+    teacher_cost = network_cost(teacher)
+    stem_cost = teacher_cost - _sum_costs(coster(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items())
+    cost_limit = Cost(config.search.max_macs * teacher_cost.macs, config.search.max_params * teacher_cost.params)
+    floor_cost = stem_cost + _sum_costs(coster(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items())
+    if floor_cost.macs > cost_limit.macs or floor_cost.params > cost_limit.params:
+        raise BudgetError(f"caps max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g} are "
+                          f"impossible: the smallest student has {floor_cost.macs / teacher_cost.macs:.2f} x the "
+                          f"teacher's MACs and {floor_cost.params / teacher_cost.params:.2f} x its params")
 
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -234,27 +258,37 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             results[name] = result.to_dict()
         return {"blocks": results}
 
-    search_inputs = [asdict(config.search) | {"rule": None, "slack": None, "budget": None},
+    search_inputs = [asdict(config.search) | dict.fromkeys(("rule", "slack", "budget", "max_macs", "max_params")),
                      asdict(config.latency), config.device, config.dtype, config.batch]
     searched = stages.run("search", search_inputs, search)
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
 
     # --- selection
     def select() -> dict:
-        rule = config.search.rule
+        rule, budget = config.search.rule, config.search.budget
+        budget_ms = budget * teacher_ms - stem_ms
         if rule == "diffnas":
             picks = select_diffnas(results, config.search.slack)
         elif rule == "block-budget":
-            picks = select_block_budget(results, config.search.budget)
+            picks = select_block_budget(results, budget)
         else:
-            picks = select_budget(results, config.search.budget * teacher_ms - stem_ms)
-        genomes = {name: pick.genome for name, pick in picks.items()}
-        return {"rule": rule, "genome": encode_network(genomes, list(spaces.values())),
-                "blocks": {name: pick.to_dict() for name, pick in picks.items()},
-                "teacher_ms": teacher_ms, "stem_ms": stem_ms,
-                "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values())}
+            picks = select_budget(results, budget_ms)
 
-    selected = stages.run("select", [config.search.rule, config.search.slack, config.search.budget], select)
+        def block_cost(name, candidate) -> Cost:
+            return coster(name, supernet[name], spaces[name], candidate.genome)
+
+        picks = meet_cost_caps(picks, results, block_cost, stem_cost, cost_limit,
+                               latency_guard(rule, results, budget, budget_ms))
+        genomes = {name: pick.genome for name, pick in picks.items()}
+        estimate = stem_cost + _sum_costs(block_cost(n, p) for n, p in picks.items())
+        return {"rule": rule, "genome": encode_network(genomes, list(spaces.values())),
+                "blocks": {name: pick.to_dict() | asdict(block_cost(name, pick)) for name, pick in picks.items()},
+                "teacher_ms": teacher_ms, "stem_ms": stem_ms,
+                "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values()),
+                "macs_ratio": estimate.macs / teacher_cost.macs, "params_ratio": estimate.params / teacher_cost.params}
+
+    selected = stages.run("select", [config.search.rule, config.search.slack, config.search.budget,
+                                     config.search.max_macs, config.search.max_params], select)
     genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
 
     # --- retraining
@@ -281,13 +315,19 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student)
 
 
-def _evaluate(config, teacher, student, scheduler, reference, folder: Path, progress: bool) -> dict:
-    from pyevo.cost import count_macs, count_params
-
-    size = teacher.config.sample_size
+def network_cost(unet) -> Cost:
+    """MACs of one batch-1 forward and the parameters of a whole UNet."""
+    size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    probe = torch.zeros(1, teacher.config.in_channels, *size)
-    steps = torch.zeros(1, dtype=torch.long)
+    probe = torch.zeros(1, unet.config.in_channels, *size)
+    return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long)), count_params(unet))
+
+
+def _sum_costs(costs) -> Cost:
+    return sum(costs, Cost(0, 0))
+
+
+def _evaluate(config, teacher, student, scheduler, reference, folder: Path, progress: bool) -> dict:
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -295,7 +335,7 @@ def _evaluate(config, teacher, student, scheduler, reference, folder: Path, prog
         samples[name] = ddim_sample(model, scheduler.config, config.evaluate.num_samples,
                                     config.evaluate.ddim_steps, config.seed, progress=progress)
         model.to("cpu")
-        out[name] = {"macs": count_macs(model, probe, steps), "params": count_params(model),
+        out[name] = {**asdict(network_cost(model)),
                      "latency_ms": model_latency_ms(model, config.batch, config.dtype, config.device, config.latency),
                      **sample_quality(samples[name], reference)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))

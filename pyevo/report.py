@@ -86,12 +86,12 @@ def _markdown(report: dict) -> str:
                   "|---" * (len(t["class_coverage"]) + 1) + "|",
                   "| teacher | " + " | ".join(f"{v:.3f}" for v in t["class_coverage"]) + " |",
                   "| student | " + " | ".join(f"{v:.3f}" for v in s["class_coverage"]) + " |", ""]
-    lines += ["## Blocks", "", "| block | pick | NSR | latency (ms) | teacher-shaped NSR | teacher latency (ms) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Blocks", "", "| block | pick | NSR | latency (ms) | MACs | params | teacher-shaped NSR "
+              "| teacher latency (ms) |", "|---|---|---|---|---|---|---|---|"]
     for name, block in report["blocks"].items():
         p, tb = block["pick"], block["teacher"]
-        lines.append(f"| {name} | `{p['genome']}` | {p['nsr']:.4g} | {p['latency_ms']:.3f} | "
-                     f"{tb['nsr']:.4g} | {tb['latency_ms']:.3f} |")
+        lines.append(f"| {name} | `{p['genome']}` | {p['nsr']:.4g} | {p['latency_ms']:.3f} | {p['macs']:,} | "
+                     f"{p['params']:,} | {tb['nsr']:.4g} | {tb['latency_ms']:.3f} |")
     lines += ["", f"Student genome: `{s['genome']}`", "", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {value['seconds']:.1f} |" for name, value in report["stages"].items()]
     lines += ["", "Plots: `plots/pareto_fronts.png`, `plots/losses.png`, `plots/samples.png`.", ""]

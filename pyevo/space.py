@@ -176,6 +176,17 @@ class BlockSpace:
         genes += [1 for _ in self.attentions]
         return tuple(genes)
 
+    def narrow_genome(self) -> Genome:
+        """The teacher's kernels and attention at the narrowest hidden width: the natural cheap candidate."""
+        genes = list(self.teacher_genome())
+        for n in range(len(self.resnets)):
+            genes[3 * n + 2] = 1
+        return tuple(genes)
+
+    def minimal_genome(self) -> Genome:
+        """Every resnet skipped and every attention dropped: the least a block can do (and cost)."""
+        return self.canonical(tuple(0 for _ in self.num_choices))
+
     def random_genome(self, rng: random.Random) -> Genome:
         """Uniform over each gene's choices, then made canonical."""
         return self.canonical(tuple(rng.randrange(n) for n in self.num_choices))

@@ -62,6 +62,16 @@ def test_report_holds_what_the_issue_asks(finished_run):
     assert (root / "a" / "config.yaml").is_file()
 
 
+def test_student_meets_the_cost_caps_and_block_costs_add_up(finished_run):
+    root, config, report = finished_run
+    selected = json.loads((root / "a" / "select.json").read_text())
+    ratios = report["ratios"]
+    assert ratios["macs"] <= config.search.max_macs and ratios["params"] <= config.search.max_params
+    # The selection's estimate (stem + per-block costs) is the exported student's measured cost.
+    assert selected["macs_ratio"] == pytest.approx(ratios["macs"], rel=1e-9)
+    assert selected["params_ratio"] == pytest.approx(ratios["params"], rel=1e-9)
+
+
 def test_same_seed_same_genomes_and_resume_skips_every_stage(finished_run, teacher_folder):
     root, config, report = finished_run
     again = run(toy_config(teacher_folder, root / "b", root / "latency.json"), progress=False)
@@ -126,6 +136,11 @@ def test_unsupported_teacher_and_impossible_budget(tmp_path, teacher_folder):
               "--budget", "0.001", f"--set=latency.cache={tmp_path / 'lat.json'}", *_toy_flags())
     assert out.returncode == 2 and "is impossible: the fastest student takes" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "r2").exists()
+
+    out = cli("--teacher", str(teacher_folder), "--out", str(tmp_path / "r3"), "--set=search.max_params=0.01",
+              f"--set=latency.cache={tmp_path / 'lat.json'}", *_toy_flags())
+    assert out.returncode == 2 and "are impossible: the smallest student has" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "r3").exists()
 
 
 def test_a_used_folder_needs_resume(finished_run, teacher_folder):

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pyevo.search.local import BlockSearchResult, Candidate, pareto_front
-from pyevo.search.select import BudgetError, select_block_budget, select_budget, select_diffnas
+from pyevo.search.select import BudgetError, Cost, meet_cost_caps, select_block_budget, select_budget, select_diffnas
 
 
 def _result(name: str, rng: random.Random, size: int = 7) -> BlockSearchResult:
@@ -69,3 +69,59 @@ def test_block_budget_picks_lowest_nsr_under_the_fraction():
     assert select_block_budget({"x": result}, 0.3)["x"].code == "b"
     with pytest.raises(BudgetError, match="x"):
         select_block_budget({"x": result}, 0.2)
+
+
+def _costed(rng: random.Random, blocks: int = 4, size: int = 7):
+    results = {f"b{i}": _result(f"b{i}", rng, size) for i in range(blocks)}
+    costs = {(name, c.code): Cost(rng.randint(10, 100), rng.randint(10, 100))
+             for name, r in results.items() for c in r.evaluated}
+    return results, (lambda name, c: costs[(name, c.code)])
+
+
+def test_cost_caps_are_met_whenever_brute_force_finds_a_way_but_rarely():
+    """Greedy repair against brute force over 150 small random problems: every returned pick meets
+    both caps, an impossible problem always raises, and a feasible one is missed at most rarely."""
+    missed = feasible_count = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        results, cost = _costed(rng)
+        picks = {name: r.teacher for name, r in results.items()}
+        stem = Cost(50, 50)
+        limit = Cost(rng.uniform(150, 350), rng.uniform(150, 350))
+        feasible = any(
+            stem.macs + sum(cost(n, c).macs for n, c in zip(results, combo)) <= limit.macs
+            and stem.params + sum(cost(n, c).params for n, c in zip(results, combo)) <= limit.params
+            for combo in itertools.product(*(r.evaluated for r in results.values())))
+        feasible_count += feasible
+        try:
+            met = meet_cost_caps(picks, results, cost, stem, limit)
+        except BudgetError:
+            missed += feasible
+            continue
+        total = stem + sum((cost(n, c) for n, c in met.items()), Cost(0, 0))
+        assert total.macs <= limit.macs and total.params <= limit.params
+        assert all(met[n] in results[n].evaluated for n in results)
+    assert feasible_count > 100 and missed <= 0.03 * feasible_count
+
+
+def test_cost_caps_keep_picks_that_already_fit_and_respect_the_guard():
+    rng = random.Random(3)
+    results, cost = _costed(rng)
+    picks = {name: r.teacher for name, r in results.items()}
+    total = sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
+    assert meet_cost_caps(picks, results, cost, Cost(0, 0), total) == picks  # already within: unchanged
+    # A guard that forbids every swap makes a tighter cap impossible.
+    tighter = Cost(total.macs - 1, total.params)
+    with pytest.raises(BudgetError, match="no evaluated genome meets the caps"):
+        meet_cost_caps(picks, results, cost, Cost(0, 0), tighter, lambda *_: False)
+
+
+def test_cost_caps_prefer_the_cheapest_nsr_loss():
+    # Two blocks; cutting 10 params costs NSR +0.5 (relative) in a, +0.1 in b: b is cut.
+    a = [Candidate((0,), "a0", 1.0, 1.0), Candidate((1,), "a1", 1.5, 1.0)]
+    b = [Candidate((0,), "b0", 1.0, 1.0), Candidate((1,), "b1", 1.1, 1.0)]
+    results = {"a": BlockSearchResult("a", a[0], pareto_front(a), a, []),
+               "b": BlockSearchResult("b", b[0], pareto_front(b), b, [])}
+    costs = {"a0": Cost(10, 20), "a1": Cost(10, 10), "b0": Cost(10, 20), "b1": Cost(10, 10)}
+    met = meet_cost_caps({"a": a[0], "b": b[0]}, results, lambda n, c: costs[c.code], Cost(0, 0), Cost(100, 30))
+    assert met == {"a": a[0], "b": b[1]}

@@ -43,6 +43,8 @@ def test_special_genomes_have_stable_strings(spaces):
     assert space.encode(space.teacher_genome()) == "r0:k3k3w1.0,r1:k3k3w1.0,a0:h4,a1:h4"
     assert space.encode(space.largest_genome()) == "r0:k5k5w1.0,r1:k5k5w1.0,a0:h4,a1:h4"
     assert space.encode(space.smallest_genome()) == "r0:k1k1w0.5,r1:k1k1w0.5,a0:h2,a1:h2"
+    assert space.encode(space.minimal_genome()) == "r0:skip,r1:skip,a0:drop,a1:drop"
+    assert space.encode(space.narrow_genome()) == "r0:k3k3w0.5,r1:k3k3w0.5,a0:h4,a1:h4"
     assert space.teacher_genome() == (1, 1, 3, 1, 1, 3, 2, 2)
     mid = by_name(spaces)["mid_block"]
     assert mid.encode(mid.teacher_genome()) == "r0:k3k3w1.0,r1:k3k3w1.0,a0:h4"

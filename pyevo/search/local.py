@@ -135,7 +135,10 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
         # DEAP's operators draw from the global `random`; seed it per block.
         random.seed(seed)
         rng = random.Random(seed)
-        seeds = [space.teacher_genome(), space.largest_genome(), space.smallest_genome()]
+        # The minimal genome bounds every budget and cap a selection can meet: always evaluate it.
+        # The narrow one is where parameter caps usually land.
+        seeds = [space.teacher_genome(), space.largest_genome(), space.smallest_genome(), space.minimal_genome(),
+                 space.narrow_genome()]
         seeds += [space.random_genome(rng) for _ in range(config.population - len(seeds))]
         population = [creator.PyevoGenome(list(genome)) for genome in seeds[:config.population]]
         fresh = assess(population)

@@ -6,11 +6,15 @@
   latency.
 - ``budget``: a whole-network latency budget split across blocks by a multiple-choice knapsack
   over the fronts (minimise the sum of NSRs subject to the summed latency).
+
+Any rule's picks can then be held to caps on the student's MACs and parameters
+(:func:`meet_cost_caps`).
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from pyevo.search.local import BlockSearchResult, Candidate
 
@@ -82,3 +86,73 @@ def select_budget(results: Mapping[str, BlockSearchResult], budget_ms: float, re
         picks[name] = results[name].front[index]
         end = previous
     return {name: picks[name] for name in names}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Multiply-accumulates (batch 1) and parameters of a block or a network."""
+
+    macs: int
+    params: int
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.macs + other.macs, self.params + other.params)
+
+    def __sub__(self, other: "Cost") -> "Cost":
+        return Cost(self.macs - other.macs, self.params - other.params)
+
+
+def cap_excess(total: Cost, limit: Cost) -> float:
+    """How far ``total`` is over ``limit``, relative, summed over MACs and params (0 = within)."""
+    return max(0.0, total.macs / limit.macs - 1.0) + max(0.0, total.params / limit.params - 1.0)
+
+
+def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSearchResult],
+                   cost: Callable[[str, Candidate], Cost], stem: Cost, limit: Cost,
+                   allowed: Callable[[str, Candidate, dict[str, Candidate]], bool] = lambda *_: True,
+                   ) -> dict[str, Candidate]:
+    """Swap picks for cheaper evaluated candidates until the network's MACs and params meet ``limit``.
+
+    A latency rule alone can leave MACs or parameters above what a user asked for (fast blocks at
+    high resolution hold few parameters). Greedy repair: each round makes the one swap, in any
+    block, that buys the most excess reduction per unit of NSR given up (NSR relative to the
+    block's teacher-shaped NSR, so blocks compare on one scale); swaps that lower the NSR too come
+    first. ``allowed(name, candidate, picks)`` vetoes swaps (e.g. ones that break a latency budget).
+    Raises ``BudgetError`` when no swap gets closer and the caps are still not met.
+    """
+    picks = dict(picks)
+    total = stem + sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
+    while (excess := cap_excess(total, limit)) > 0:
+        best, best_key = None, None
+        for name, result in results.items():
+            current = cost(name, picks[name])
+            for candidate in result.evaluated:
+                after = total - current + cost(name, candidate)
+                gain = excess - cap_excess(after, limit)
+                if gain <= 1e-12 or not allowed(name, candidate, picks):
+                    continue
+                loss = (candidate.nsr - picks[name].nsr) / result.teacher.nsr
+                key = (True, gain - loss) if loss <= 0 else (False, gain / loss)
+                if best_key is None or key > best_key:
+                    best, best_key = (name, candidate, after), key
+        if best is None:
+            raise BudgetError(f"no evaluated genome meets the caps: the student stays at {total.macs / limit.macs:.2f} x "
+                              f"the MACs cap and {total.params / limit.params:.2f} x the params cap")
+        name, candidate, total = best
+        picks[name] = candidate
+    return picks
+
+
+def latency_guard(rule: str, results: Mapping[str, BlockSearchResult], budget: float, budget_ms: float
+                  ) -> Callable[[str, Candidate, dict[str, Candidate]], bool]:
+    """The swaps :func:`meet_cost_caps` may make under ``rule`` without breaking its latency promise.
+
+    ``diffnas``: no block slower than the teacher's; ``block-budget``: each block within ``budget``
+    x its teacher block; ``budget``: the blocks' summed latency within ``budget_ms``.
+    """
+    if rule == "diffnas":
+        return lambda name, candidate, picks: candidate.latency_ms <= results[name].teacher.latency_ms
+    if rule == "block-budget":
+        return lambda name, candidate, picks: candidate.latency_ms <= budget * results[name].teacher.latency_ms
+    return lambda name, candidate, picks: (
+        candidate.latency_ms + sum(c.latency_ms for n, c in picks.items() if n != name) <= budget_ms)
