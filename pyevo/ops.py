@@ -158,8 +158,8 @@ def population_attention(hidden_states: Sequence[Tensor], q_weight: Tensor,
     Candidate ``i`` keeps the first ``heads[i]`` heads. ``hidden_states`` holds one ``(B, S, C)``
     tensor shared by every candidate, or one per candidate (same ``B``). With a shared input the
     CUDA op projects and attends once, for the most heads any candidate keeps (a head's output
-    does not depend on the other heads), and sums each candidate's output projection over head
-    ranges; with per-candidate inputs every attention core runs in one launch.
+    does not depend on the other heads), then runs one output projection per distinct head count;
+    with per-candidate inputs every attention core runs in one launch.
 
     Returns:
         K contiguous ``(B, S, C)`` tensors.

@@ -27,7 +27,7 @@ import pyevo  # noqa: F401  (registers torch.ops.pyevo)
 from pyevo import ops
 from pyevo.distill import block_nsr, heldout_calls
 from pyevo.search.local import search_block
-from pyevo.search.population import PopulationEvaluator, population_nsr
+from pyevo.search.population import PopulationEvaluator, block_evaluator, population_nsr
 from pyevo.supernet import build_supernet
 from test_ops import (attention_reference, check_cuda, conv_reference, fresh_generator,
                       group_norm_silu_reference, no_tf32, opcheck, poison_cuda_cache, relative_error)
@@ -495,6 +495,18 @@ def test_search_block_uses_the_population_evaluator(digits_supernet):
     assert [c.code for c in batched.evaluated] == [c.code for c in plain.evaluated]
     for a, b in zip(batched.evaluated, plain.evaluated):
         assert a.nsr == pytest.approx(b.nsr, rel=1e-5) and a.latency_ms == b.latency_ms
+
+
+def test_block_evaluator_per_device(digits_supernet):
+    supernet, calls = digits_supernet
+    block, call = supernet["mid_block"], calls["mid_block"]
+    genome = block.space.smallest_genome()
+    evaluate = block_evaluator(block, call, lambda g: 2.5, "cpu")
+    assert not hasattr(evaluate, "many")  # the per-candidate path off CUDA
+    block.set_genome(genome)
+    assert evaluate(genome) == (block_nsr(block, call), 2.5)
+    if torch.cuda.is_available():
+        assert isinstance(block_evaluator(block, call, lambda g: 2.5, "cuda"), PopulationEvaluator)
 
 
 # ---------------------------------------------------------------------------------------------

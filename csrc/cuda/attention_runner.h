@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <vector>
@@ -158,9 +159,8 @@ inline at::Tensor attention_forward(
 
 // population_attention's forward: candidate i keeps the first heads[i] heads.
 //  * one shared input: the projections and the attention core run once, for the most heads any
-//    candidate keeps (a head's output does not depend on the other heads); the output projection
-//    is summed head range by head range, so candidate i gets
-//    out_bias + sum over its ranges of attended[..., range] @ out_weight[:, range]^T.
+//    candidate keeps (a head's output does not depend on the other heads); then one output
+//    projection per distinct head count, on that prefix of the heads' outputs.
 //  * one input per candidate (same batch): projections per candidate, all attention cores in one
 //    launch, output projections per candidate.
 inline std::vector<at::Tensor> population_attention_forward(
@@ -179,22 +179,14 @@ inline std::vector<at::Tensor> population_attention_forward(
                                                       v_weight, v_bias, most * head_dim)};
     const at::Tensor attended =
         attention_cores(projected, {most}, head_dim, stream, upload, op).front();
-    std::vector<int64_t> distinct(heads.begin(), heads.end());
-    std::sort(distinct.begin(), distinct.end());
-    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    // One output projection per distinct head count, on the prefix of the heads' outputs (one
+    // rounding, as a single candidate's op has; the search space has at most two head counts).
     std::map<int64_t, at::Tensor> by_heads;
-    at::Tensor running;
-    int64_t done = 0;
-    for (const int64_t h : distinct) {
-      const at::Tensor part = at::linear(attended.narrow(2, done * head_dim, (h - done) * head_dim),
-                                         out_weight.narrow(1, done * head_dim, (h - done) * head_dim));
-      if (!running.defined()) {
-        running = out_bias.has_value() ? at::add(part, *out_bias) : part;
-      } else {
-        running = at::add(running, part);
+    for (const int64_t h : heads) {
+      if (by_heads.count(h) == 0) {
+        by_heads[h] = at::linear(attended.narrow(2, 0, h * head_dim),
+                                 out_weight.narrow(1, 0, h * head_dim), out_bias);
       }
-      by_heads[h] = running;
-      done = h;
     }
     std::map<int64_t, bool> handed_out;
     for (size_t i = 0; i < count; ++i) {

@@ -8,8 +8,8 @@
 //    again, the attention matrix materialised, the chain rule through the projections). The
 //    search only evaluates attention candidates; training runs on it rarely.
 //  * population_attention: with one shared input, the projections and the attention core run
-//    once for the most heads any candidate keeps and each candidate's output projection is summed
-//    from head ranges; with one input per candidate, all attention cores run in ONE launch.
+//    once for the most heads any candidate keeps, then one output projection per distinct head
+//    count; with one input per candidate, all attention cores run in ONE launch.
 #include <ATen/ATen.h>
 // The c10 stream and guard headers, not ATen/cuda/CUDAContext.h: that one needs the cuBLAS and
 // cuSPARSE headers, which a bare CUDA toolkit (like the build machine's) lacks.

@@ -89,12 +89,12 @@ def main(argv=None) -> int:
     if args.dtypes:
         dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",")]
     else:
-        dtypes = [torch.float32, torch.bfloat16] if cuda else [torch.float32]
+        dtypes = [torch.bfloat16, torch.float32] if cuda else [torch.float32]
     if args.populations:
         populations = [int(v) for v in args.populations.split(",")]
     else:
         populations = [4] if args.quick else ([8, 32] if cuda else [8])
-    repeats = args.repeats or (3 if args.quick else (15 if cuda else 5))
+    repeats = args.repeats or (3 if args.quick else (10 if cuda else 5))
     timer = Timer(device, warmup=1 if args.quick else args.warmup, repeats=repeats,
                   target_ms=0.2 if args.quick else 1.0)
     # TF32 as PyTorch's defaults have it for convolutions would make the float32 baseline a
@@ -106,22 +106,29 @@ def main(argv=None) -> int:
     if args.only:
         cases = [c for c in cases if args.only in c.op]
     peaks = measure_peaks(device, dtypes, timer, quick=args.quick)
-    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20) if cuda else 0
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+            "torch": torch.__version__, "build_info": pyevo.build_info(), "quick": args.quick,
+            "threads": torch.get_num_threads(), "tf32": False, "repeats": repeats,
+            "host": platform.node(), "cpu_count": os.cpu_count(), "cases": len(cases)}
     rows = []
+
+    def write(complete: bool) -> None:
+        # After every case, so a run cut short still leaves what it measured.
+        with open(args.json, "w") as handle:
+            json.dump({"meta": {**meta, "complete": complete}, "peaks": peaks, "rows": rows}, handle,
+                      indent=1)
+
     for index, case in enumerate(cases):
         row = run_case(case, device, timer, peaks, l2_bytes, seed=index)
         rows.append(row)
         print(f"[{index + 1}/{len(cases)}] {row['op']} {row['shape']} {row['dtype']}: "
               f"{row['ours_ms']:.4f} ms", flush=True)
+        write(complete=False)
         if cuda:
             torch.cuda.empty_cache()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
-            "torch": torch.__version__, "build_info": pyevo.build_info(), "quick": args.quick,
-            "threads": torch.get_num_threads(), "tf32": False, "repeats": repeats,
-            "host": platform.node(), "cpu_count": os.cpu_count()}
-    with open(args.json, "w") as handle:
-        json.dump({"meta": meta, "peaks": peaks, "rows": rows}, handle, indent=1)
+    write(complete=True)
     print()
     print(f"{meta['device']}, torch {meta['torch']}, {meta['date']}")
     print(format_table(rows, peaks))

@@ -42,7 +42,7 @@ from pyevo.teacher import BlockCall, _map_tensors, noise_to_signal, output_tenso
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PopulationEvaluator", "population_nsr"]
+__all__ = ["PopulationEvaluator", "block_evaluator", "population_nsr"]
 
 
 @dataclass
@@ -245,3 +245,22 @@ class PopulationEvaluator:
         """Every genome at once through the population ops."""
         nsrs = population_nsr(self.block, self.call, list(genomes), self.chunk, self.max_rows)
         return [(nsr, float(self.latency(genome))) for nsr, genome in zip(nsrs, genomes)]
+
+
+def block_evaluator(block: SuperBlock, call: BlockCall, latency: Callable[[Genome], float],
+                    device: torch.device | str) -> Callable[[Genome], tuple[float, float]]:
+    """The ``evaluate`` callable of one block's search for a run on ``device``.
+
+    On CUDA: a :class:`PopulationEvaluator` on the GPU (the block and its held-out call are copied
+    there once), so each generation's new genomes are scored together through the population
+    ops. Elsewhere: the per-candidate path (``set_genome`` + ``block_nsr``) on the block's own
+    device, as before.
+    """
+    if torch.device(device).type == "cuda":
+        return PopulationEvaluator(block, call, latency, device=device)
+
+    def evaluate(genome: Genome) -> tuple[float, float]:
+        block.set_genome(genome)
+        return block_nsr(block, call), float(latency(genome))
+
+    return evaluate

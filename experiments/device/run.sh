@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The GPU check of pyevo's CUDA kernels, in one command, on a fresh GPU machine with a copy of the
+# working tree (experiments/device/README.md says how it is run and where its figures go):
+#
+#   bash experiments/device/run.sh          # on the GPU machine; logs and results under $OUT
+#   bash experiments/device/run.sh --cpu    # a rehearsal on a machine without a GPU (.venv)
+#
+# Steps (each one's failure is recorded and shown; later steps still run):
+#   a. environment and build: a venv on the machine's CUDA torch (--system-site-packages: the
+#      image's python3 holds torch; the wheels in .whl/, if carried, add what it lacks, e.g.
+#      diffusers and deap), then pyevo._C built with CUDA for the visible GPU;
+#   b. the CUDA tests (tests/test_ops.py, tests/test_population_ops.py, -k cuda);
+#   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
+#      allocator, so an access past a tensor's end is past an allocation's end);
+#   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case;
+#   e. a short python -m pyevo.search --device cuda on the digits teacher (small stage settings),
+#      whose report gives teacher vs student latency on the GPU;
+#   f. a summary table, printed last and written to $OUT/summary.md.
+# Step limits add up to 480 s (8 minutes); a device call of timeout_s=600 leaves a margin.
+# Files in $OUT (8 at most come back): build.log tests.log sanitizer.log bench.log bench.json
+# search.log search_report.json summary.md. Everything else stays in $WORK.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+MODE=gpu
+[[ "${1:-}" == "--cpu" ]] && MODE=cpu
+OUT=${OUT:-$(mktemp -d /tmp/pyevo_out.XXXXXX)}
+WORK=${WORK:-$(mktemp -d /tmp/pyevo_device.XXXXXX)}
+mkdir -p "$OUT" "$WORK"
+STEPS=$WORK/steps.tsv
+: > "$STEPS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+START=$SECONDS
+
+# step NAME SECONDS LOG COMMAND...: runs COMMAND with a time limit, output to LOG, and records
+# NAME, exit status and duration.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local begin=$SECONDS
+  echo "== $name (limit ${limit}s) -> $log"
+  timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - begin))" >> "$STEPS"
+  echo "   $name: exit $rc in $((SECONDS - begin)) s"
+  return $rc
+}
+
+# ---- a. environment and build
+BUILD_LOG=$OUT/build.log
+: > "$BUILD_LOG"
+if [[ $MODE == cpu ]]; then
+  PY=${PYTHON:-.venv/bin/python}
+  DEVICE=cpu
+  {
+    echo "rehearsal on the CPU with $PY (no venv, no CUDA build)"
+    "$PY" -c "import torch, pyevo; print('torch', torch.__version__, 'build', pyevo.build_info())"
+  } >> "$BUILD_LOG" 2>&1
+  printf 'build\t%s\t0\n' "$?" >> "$STEPS"
+else
+  DEVICE=cuda
+  VENV=$WORK/venv
+  build() {
+    set -e
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 -m venv --system-site-packages "$VENV"
+    if compgen -G ".whl/*.whl" > /dev/null; then
+      "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
+    fi
+    "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+      torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+    # TORCH_CUDA_ARCH_LIST unset: setup.py builds for the visible GPU's compute capability.
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 MAX_JOBS=$(nproc) \
+      "$VENV/bin/python" setup.py -q build_ext --inplace
+    "$VENV/bin/python" -c "import torch, pyevo; info = pyevo.build_info(); print('build_info', info); \
+      assert info['cuda'], 'built without CUDA'"
+  }
+  step build 150 "$BUILD_LOG" bash -c "$(declare -f build); VENV='$VENV'; build"
+  PY=$VENV/bin/python
+  [[ -x $PY ]] || PY=python3
+fi
+
+# The tests that import diffusers and deap (the supernet, the search) run only where they import.
+TEST_FILES="tests/test_ops.py"
+if "$PY" -c "import diffusers, deap" > /dev/null 2>&1; then
+  TEST_FILES="tests/test_ops.py tests/test_population_ops.py"
+else
+  echo "diffusers or deap missing: tests/test_population_ops.py and the search are skipped" \
+    "(carry wheels in .whl/: experiments/device/README.md)" | tee -a "$BUILD_LOG"
+fi
+
+# ---- b. CUDA tests
+# shellcheck disable=SC2086
+step tests 80 "$OUT/tests.log" "$PY" -m pytest $TEST_FILES -k cuda -q -rfEs -p no:cacheprovider
+
+# ---- c. compute-sanitizer memcheck on the sanitizer subset
+if [[ $MODE == gpu ]] && command -v compute-sanitizer > /dev/null; then
+  # shellcheck disable=SC2086
+  # Only pyevo's kernels are instrumented (their names hold "pyevo"): the references' cuDNN and
+  # SDPA kernels run at full speed.
+  step sanitizer 60 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --kernel-name kns=pyevo --error-exitcode 99 --print-limit 30 \
+    "$PY" -m pytest $TEST_FILES -m sanitizer -q -p no:cacheprovider
+else
+  echo "compute-sanitizer: not run (no GPU or no compute-sanitizer)" > "$OUT/sanitizer.log"
+  printf 'sanitizer\tskipped\t0\n' >> "$STEPS"
+fi
+
+# ---- d. microbenchmarks
+if [[ $MODE == gpu ]]; then
+  step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json"
+else
+  step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --quick --device cpu --json "$OUT/bench.json"
+fi
+
+# ---- e. a short search on the digits teacher, latency measured on the device
+if [[ $TEST_FILES == *population* ]]; then
+  # On the GPU at the deployment dtype float16; the CPU rehearsal times float32 at batch 8
+  # (float16 convolutions take a slow path on CPUs).
+  if [[ $MODE == gpu ]]; then LATENCY=(--dtype float16 --batch 64); else LATENCY=(--dtype float32 --batch 8); fi
+  # A 30-step supernet cannot meet MAC/parameter caps; lift them where the config has them.
+  CAPS=()
+  for key in max_macs max_params; do
+    if "$PY" -c "import sys; from pyevo.config import SearchConfig; sys.exit(0 if hasattr(SearchConfig(), '$key') else 1)" 2> /dev/null; then
+      CAPS+=(--set "search.$key=1")
+    fi
+  done
+  step search 70 "$OUT/search.log" "$PY" -m pyevo.search --device "$DEVICE" "${LATENCY[@]}" \
+    --out "$WORK/search" --quiet \
+    --set distill.steps=30 --set distill.batch_size=32 --set search.population=8 \
+    --set search.generations=2 --set search.heldout_size=64 --set retrain.steps=30 \
+    --set evaluate.num_samples=64 --set evaluate.ddim_steps=10 --set latency.repeats=5 \
+    --set latency.cache= "${CAPS[@]}"
+  [[ -f $WORK/search/report.json ]] && cp "$WORK/search/report.json" "$OUT/search_report.json"
+else
+  echo "search: not run (diffusers or deap missing)" > "$OUT/search.log"
+  printf 'search\tskipped\t0\n' >> "$STEPS"
+fi
+
+# ---- f. summary, printed last
+echo
+"$PY" experiments/device/summarize.py --out "$OUT" --steps "$STEPS" --total "$((SECONDS - START))" \
+  || echo "summary failed (exit $?); logs are in $OUT"

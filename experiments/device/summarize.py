@@ -1,0 +1,165 @@
+"""Summary of a device run (experiments/device/run.sh): step status, test counts, sanitizer
+result, the benchmark against the issue's targets, and the search's teacher vs student latency.
+Prints a short table and writes it to OUT/summary.md.
+
+    python experiments/device/summarize.py --out OUT --steps STEPS.tsv [--total SECONDS]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import sys
+
+
+def read(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def pytest_counts(log: str) -> str:
+    lines = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
+    return lines[-1].strip("= ").strip() if lines else "no pytest summary line"
+
+
+def sanitizer_result(log: str) -> str:
+    summaries = re.findall(r"ERROR SUMMARY: (\d+) error", log)
+    if not summaries:
+        return log.strip().splitlines()[0] if log.strip() else "no output"
+    return f"{sum(int(s) for s in summaries)} memcheck errors; pytest: {pytest_counts(log)}"
+
+
+def best_baseline(row: dict, prefix: str = "") -> tuple[str, dict] | tuple[None, None]:
+    timed = {k: v for k, v in row["baselines"].items() if "ms" in v and k.startswith(prefix)}
+    if not timed:
+        return None, None
+    return min(timed.items(), key=lambda kv: kv[1]["ms"])
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets, each with the worst and median case measured."""
+    lines = []
+
+    def report(name, values, threshold, unit="x"):
+        if not values:
+            lines.append(f"| {name} | - | - | not measured |")
+            return
+        worst = min(values, key=lambda v: v[0])
+        median = statistics.median(v[0] for v in values)
+        met = sum(v[0] >= threshold for v in values)
+        lines.append(f"| {name} (target >= {threshold:g}{unit}) | {worst[0]:.2f}{unit} ({worst[1]}) | "
+                     f"{median:.2f}{unit} | {met}/{len(values)} cases met |")
+
+    def label(row):
+        return f"{row['shape']} {row['dtype']}"
+
+    def speedups(op, baseline):
+        out = []
+        for row in rows:
+            if row["op"] == op and "speedup" in row["baselines"].get(baseline, {}):
+                out.append((row["baselines"][baseline]["speedup"], label(row)))
+        return out
+
+    report("pop conv, shared input vs loop", speedups("pop-conv shared-input", "loop"), 2.0)
+    report("pop conv, own inputs vs loop", speedups("pop-conv own-inputs", "loop"), 1.5)
+    report("pop conv, own inputs vs padded grouped", speedups("pop-conv own-inputs", "padded-grouped"), 2.0)
+    report("GroupNorm+SiLU vs eager", speedups("gn+silu", "eager"), 3.0)
+    report("GroupNorm+SiLU, fraction of copy bandwidth",
+           [(row["fraction_of_peak"], label(row)) for row in rows if row["op"] == "gn+silu"], 0.5, "")
+    pop_attention = []
+    for row in rows:
+        if row["op"] == "pop-attention shared-input":
+            name, best = best_baseline(row, "loop")
+            if best:
+                pop_attention.append((best["speedup"], f"{label(row)} vs {name}"))
+    report("pop attention vs best SDPA loop", pop_attention, 2.0)
+    single = []
+    for row in rows:
+        if row["op"] == "attention" and " S256 " in f" {row['shape']} ":
+            head_dim = int(re.search(r"x(\d+)", row["shape"].split("H")[-1]).group(1))
+            name, best = best_baseline(row)
+            if best and 32 <= head_dim <= 64:
+                single.append((best["speedup"], f"{label(row)} vs {name}"))
+    report("one attention vs best SDPA, S=256, d 32-64", single, 0.9)
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", required=True)
+    parser.add_argument("--total", type=int, default=None)
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    md = ["# pyevo device run", ""]
+
+    bench = {}
+    if (out / "bench.json").is_file():
+        bench = json.loads((out / "bench.json").read_text())
+    meta = bench.get("meta", {})
+    if meta:
+        md += [f"{meta.get('device')}, torch {meta.get('torch')}, {meta.get('date')}, "
+               f"pyevo build {meta.get('build_info')}", ""]
+
+    md += ["| step | exit | seconds | result |", "|---|---|---|---|"]
+    results = {"tests": pytest_counts(read(out / "tests.log")),
+               "sanitizer": sanitizer_result(read(out / "sanitizer.log")),
+               "bench": (f"{len(bench.get('rows', []))}/{meta.get('cases', '?')} cases"
+                         + ("" if meta.get("complete") else " (incomplete)")) if bench else "no bench.json",
+               "build": (read(out / "build.log").strip().splitlines() or ["no log"])[-1][:120]}
+    for line in read(pathlib.Path(args.steps)).splitlines():
+        name, rc, seconds = (line.split("\t") + ["", "", ""])[:3]
+        md.append(f"| {name} | {rc} | {seconds} | {results.get(name, '')} |")
+    if args.total is not None:
+        md.append(f"| total | | {args.total} | |")
+    md.append("")
+
+    report = {}
+    if (out / "search_report.json").is_file():
+        report = json.loads((out / "search_report.json").read_text())
+    if report:
+        t, s = report["teacher"], report["student"]
+        md += ["| search (digits teacher, short run) | teacher | student | ratio |", "|---|---|---|---|",
+               f"| latency on {report.get('device')} (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | "
+               f"{s['latency_ms'] / t['latency_ms']:.2f} |",
+               f"| MACs | {t['macs']:,} | {s['macs']:,} | {s['macs'] / t['macs']:.2f} |", ""]
+    else:
+        md += ["search: no report (see search.log)", ""]
+
+    rows = bench.get("rows", [])
+    if rows:
+        peaks = bench["peaks"]
+        md += ["peaks measured in the run: " + ", ".join(
+            f"{k} matmul {v:.3g} TFLOP/s" for k, v in peaks["matmul_tflops"].items())
+               + f", device copy {peaks['copy_gbps']:.4g} GB/s (read + write)", "",
+               "| target | worst case | median | |", "|---|---|---|---|"] + target_lines(rows) + [""]
+    short = "\n".join(md) + "\n"
+    if rows:
+        md += ["| op | shape | dtype | ours ms | best baseline ms | x best | x padded | % peak | diff |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            name, best = best_baseline(row)
+            padded = row["baselines"].get("padded-grouped", {})
+            fraction = row.get("fraction_of_peak")
+            cells = [row["op"], row["shape"], row["dtype"], f"{row['ours_ms']:.4f}",
+                     f"{name} {best['ms']:.4f}" if best else "-",
+                     f"{best['speedup']:.2f}" if best else "-",
+                     f"{padded['speedup']:.2f}" if "speedup" in padded else "",
+                     f"{100 * fraction:.1f}" if fraction is not None else "-",
+                     f"{row['max_rel_diff']:.1e}" if "max_rel_diff" in row else "-"]
+            md.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(md) + "\n"
+    (out / "summary.md").write_text(text)
+    # Printed: everything but the per-case table (that is in summary.md), so it fits the end of
+    # the output a device call returns.
+    print(short)
+    print(f"per-case table: {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
