@@ -23,9 +23,9 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.emulation, pytest.mark.skipif(
     shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_fp16.h").is_file(),
-    reason="the host emulation needs g++ and the CUDA headers (CUDA_HOME)")
+    reason="the host emulation needs g++ and the CUDA headers (CUDA_HOME)")]
 
 
 @pytest.fixture(scope="module")
