@@ -20,8 +20,7 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 import pyevo  # noqa: F401  (registers torch.ops.pyevo)
 from pyevo import ops
@@ -399,9 +398,6 @@ def digits_supernet():
     with torch.no_grad():
         for param in supernet.parameters():
             param.add_(0.02 * torch.randn_like(param))
-    scheduler = type("Scheduler", (), {})()
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     images = torch.rand(10, 1, 16, 16) * 2 - 1
     calls = heldout_calls(teacher, images, scheduler, size=10, seed=0)
