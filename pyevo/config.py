@@ -55,13 +55,16 @@ class SearchConfig:
     # met after any rule by swapping in cheaper evaluated candidates.
     max_macs: float = 0.5
     max_params: float = 0.5
+    # When the caps force swaps, the room left under them buys back NSR with up to this factor of
+    # the rule's summed block latency.
+    cap_latency_slack: float = 1.2
 
 
 @dataclass
 class RetrainConfig:
     """Retraining of the assembled student with the dynamic joint loss."""
 
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 5e-4
     loss: str = "dynamic"  # dynamic | static | hard | end-only
@@ -108,6 +111,8 @@ class RunConfig:
         for name in ("search.max_macs", "search.max_params"):
             if not 0.0 < _get(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {_get(self, name)}")
+        if self.search.cap_latency_slack < 1.0:
+            raise ConfigError(f"search.cap_latency_slack must be >= 1, got {self.search.cap_latency_slack}")
         if self.search.slack < 1.0:
             raise ConfigError(f"search.slack must be >= 1, got {self.search.slack}")
         if not 0.0 < self.retrain.lambda_share <= 1.0:

@@ -25,13 +25,14 @@ import safetensors.torch
 import torch
 
 from pyevo.config import ConfigError, RunConfig, save_config
-from pyevo.distill import block_nsr, distill_supernet, heldout_calls
+from pyevo.distill import distill_supernet, heldout_calls
 from pyevo.evaluate import model_latency_ms, paired_similarity, sample_quality
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
 from pyevo.sample import ddim_sample
 from pyevo.search.local import BlockSearchResult, search_block
+from pyevo.search.population import block_evaluator
 from pyevo.cost import count_macs, count_params
 from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
                                  select_diffnas)
@@ -244,11 +245,10 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         results = {}
         for index, (name, space) in enumerate(spaces.items()):
             block = supernet[name]
-
-            def evaluate(genome, name=name, space=space, block=block):
-                block.set_genome(genome)
-                nsr = block_nsr(block, calls[name])
-                return nsr, timer(name, block, space, genome)
+            # On CUDA a generation's candidates are scored together through the population ops.
+            evaluate = block_evaluator(block, calls[name],
+                                       lambda genome, name=name, space=space, block=block: timer(name, block, space, genome),
+                                       config.device)
 
             # Generation checkpoints live under the stage's key: a changed search never resumes
             # from another search's generations.
@@ -258,7 +258,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             results[name] = result.to_dict()
         return {"blocks": results}
 
-    search_inputs = [asdict(config.search) | dict.fromkeys(("rule", "slack", "budget", "max_macs", "max_params")),
+    search_inputs = [asdict(config.search) | dict.fromkeys(("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")),
                      asdict(config.latency), config.device, config.dtype, config.batch]
     searched = stages.run("search", search_inputs, search)
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
@@ -278,7 +278,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             return coster(name, supernet[name], spaces[name], candidate.genome)
 
         picks = meet_cost_caps(picks, results, block_cost, stem_cost, cost_limit,
-                               latency_guard(rule, results, budget, budget_ms))
+                               latency_guard(rule, results, budget, budget_ms), config.search.cap_latency_slack)
         genomes = {name: pick.genome for name, pick in picks.items()}
         estimate = stem_cost + _sum_costs(block_cost(n, p) for n, p in picks.items())
         return {"rule": rule, "genome": encode_network(genomes, list(spaces.values())),
@@ -288,7 +288,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                 "macs_ratio": estimate.macs / teacher_cost.macs, "params_ratio": estimate.params / teacher_cost.params}
 
     selected = stages.run("select", [config.search.rule, config.search.slack, config.search.budget,
-                                     config.search.max_macs, config.search.max_params], select)
+                                     config.search.max_macs, config.search.max_params,
+                                     config.search.cap_latency_slack], select)
     genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
 
     # --- retraining

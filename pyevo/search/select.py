@@ -110,7 +110,7 @@ def cap_excess(total: Cost, limit: Cost) -> float:
 def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSearchResult],
                    cost: Callable[[str, Candidate], Cost], stem: Cost, limit: Cost,
                    allowed: Callable[[str, Candidate, dict[str, Candidate]], bool] = lambda *_: True,
-                   ) -> dict[str, Candidate]:
+                   latency_slack: float = 1.0) -> dict[str, Candidate]:
     """Swap picks for cheaper evaluated candidates until the network's MACs and params meet ``limit``.
 
     A latency rule alone can leave MACs or parameters above what a user asked for (fast blocks at
@@ -118,10 +118,16 @@ def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSe
     block, that buys the most excess reduction per unit of NSR given up (NSR relative to the
     block's teacher-shaped NSR, so blocks compare on one scale); swaps that lower the NSR too come
     first. ``allowed(name, candidate, picks)`` vetoes swaps (e.g. ones that break a latency budget).
+    Once the caps are met, room left under them goes back into NSR (:func:`_spend_slack`), never
+    past ``latency_slack`` x the summed block latency of the rule's own picks, or the repaired
+    picks' latency if that is larger. Picks that meet the caps from the start are returned unchanged.
     Raises ``BudgetError`` when no swap gets closer and the caps are still not met.
     """
     picks = dict(picks)
     total = stem + sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
+    if cap_excess(total, limit) == 0:
+        return picks
+    ceiling_ms = latency_slack * sum(c.latency_ms for c in picks.values())
     while (excess := cap_excess(total, limit)) > 0:
         best, best_key = None, None
         for name, result in results.items():
@@ -140,7 +146,34 @@ def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSe
                               f"the MACs cap and {total.params / limit.params:.2f} x the params cap")
         name, candidate, total = best
         picks[name] = candidate
-    return picks
+    ceiling_ms = max(ceiling_ms, sum(c.latency_ms for c in picks.values()))
+    return _spend_slack(picks, results, cost, total, limit, allowed, ceiling_ms)
+
+
+def _spend_slack(picks: dict[str, Candidate], results: Mapping[str, BlockSearchResult],
+                 cost: Callable[[str, Candidate], Cost], total: Cost, limit: Cost,
+                 allowed: Callable[[str, Candidate, dict[str, Candidate]], bool], ceiling_ms: float
+                 ) -> dict[str, Candidate]:
+    """Greedy repair moves in whole candidates, so it tends to land well under the caps: spend
+    what is left on the swaps that lower the NSR most (relative), within the caps, the rule's
+    guard and ``ceiling_ms`` of summed block latency."""
+    while True:
+        best, best_key = None, None
+        latency = sum(c.latency_ms for c in picks.values())
+        for name, result in results.items():
+            current = cost(name, picks[name])
+            for candidate in result.evaluated:
+                gain = (picks[name].nsr - candidate.nsr) / result.teacher.nsr
+                after = total - current + cost(name, candidate)
+                if (gain <= 1e-12 or cap_excess(after, limit) > 0 or not allowed(name, candidate, picks)
+                        or latency - picks[name].latency_ms + candidate.latency_ms > ceiling_ms):
+                    continue
+                if best_key is None or gain > best_key:
+                    best, best_key = (name, candidate, after), gain
+        if best is None:
+            return picks
+        name, candidate, total = best
+        picks[name] = candidate
 
 
 def latency_guard(rule: str, results: Mapping[str, BlockSearchResult], budget: float, budget_ms: float
