@@ -54,8 +54,11 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None) -> dic
 
 
 def paired_similarity(student_samples: torch.Tensor, teacher_samples: torch.Tensor) -> dict:
-    """PSNR and SSIM of the student's samples against the teacher's from the same noise."""
-    from pyevo.metrics import psnr, ssim
+    """PSNR, SSIM and (digits) class agreement of the student's samples with the teacher's, same noise."""
+    from pyevo.metrics import class_agreement, psnr, ssim
 
-    return {"psnr_vs_teacher": psnr(student_samples, teacher_samples),
-            "ssim_vs_teacher": ssim(student_samples, teacher_samples)}
+    similarity = {"psnr_vs_teacher": psnr(student_samples, teacher_samples),
+                  "ssim_vs_teacher": ssim(student_samples, teacher_samples), "class_agreement": None}
+    if student_samples.shape[1:] == (1, 16, 16):  # digits-like: the classifier applies
+        similarity["class_agreement"] = class_agreement(student_samples, teacher_samples)
+    return similarity

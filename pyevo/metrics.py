@@ -4,6 +4,7 @@
   shipped digits classifier (its 64-d penultimate embedding), via torchmetrics'
   ``FrechetInceptionDistance`` with a custom feature module; computed in float64.
 - ``class_coverage``: the share of images the classifier assigns to each class.
+- ``class_agreement``: the share of same-noise pairs (teacher, student) in the same class.
 - ``psnr`` / ``ssim``: paired comparison of two sets drawn from the same noise (e.g. teacher vs
   student samples), averaged over image pairs.
 """
@@ -85,6 +86,19 @@ def class_coverage(images: torch.Tensor, classifier: DigitsClassifier | None = N
     predictions = classifier.predict(images.float())
     counts = torch.bincount(predictions, minlength=classifier.config.num_classes)
     return (counts.double() / len(predictions)).tolist()
+
+
+def class_agreement(a: torch.Tensor, b: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:
+    """Share of image pairs (``a[i]``, ``b[i]``) the classifier puts in the same class.
+
+    For two models sampled from the same noise this is how often the student draws the digit the
+    teacher draws: a paired measure, unlike the Fréchet distance, which in this feature space moves
+    with every shift in the class mixture.
+    """
+    _check_pair(a, b)
+    _check_images(a, "a")
+    classifier = classifier or _shipped_classifier()
+    return (classifier.predict(a.float()) == classifier.predict(b.float())).double().mean().item()
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:

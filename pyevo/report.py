@@ -78,6 +78,7 @@ def _markdown(report: dict) -> str:
         f"| Fréchet distance | {_fmt(t.get('fd'))} | {_fmt(s.get('fd'))} | {_fmt(r['fd'], '.3f')} |",
         f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "
         f"{s['ssim_vs_teacher']:.3f} | |",
+        f"| same class as the teacher (same noise) | — | {_fmt(s.get('class_agreement'), '.3f')} | |",
         "",
     ]
     if t.get("class_coverage"):

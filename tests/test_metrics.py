@@ -100,3 +100,17 @@ def test_bad_shapes(classifier):
         frechet_distance(torch.zeros(1, 1, 16, 16), torch.zeros(4, 1, 16, 16), classifier)
     with pytest.raises(ValueError, match="same shape"):
         psnr(torch.zeros(2, 1, 16, 16), torch.zeros(3, 1, 16, 16))
+
+
+def test_class_agreement_counts_pairs_in_the_same_class():
+    from pyevo.metrics import class_agreement
+
+    images, labels = digits("heldout")
+    order = torch.argsort(labels, stable=True)
+    a = images[order][:100]  # mostly 0s and 1s, sorted by class
+    assert class_agreement(a, a.clone()) == 1.0
+    # Pair each image with one of another class: the classifier (99.8% held-out) must disagree.
+    other = images[order][-100:]
+    assert class_agreement(a, other) <= 0.02
+    with pytest.raises(ValueError, match="same shape"):
+        class_agreement(a, a[:10])

@@ -865,17 +865,17 @@ def test_cuda_shared_conv2d_small():
 
 @CUDA
 def test_cuda_shared_conv2d_tf32():
-    # TF32 tensor cores for float32 when torch.backends.cuda.matmul.allow_tf32 is set: about
-    # 10-bit mantissa products, so a looser bound.
+    # TF32 tensor cores for float32 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default
+    # for convolutions): about 10-bit mantissa products, so a looser bound.
     generator, seed = fresh_generator()
     case = ConvCase(4, 64, 64, 64, 64, 5, 3, 1, 16, 16, True, "contiguous")
     x, w, b = (t.cuda() for t in case.make(torch.float32, generator))
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
     try:
         out = torch.ops.pyevo.shared_conv2d(x, w, b, *case.args)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.cudnn.allow_tf32 = previous
     error = relative_error(out, conv_reference(x.double(), w.double(), b.double(), *case.args))
     assert error < 5e-3, f"seed {seed}: {error}"
 

@@ -50,7 +50,7 @@ def test_report_holds_what_the_issue_asks(finished_run):
         for key in ("macs", "params", "latency_ms", "fd", "class_coverage"):
             assert stored[side][key] is not None, (side, key)
         assert abs(sum(stored[side]["class_coverage"]) - 1) < 1e-6
-    for key in ("latency_estimate_ms", "psnr_vs_teacher", "ssim_vs_teacher", "genome"):
+    for key in ("latency_estimate_ms", "psnr_vs_teacher", "ssim_vs_teacher", "class_agreement", "genome"):
         assert key in stored["student"]
     for key in ("device", "dtype", "batch", "seed"):
         assert stored[key] == getattr(config, key)

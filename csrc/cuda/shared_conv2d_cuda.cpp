@@ -1,7 +1,8 @@
 // CUDA kernels of pyevo::shared_conv2d (forward, backward) and pyevo::population_conv2d: our
 // implicit-GEMM kernels (kernels/conv_igemm.cu), which read the weight crop in place.
 //  * forward and grad_input: tensor cores for float16/bfloat16; for float32 tf32 tensor cores
-//    when torch.backends.cuda.matmul.allow_tf32 is set, plain FMAs otherwise; float64 FMAs.
+//    when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions, so a float32
+//    conv here is as precise as cuDNN's), plain FMAs otherwise; float64 FMAs.
 //  * grad_weight: the same kernel over the batch x pixels reduction, split for parallelism into
 //    float partial sums that a second kernel adds in a fixed order (deterministic) into the crop
 //    of a zeroed full-shape gradient. grad_bias: at::sum of grad_output.
@@ -24,7 +25,7 @@
 namespace pyevo {
 namespace {
 
-bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(); }
 
 conv_runner::TableUpload uploader(const at::Device& device) {
   return [device](const void* data, int64_t bytes) { return upload_table(data, bytes, device); };
