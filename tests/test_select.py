@@ -127,28 +127,27 @@ def test_cost_caps_prefer_the_cheapest_nsr_loss():
     assert met == {"a": a[0], "b": b[1]}
 
 
-def test_cost_caps_give_room_left_under_them_back_to_nsr():
-    # Block a must be cut (a0 -> a1 or a2). a2 cuts the most per NSR lost, overshooting the cap;
-    # the room left is then spent on block b's better candidate b1 (same latency, more params).
+def _two_block_problem():
+    """Block a must be cut (a0 -> a1 or a2); a2 cuts the most per NSR lost, overshooting the cap.
+    Block b's b1 (same latency, more params) and b2 (lower NSR, slower) can use the room left."""
     a = [Candidate((0,), "a0", 1.0, 2.0), Candidate((1,), "a1", 1.6, 1.0), Candidate((2,), "a2", 1.3, 1.0)]
     b = [Candidate((0,), "b0", 1.5, 1.0), Candidate((1,), "b1", 1.0, 1.0), Candidate((2,), "b2", 0.9, 5.0)]
     results = {"a": BlockSearchResult("a", a[0], pareto_front(a), a, []),
                "b": BlockSearchResult("b", b[1], pareto_front(b), b, [])}
     costs = {"a0": Cost(1, 100), "a1": Cost(1, 60), "a2": Cost(1, 20), "b0": Cost(1, 10), "b1": Cost(1, 40),
              "b2": Cost(1, 10)}
-    met = meet_cost_caps({"a": a[0], "b": b[0]}, results, lambda n, c: costs[c.code], Cost(0, 0), Cost(10, 65))
-    # b2 would lower NSR further but is slower than the summed latency allows.
+    return a, b, results, (lambda name, c: costs[c.code])
+
+
+def test_cost_caps_give_room_left_under_them_back_to_nsr():
+    a, b, results, cost = _two_block_problem()
+    met = meet_cost_caps({"a": a[0], "b": b[0]}, results, cost, Cost(0, 0), Cost(10, 65))
+    # b2 would lower NSR further but is slower than the rule's summed latency (3 ms) allows.
     assert met == {"a": a[2], "b": b[1]}
 
 
 def test_cost_caps_latency_slack_lets_the_room_buy_slower_better_candidates():
-    a = [Candidate((0,), "a0", 1.0, 2.0), Candidate((1,), "a1", 1.6, 1.0), Candidate((2,), "a2", 1.3, 1.0)]
-    b = [Candidate((0,), "b0", 1.5, 1.0), Candidate((1,), "b1", 1.0, 1.0), Candidate((2,), "b2", 0.9, 5.0)]
-    results = {"a": BlockSearchResult("a", a[0], pareto_front(a), a, []),
-               "b": BlockSearchResult("b", b[1], pareto_front(b), b, [])}
-    costs = {"a0": Cost(1, 100), "a1": Cost(1, 60), "a2": Cost(1, 20), "b0": Cost(1, 10), "b1": Cost(1, 40),
-             "b2": Cost(1, 10)}
-    # The rule's picks sum to 3 ms; with slack 2 the room may reach 6 ms: b2 fits.
-    met = meet_cost_caps({"a": a[0], "b": b[0]}, results, lambda n, c: costs[c.code], Cost(0, 0), Cost(10, 65),
-                         latency_slack=2.0)
+    a, b, results, cost = _two_block_problem()
+    # With slack 2 the room may reach 6 ms of summed latency: b2 fits.
+    met = meet_cost_caps({"a": a[0], "b": b[0]}, results, cost, Cost(0, 0), Cost(10, 65), latency_slack=2.0)
     assert met == {"a": a[2], "b": b[2]}
