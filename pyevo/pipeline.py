@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 
 from pyevo.config import ConfigError, RunConfig, save_config
+from pyevo.cost import count_macs, count_params
 from pyevo.distill import distill_supernet, heldout_calls
 from pyevo.evaluate import model_latency_ms, paired_similarity, sample_quality
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
@@ -33,7 +34,6 @@ from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
 from pyevo.sample import ddim_sample
 from pyevo.search.local import BlockSearchResult, search_block
 from pyevo.search.population import block_evaluator
-from pyevo.cost import count_macs, count_params
 from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
                                  select_diffnas)
 from pyevo.space import BlockSpace, encode_network, unet_space
@@ -246,9 +246,10 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         for index, (name, space) in enumerate(spaces.items()):
             block = supernet[name]
             # On CUDA a generation's candidates are scored together through the population ops.
-            evaluate = block_evaluator(block, calls[name],
-                                       lambda genome, name=name, space=space, block=block: timer(name, block, space, genome),
-                                       config.device)
+            def latency(genome, name=name, space=space, block=block):
+                return timer(name, block, space, genome)
+
+            evaluate = block_evaluator(block, calls[name], latency, config.device)
 
             # Generation checkpoints live under the stage's key: a changed search never resumes
             # from another search's generations.
@@ -258,7 +259,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             results[name] = result.to_dict()
         return {"blocks": results}
 
-    search_inputs = [asdict(config.search) | dict.fromkeys(("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")),
+    # The search does not depend on the selection's settings: changing them re-runs selection only.
+    selection_keys = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
+    search_inputs = [asdict(config.search) | dict.fromkeys(selection_keys),
                      asdict(config.latency), config.device, config.dtype, config.batch]
     searched = stages.run("search", search_inputs, search)
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
@@ -287,9 +290,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                 "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values()),
                 "macs_ratio": estimate.macs / teacher_cost.macs, "params_ratio": estimate.params / teacher_cost.params}
 
-    selected = stages.run("select", [config.search.rule, config.search.slack, config.search.budget,
-                                     config.search.max_macs, config.search.max_params,
-                                     config.search.cap_latency_slack], select)
+    selected = stages.run("select", [getattr(config.search, key) for key in selection_keys], select)
     genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
 
     # --- retraining
