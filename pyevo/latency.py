@@ -114,6 +114,7 @@ class LatencyTable:
         self.path = Path(path).expanduser() if path else None
         self.prefix = "|".join([device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}", teacher_id])
         self.entries: dict[str, float] = {}
+        self.discarded = False  # this prefix's stored entries were found stale (see recalibrate)
         if self.path is not None and self.path.is_file():
             try:
                 self.entries = json.loads(self.path.read_text())
@@ -137,6 +138,30 @@ class LatencyTable:
             self.put(block, genome, value)
         return value
 
+    def recalibrate(self, fresh: dict[tuple[str, str], float], max_factor: float = 2.0) -> bool:
+        """Compare fresh timings of some (block, genome) pairs with the stored ones.
+
+        A stored timing is only as good as the machine's state when it was taken (another job's
+        load can slow a CPU tenfold), so every run re-times a few reference blocks first. If their
+        summed stored time and summed fresh time differ by more than ``max_factor`` either way
+        (a sum, so that timing noise on small blocks does not trip it), every stored entry of this
+        device/dtype/batch/teacher is discarded, here and on save, and measured again when asked
+        for. The fresh timings are stored either way. Returns whether entries were discarded.
+        """
+        stored = [self.get(block, genome) for block, genome in fresh]
+        discard = False
+        if fresh and all(value is not None for value in stored):
+            before, now = sum(stored), sum(fresh.values())
+            discard = max(before / now, now / before) > max_factor
+            if discard:
+                log.warning("latency table %s: the reference blocks were stored at %.3f ms but take %.3f ms "
+                            "now; measuring this device's blocks again", self.path, before, now)
+                self.entries = {k: v for k, v in self.entries.items() if not k.startswith(self.prefix + "|")}
+                self.discarded = True
+        for (block, genome), ms in fresh.items():
+            self.put(block, genome, ms)
+        return discard
+
     def save(self) -> None:
         if self.path is None:
             return
@@ -146,5 +171,7 @@ class LatencyTable:
         if self.path.is_file():
             with contextlib.suppress(json.JSONDecodeError):
                 merged = json.loads(self.path.read_text())
+        if self.discarded:
+            merged = {k: v for k, v in merged.items() if not k.startswith(self.prefix + "|")}
         merged.update(self.entries)
         atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))

@@ -39,3 +39,32 @@ def test_table_keys_persist_and_merge(tmp_path):
 def test_fingerprint_ignores_private_keys_only():
     assert fingerprint({"a": 1, "_name": "x"}) == fingerprint({"a": 1, "_name": "y"})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_recalibrate_discards_stale_entries_of_its_own_key_only(tmp_path):
+    path = tmp_path / "table.json"
+    table = LatencyTable(path, "cpu", "float32", 64, "abc")
+    table.put("mid_block", "teacher", 100.0)  # timed while another job loaded the machine
+    table.put("up_blocks.0", "r0:skip", 40.0)
+    other_batch = LatencyTable(path, "cpu", "float32", 32, "abc")
+    other_batch.put("mid_block", "teacher", 7.0)
+    table.save()
+    other_batch.save()
+
+    # Within a factor 2: nothing is discarded.
+    calm = LatencyTable(path, "cpu", "float32", 64, "abc")
+    assert not calm.recalibrate({("mid_block", "teacher"): 60.0})
+    assert calm.get("up_blocks.0", "r0:skip") == 40.0 and calm.get("mid_block", "teacher") == 60.0
+    # A reference block never stored: nothing to compare with.
+    assert not LatencyTable(path, "cpu", "float32", 64, "abc").recalibrate({("down_blocks.0", "teacher"): 1.0})
+
+    # A reference block now runs 10x faster: every entry of this key goes, on disk too.
+    fresh = LatencyTable(path, "cpu", "float32", 64, "abc")
+    assert fresh.recalibrate({("mid_block", "teacher"): 10.0})
+    assert fresh.get("up_blocks.0", "r0:skip") is None and fresh.get("mid_block", "teacher") == 10.0
+    measured = []
+    assert fresh.lookup("up_blocks.0", "r0:skip", lambda: measured.append(1) or 4.0) == 4.0 and measured == [1]
+    fresh.save()
+    reread = LatencyTable(path, "cpu", "float32", 64, "abc")
+    assert reread.get("up_blocks.0", "r0:skip") == 4.0 and reread.get("mid_block", "teacher") == 10.0
+    assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "teacher") == 7.0  # untouched
