@@ -310,23 +310,35 @@ class SuperAttention(nn.Module):
                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if self.arch.dropped:
             return hidden_states
+        self.check_self_attention(encoder_hidden_states, attention_mask)
+        out_linear = self.to_out[0]
+        attended = torch.ops.pyevo.shared_attention(
+            self.normed_sequence(hidden_states), None, self.to_q.weight, self.to_q.bias, self.to_k.weight,
+            self.to_k.bias, self.to_v.weight, self.to_v.bias, out_linear.weight, out_linear.bias, self.arch.heads,
+            self.arch.head_dim)
+        return self.finish(attended, hidden_states)
+
+    # The steps around the attention op, shared with the search's population forward.
+    @staticmethod
+    def check_self_attention(encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("SuperAttention is self-attention without a mask: got encoder_hidden_states "
                              "or attention_mask")
-        residual = hidden_states
-        spatial = hidden_states.ndim == 4
-        if spatial:
+
+    def normed_sequence(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` or ``(B, S, C)`` input -> the group-normed ``(B, S, C)`` sequence, contiguous."""
+        if hidden_states.ndim == 4:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         if self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out_linear = self.to_out[0]
-        hidden_states = torch.ops.pyevo.shared_attention(
-            hidden_states.contiguous(), None, self.to_q.weight, self.to_q.bias, self.to_k.weight, self.to_k.bias,
-            self.to_v.weight, self.to_v.bias, out_linear.weight, out_linear.bias, self.arch.heads, self.arch.head_dim)
-        hidden_states = self.to_out[1](hidden_states)
-        if spatial:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        return hidden_states.contiguous()
+
+    def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The attention op's ``(B, S, C)`` output back in ``residual``'s layout, residual added, rescaled."""
+        hidden_states = self.to_out[1](attended)
+        if residual.ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
         if self.config.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / self.config.rescale_output_factor

@@ -112,36 +112,22 @@ def _attention_population_forward(layer: SuperAttention, archs, state: _Populati
                                   hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                                   attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """``SuperAttention.forward`` for every candidate's arch at once (same arithmetic)."""
-    if encoder_hidden_states is not None or attention_mask is not None:
-        raise ValueError("SuperAttention is self-attention without a mask: got encoder_hidden_states "
-                         "or attention_mask")
-    config, n = layer.config, state.rows
+    layer.check_self_attention(encoder_hidden_states, attention_mask)
+    n = state.rows
     shared = not state.diverged
     source = hidden_states[:n] if shared else hidden_states
     outputs: list[torch.Tensor | None] = [None] * len(archs)
     kept = [i for i, arch in enumerate(archs) if not arch.dropped]
     if kept:
-        residual = source
-        x = source
-        spatial = x.ndim == 4
-        if spatial:
-            batch, channels, height, width = x.shape
-            x = x.view(batch, channels, height * width).transpose(1, 2)
-        if layer.group_norm is not None:
-            x = layer.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        x = x.contiguous()
+        x = layer.normed_sequence(source)
         inputs = [x] if shared else [state.part(x, i) for i in kept]
         out_linear = layer.to_out[0]
         attended = ops.population_attention(
             inputs, layer.to_q.weight, layer.to_q.bias, layer.to_k.weight, layer.to_k.bias, layer.to_v.weight,
-            layer.to_v.bias, out_linear.weight, out_linear.bias, [archs[i].heads for i in kept], config.head_dim)
+            layer.to_v.bias, out_linear.weight, out_linear.bias, [archs[i].heads for i in kept],
+            layer.config.head_dim)
         for out, i in zip(attended, kept):
-            out = layer.to_out[1](out)
-            if spatial:
-                out = out.transpose(-1, -2).reshape(n, channels, height, width)
-            if config.residual_connection:
-                out = out + (residual if shared else state.part(residual, i))
-            outputs[i] = out / config.rescale_output_factor
+            outputs[i] = layer.finish(out, source if shared else state.part(source, i))
     for i, arch in enumerate(archs):
         if arch.dropped:
             outputs[i] = source if shared else state.part(source, i)
