@@ -90,6 +90,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_conv2d_backward_composite(
           std::move(grad_weight), std::move(grad_bias)};
 }
 
+std::vector<at::Tensor> population_conv2d_composite(at::TensorList inputs, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    at::IntArrayRef in_channels,
+                                                    at::IntArrayRef out_channels,
+                                                    at::IntArrayRef kernel_sizes, int64_t stride) {
+  check_population_conv2d(inputs, weight, bias, in_channels, out_channels, kernel_sizes, stride);
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(out_channels.size());
+  for (size_t i = 0; i < out_channels.size(); ++i) {
+    const at::Tensor& input = inputs.size() == 1 ? inputs[0] : inputs[i];
+    const at::Tensor used = in_channels.empty() ? input : input.narrow(1, 0, in_channels[i]);
+    outputs.push_back(
+        shared_conv2d_composite(used, weight, bias, out_channels[i], kernel_sizes[i], stride));
+  }
+  return outputs;
+}
+
 // ---------------------------------------------------------------------------------------------
 // shared_attention
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +225,7 @@ std::vector<at::Tensor> shared_attention_backward_with(
   auto bias_gradient = [&](const std::optional<at::Tensor>& shared,
                            const at::Tensor& grad_projection) {
     if (!shared.has_value()) return absent_gradient(hidden_states);
-    return scatter_into_full(*shared, grad_projection.sum({0, 1}),
+    return scatter_into_full(*shared, grad_projection.sum(at::IntArrayRef{0, 1}),
                              [&](const at::Tensor& full) { return prefix_rows(full, inner); });
   };
 
@@ -232,7 +249,7 @@ std::vector<at::Tensor> shared_attention_backward_with(
           bias_gradient(v_bias, grad_value),
           scatter_into_full(out_weight, grad_used_out_weight,
                             [&](const at::Tensor& full) { return full.narrow(1, 0, inner); }),
-          out_bias.has_value() ? grad_output.sum({0, 1}) : absent_gradient(hidden_states)};
+          out_bias.has_value() ? grad_output.sum(at::IntArrayRef{0, 1}) : absent_gradient(hidden_states)};
 }
 
 std::vector<at::Tensor> shared_attention_backward_composite(

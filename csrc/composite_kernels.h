@@ -27,6 +27,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_conv2d_backward_composite(
     const std::optional<at::Tensor>& bias, int64_t out_channels, int64_t kernel_size,
     int64_t stride, std::array<bool, 3> output_mask);
 
+// population_conv2d as a loop over shared_conv2d_composite, one candidate at a time.
+std::vector<at::Tensor> population_conv2d_composite(at::TensorList inputs, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    at::IntArrayRef in_channels,
+                                                    at::IntArrayRef out_channels,
+                                                    at::IntArrayRef kernel_sizes, int64_t stride);
+
 at::Tensor shared_attention_composite(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& encoder_hidden_states,
     const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,

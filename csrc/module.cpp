@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "composite_kernels.h"
+#include "cuda_kernel_choice.h"
 
 namespace {
 
@@ -49,6 +50,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("_shared_group_norm_silu_backward_composite",
         &pyevo::shared_group_norm_silu_backward_composite,
         "shared_group_norm_silu_backward built from ATen ops (for tests)");
+  m.def(
+      "_set_cuda_kernels",
+      [](const std::string& name) { pyevo::set_cuda_kernels(pyevo::cuda_kernels_from_name(name)); },
+      "Which kernels the CUDA ops use where ATen has its own: 'auto' or 'pyevo' "
+      "(pyevo.ops.set_cuda_kernels)");
+  m.def(
+      "_get_cuda_kernels", [] { return pyevo::cuda_kernels_name(pyevo::cuda_kernels()); },
+      "The current CUDA kernel choice (pyevo.ops.get_cuda_kernels)");
   // Likewise the CUDA backward of shared_attention (the CPU one uses ATen's CPU flash kernels).
   m.def("_shared_attention_backward_composite", &pyevo::shared_attention_backward_composite,
         "shared_attention_backward with a materialised attention matrix (for tests)");

@@ -28,16 +28,18 @@ int compute_capability_major() {
 }
 
 // A kernel that needs more than 48 KiB of dynamic shared memory must say so once per device.
-template <typename Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
+// The record of what was allowed is per kernel (Kernel is a template argument, not a parameter):
+// kernels of one signature, e.g. the float16 and bfloat16 instances, each need their own call.
+template <auto Kernel>
+cudaError_t allow_shared_memory(int bytes) {
   constexpr int kDevices = 64;
-  static std::atomic<int> allowed[kDevices];  // bytes already allowed, per device
+  static std::atomic<int> allowed[kDevices];  // bytes already allowed to this kernel, per device
   int device = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status != cudaSuccess) return status;
   if (bytes <= 48 * 1024) return cudaSuccess;
   if (device < kDevices && allowed[device].load() >= bytes) return cudaSuccess;
-  status = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+  status = cudaFuncSetAttribute(reinterpret_cast<const void*>(Kernel),
                                 cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (status == cudaSuccess && device < kDevices) allowed[device].store(bytes);
   return status;
@@ -45,9 +47,9 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
 
 template <typename T, int kD>
 cudaError_t launch_wmma(const AttentionParams& params, dim3 grid, cudaStream_t stream) {
-  auto* kernel = &attention_detail::flash_attention_wmma_kernel<T, kD>;
+  constexpr auto kernel = &attention_detail::flash_attention_wmma_kernel<T, kD>;
   const int bytes = WmmaLayout<T, kD>::BYTES;
-  const cudaError_t status = allow_shared_memory(kernel, bytes);
+  const cudaError_t status = allow_shared_memory<kernel>(bytes);
   if (status != cudaSuccess) return status;
   PYEVO_LAUNCH(kernel, grid, kWmmaThreads, bytes, stream, params);
   return cudaGetLastError();

@@ -18,13 +18,19 @@ for the search, which scores candidates and never trains them: they are **forwar
 autograd formula raises a clear error if a gradient is ever asked for (train a candidate through
 the single-candidate ops instead).
 
+Which kernels run on CUDA: where ATen has a fast kernel of its own (cuDNN convolution, SDPA),
+the default choice ``"auto"`` uses whichever was faster on an H100 (ATen's for the convolutions
+and the single-candidate attention; pyevo's for GroupNorm+SiLU and the population attention);
+``"pyevo"`` uses pyevo's kernels everywhere. See :func:`set_cuda_kernels`. CPU ops ignore it.
+
 Conventions of the backward ops: they return a fixed number of tensors; a gradient that does not
 exist (an absent optional input) or was not asked for comes back as an empty ``(0,)`` tensor,
 which the autograd formulas below turn into ``None``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +38,35 @@ from torch import Tensor
 from pyevo import _C  # noqa: F401  (loads the library that defines the ops)
 
 __all__ = ["shared_conv2d", "shared_group_norm_silu", "shared_attention", "population_conv2d",
-           "population_group_norm_silu", "population_attention"]
+           "population_group_norm_silu", "population_attention", "set_cuda_kernels",
+           "get_cuda_kernels", "cuda_kernels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels the CUDA ops run
+# ---------------------------------------------------------------------------------------------
+
+def set_cuda_kernels(choice: str) -> None:
+    """Choose the kernels of the CUDA ops, process-wide: ``"auto"`` (the default: per op the
+    faster of ATen's and pyevo's, as measured on an H100, ``experiments/device/README.md``) or
+    ``"pyevo"`` (pyevo's own kernels wherever it has one). Raises ``RuntimeError`` on another name."""
+    _C._set_cuda_kernels(choice)
+
+
+def get_cuda_kernels() -> str:
+    """The current choice of :func:`set_cuda_kernels`."""
+    return _C._get_cuda_kernels()
+
+
+@contextmanager
+def cuda_kernels(choice: str) -> Iterator[None]:
+    """:func:`set_cuda_kernels` for the duration of a ``with`` block, then the previous choice."""
+    previous = get_cuda_kernels()
+    set_cuda_kernels(choice)
+    try:
+        yield
+    finally:
+        set_cuda_kernels(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,8 +159,9 @@ def population_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Optional[T
     out_channels[i], kernel_sizes[i], stride)`` where ``x`` is ``inputs[0]`` (one input shared by
     every candidate, a block's first layer) or ``inputs[i]`` (one input per candidate). An empty
     ``in_channels`` means every candidate reads all of its input's channels. On CUDA all
-    candidates run in one launch of a grouped implicit GEMM; on the CPU this is a loop over
-    :func:`shared_conv2d`.
+    candidates run in one launch of a grouped implicit GEMM under ``set_cuda_kernels("pyevo")``,
+    and as a loop of cuDNN convolutions under the default ``"auto"`` (faster on an H100 at
+    DDPM/LDM sizes); on the CPU this is a loop over :func:`shared_conv2d`.
 
     Returns:
         K contiguous tensors ``(N, out_channels[i], H_out_i, W_out_i)``.

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import os
 import random
+import subprocess
+import sys
 import zlib
 from typing import Optional
 
@@ -22,6 +24,8 @@ import pyevo
 from pyevo import ops
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The CUDA tests here check pyevo's kernels, so they run with those (see conftest.py).
+pytestmark = pytest.mark.usefixtures("pyevo_cuda_kernels")
 
 # Tolerances relative to the reference's scale (its largest magnitude): float64 near exact,
 # float32 within a few ulps of summation-order differences.
@@ -684,13 +688,13 @@ def test_cuda_group_norm_silu_forward(case, dtype, misaligned):
     out = torch.ops.pyevo.shared_group_norm_silu(x_cuda, w.cuda(), b.cuda(), *case.args)
     assert out.device.type == "cuda" and out.dtype == dtype and out.is_contiguous()
     tolerance = CUDA_TOLERANCE[dtype]
-    # The CPU op on the same (rounded) inputs, and plain PyTorch in float32.
+    # The CPU op on the same (rounded) inputs, and plain PyTorch in float64. Not PyTorch in
+    # float32: its x * (rstd * w) - mean * (rstd * w) cancels badly where a group's variance is
+    # near zero (one value per group: errors of 7e-5 seen on an H100, 2026-11-26).
     cpu = torch.ops.pyevo.shared_group_norm_silu(x, w, b, *case.args)
     torch.testing.assert_close(out.cpu(), cpu, rtol=tolerance, atol=tolerance)
-    expected = group_norm_silu_reference(x.float(), w.float(), b.float(), *case.args)
-    torch.testing.assert_close(out.cpu().float(), expected, rtol=tolerance, atol=tolerance)
-    reference_on_gpu = group_norm_silu_reference(x_cuda, w.cuda(), b.cuda(), *case.args)
-    torch.testing.assert_close(out, reference_on_gpu, rtol=tolerance, atol=tolerance)
+    expected = group_norm_silu_reference(x.double(), w.double(), b.double(), *case.args)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tolerance, atol=tolerance)
 
 
 @CUDA
@@ -782,20 +786,23 @@ def no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def relative_error(actual, expected):
+def relative_error(actual, expected, scale=0.0):
+    """Max error over the larger of the reference's largest magnitude and `scale` (the size of
+    the terms that cancel, where the exact result is near zero)."""
     actual, expected = actual.double().cpu(), expected.double().cpu()
     if not torch.isfinite(actual).all():
         return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    denominator = max(expected.abs().max().item(), scale, 1e-30)
+    return (actual - expected).abs().max().item() / denominator
 
 
-def check_cuda(ours, reference_fn, inputs, dtype, seed, what):
+def check_cuda(ours, reference_fn, inputs, dtype, seed, what, scale=0.0):
     """float64/float32: against float64 PyTorch within rounding. float16/bfloat16: our error
     against float64 at most 2x PyTorch's own CUDA error in that precision."""
     expected = reference_fn(*[t.double() if torch.is_tensor(t) else t for t in inputs])
-    ours_error = relative_error(ours, expected)
+    ours_error = relative_error(ours, expected, scale)
     if dtype in (torch.float16, torch.bfloat16):
-        theirs_error = relative_error(reference_fn(*inputs), expected)
+        theirs_error = relative_error(reference_fn(*inputs), expected, scale)
         assert ours_error <= 2 * theirs_error + 1e-6, (
             f"{what} (seed {seed}): error {ours_error:.3g} vs PyTorch's {theirs_error:.3g}")
     else:
@@ -895,9 +902,19 @@ def test_cuda_group_norm_silu_fused_backward(case, dtype):
         out = group_norm_silu_reference(x, w, b, *case.args)
         return torch.autograd.grad(out, [x, w, b], g)[index]
 
+    # With one value per group every gradient but grad_bias is exactly zero, and the float64
+    # reference's is rounding noise (seen on an H100, 2026-11-26), so errors are measured against
+    # the size of the terms that cancel: |g| |w| rstd for grad_input; for grad_weight, a sum over
+    # batch and pixels of |g| (x_hat is O(1)), against which summation error is bounded.
+    g64 = grad_output.double()
+    groups = x.double().reshape(x.shape[0], -1, case.channels_per_group, *x.shape[2:])
+    variance = groups.flatten(2).var(dim=2, unbiased=False)
+    rstd = (variance + case.eps).rsqrt().max().item()
+    scales = (g64.abs().max().item() * w.double().abs().max().item() * rstd,
+              g64.abs().transpose(0, 1).flatten(1).sum(dim=1).max().item(), 0.0)
     for index, name in enumerate(("grad_input", "grad_weight", "grad_bias")):
         check_cuda(grads[index], lambda x, w, b, g: reference(x, w, b, g, index),
-                   [x, w, b, grad_output], dtype, seed, name)
+                   [x, w, b, grad_output], dtype, seed, name, scale=scales[index])
     channels = case.channels
     assert (grads[1][channels:] == 0).all() and (grads[2][channels:] == 0).all()
 
@@ -933,6 +950,35 @@ def test_cuda_shared_attention_fused(dtype, head_dim, cross):
 def test_cuda_shared_attention_small():
     for dtype in (torch.float32, torch.bfloat16):
         test_cuda_shared_attention_fused(dtype, 32, False)
+
+
+def test_cuda_kernel_choice_setting():
+    # The module's fixture chose pyevo's kernels; the context manager restores what was set.
+    assert ops.get_cuda_kernels() == "pyevo"
+    with ops.cuda_kernels("auto"):
+        assert ops.get_cuda_kernels() == "auto"
+    assert ops.get_cuda_kernels() == "pyevo"
+    with pytest.raises(RuntimeError, match="unknown CUDA kernel choice 'cudnn'"):
+        ops.set_cuda_kernels("cudnn")
+    assert ops.get_cuda_kernels() == "pyevo"
+
+
+def test_cuda_kernel_choice_default_is_auto():
+    # A fresh process: nothing in this test session has set it.
+    code = "import pyevo; print(pyevo.ops.get_cuda_kernels())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "auto"
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_auto_kernels_match_references(dtype):
+    # "auto" runs ATen's convolution and SDPA inside the same ops: same contract, same checks.
+    with ops.cuda_kernels("auto"):
+        _cuda_conv_check(ConvCase(2, 5, 7, 6, 9, 5, 3, 2, 9, 7, True, "sliced"), dtype)
+        _cuda_conv_check(ConvCase(2, 6, 8, 8, 8, 5, 3, 1, 12, 12, True, "channels_last"), dtype)
+        for cross in (False, True):
+            test_cuda_shared_attention_fused(dtype, 40, cross)
 
 
 @CUDA

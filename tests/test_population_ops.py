@@ -33,6 +33,8 @@ from test_ops import (attention_reference, check_cuda, conv_reference, fresh_gen
 from unet_configs import DIGITS_CONFIG
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The CUDA tests here check pyevo's kernels, so they run with those (see conftest.py).
+pytestmark = pytest.mark.usefixtures("pyevo_cuda_kernels")
 DTYPES = [torch.float32, torch.float64]
 SCALE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -545,6 +547,15 @@ def test_cuda_population_conv2d(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_population_conv2d_small(dtype):
     test_cuda_population_conv2d(CONV_POPULATIONS[-1], dtype)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_population_conv2d_auto_kernels(dtype):
+    # "auto" runs the population conv as a loop of ATen convolutions: same contract, same checks.
+    with ops.cuda_kernels("auto"):
+        test_cuda_population_conv2d(CONV_POPULATIONS[-1], dtype)
+        test_cuda_population_conv2d(CONV_POPULATIONS[2], dtype)
 
 
 @CUDA

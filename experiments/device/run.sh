@@ -59,25 +59,27 @@ if [[ $MODE == cpu ]]; then
   printf 'build\t%s\t0\n' "$?" >> "$STEPS"
 else
   DEVICE=cuda
-  VENV=$WORK/venv
+  SITE=$WORK/site
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   build() {
     set -e
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    python3 -m venv --system-site-packages "$VENV"
+    # The image's python3 is itself a venv, so a --system-site-packages venv on it would not see
+    # its torch: the carried wheels go to a --target folder on PYTHONPATH instead.
     if compgen -G ".whl/*.whl" > /dev/null; then
-      "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl
     fi
-    "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
       torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
     # TORCH_CUDA_ARCH_LIST unset: setup.py builds for the visible GPU's compute capability.
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 MAX_JOBS=$(nproc) \
-      "$VENV/bin/python" setup.py -q build_ext --inplace
-    "$VENV/bin/python" -c "import torch, pyevo; info = pyevo.build_info(); print('build_info', info); \
+      python3 setup.py -q build_ext --inplace
+    python3 -c "import torch, pyevo; info = pyevo.build_info(); print('build_info', info); \
       assert info['cuda'], 'built without CUDA'"
   }
-  step build 150 "$BUILD_LOG" bash -c "$(declare -f build); VENV='$VENV'; build"
-  PY=$VENV/bin/python
-  [[ -x $PY ]] || PY=python3
+  step build 150 "$BUILD_LOG" bash -c "$(declare -f build); SITE='$SITE'; build"
+  PY=python3
 fi
 
 # The tests that import diffusers and deap (the supernet, the search) run only where they import.

@@ -8,8 +8,9 @@ whole generation's genomes of one block together, layer by layer:
   block forward (samplers, skip concatenations, residual tuples) runs unchanged on K x N rows;
 * every searched layer (``SuperResnetBlock2D``, ``SuperAttention``) is switched to a population
   forward for the duration of the call: its convolutions, GroupNorm+SiLU and attention run as
-  ``pyevo.ops.population_*`` ops, one call (one kernel launch on CUDA) for all candidates that
-  use the layer. At the block's first searched layer every candidate sees the same input, so the
+  ``pyevo.ops.population_*`` ops, one call for all candidates that use the layer (one kernel
+  launch on CUDA, except the convolutions under the default ``pyevo.ops.set_cuda_kernels``
+  choice, which loop over cuDNN). At the block's first searched layer every candidate sees the same input, so the
   layer reads it once (a shared-input population op; the shortcut and first norm are computed
   once); after it, each candidate reads its own rows;
 * the output rows of candidate i are compared with the teacher's, chunk by chunk, exactly as
