@@ -12,7 +12,7 @@ from pyevo.data import digits
 from pyevo.sample import ddim_sample, image_grid, load_unet_and_scheduler
 from pyevo.sample import main as sample_main
 from pyevo.teachers import DIGITS_TEACHER_DIR, load_digits_teacher
-from pyevo.teachers.digits import TeacherTrainConfig, build_digits_unet, train
+from pyevo.teachers.digits import TeacherTrainConfig, build_digits_unet, timestep_weights, train
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,17 @@ def test_sample_cli_bad_teacher_path_is_one_clear_line(tmp_path):
     message = str(exc.value.code)
     assert message.startswith("error:") and "nowhere" in message and "\n" not in message
     assert not (tmp_path / "x.png").exists()
+
+
+def test_timestep_weights_follow_min_snr_and_p2():
+    snr = torch.tensor([1e-4, 0.5, 1.0, 5.0, 50.0], dtype=torch.float64)
+    plain = timestep_weights(snr, TeacherTrainConfig(snr_gamma=0.0))
+    assert torch.equal(plain, torch.ones_like(snr))
+    min_snr = timestep_weights(snr, TeacherTrainConfig(snr_gamma=5.0))
+    torch.testing.assert_close(min_snr, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.1], dtype=torch.float64))
+    both = timestep_weights(snr, TeacherTrainConfig(snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0))
+    expected = torch.tensor([1 / 1.0001, 1 / 1.5, 0.5, 1 / 6, 0.1 / 51], dtype=torch.float64)
+    torch.testing.assert_close(both, expected)
 
 
 def test_training_script_writes_a_loadable_teacher(tmp_path):

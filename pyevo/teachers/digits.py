@@ -68,6 +68,10 @@ class TeacherTrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     snr_gamma: float = 5.0  # Min-SNR weighting; 0 gives the plain (unweighted) epsilon loss
+    # P2 weighting (Choi et al., 2022), a further factor 1 / (p2_k + SNR) ** p2_gamma that favours
+    # the high-noise steps where a sample's class is decided; 0 leaves it out.
+    p2_gamma: float = 0.0
+    p2_k: float = 1.0
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -79,6 +83,18 @@ class TeacherTrainConfig:
     out: str = str(DIGITS_TEACHER_DIR)
     checkpoint_every: int = 0  # > 0: also write the EMA pipeline to checkpoint_dir/step_N every N steps
     checkpoint_dir: str = ""
+
+
+def timestep_weights(snr: torch.Tensor, cfg: TeacherTrainConfig) -> torch.Tensor:
+    """Per-sample weights of the epsilon loss at signal-to-noise ratios ``snr``: Min-SNR-gamma
+    ``min(SNR, snr_gamma) / SNR`` (if snr_gamma > 0) times P2 ``1 / (p2_k + SNR) ** p2_gamma``
+    (if p2_gamma > 0)."""
+    weights = torch.ones_like(snr)
+    if cfg.snr_gamma > 0:
+        weights = weights * snr.clamp(max=cfg.snr_gamma) / snr
+    if cfg.p2_gamma > 0:
+        weights = weights / (cfg.p2_k + snr) ** cfg.p2_gamma
+    return weights
 
 
 def _lr_factor(step: int, cfg: TeacherTrainConfig) -> float:
@@ -162,10 +178,8 @@ def _train(cfg: TeacherTrainConfig) -> Path:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         per_sample = F.mse_loss(unet(xt, t).sample, noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma > 0:
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            per_sample = per_sample * snr.clamp(max=cfg.snr_gamma) / snr
-        loss = per_sample.mean()
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        loss = (per_sample * timestep_weights(snr, cfg)).mean()
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
