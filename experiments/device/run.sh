@@ -6,9 +6,9 @@
 #   bash experiments/device/run.sh --cpu    # a rehearsal on a machine without a GPU (.venv)
 #
 # Steps (each one's failure is recorded and shown; later steps still run):
-#   a. environment and build: a venv on the machine's CUDA torch (--system-site-packages: the
-#      image's python3 holds torch; the wheels in .whl/, if carried, add what it lacks, e.g.
-#      diffusers and deap), then pyevo._C built with CUDA for the visible GPU;
+#   a. environment and build: the image's python3 (it holds the CUDA torch), the wheels in .whl/,
+#      if carried, installed into a folder on PYTHONPATH to add what it lacks (diffusers, deap),
+#      then pyevo._C built with CUDA for the visible GPU;
 #   b. the CUDA tests (tests/test_ops.py, tests/test_population_ops.py, -k cuda);
 #   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
 #      allocator, so an access past a tensor's end is past an allocation's end);
