@@ -2,33 +2,65 @@
 
 Samples come from ``pyevo.sample.ddim_sample`` with the same seed, hence the same initial noise,
 for both models, so PSNR/SSIM between the two sets measure how closely the student follows the teacher.
-Latency is the whole model timed on the run's device at the deployment batch and dtype.
+Latency is the whole model timed on the run's device at the deployment batch and dtype, together
+with its searched blocks, so the per-block estimate can be checked against the same timings.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from pyevo.config import LatencyConfig
-from pyevo.latency import DTYPES, time_call
+from pyevo.latency import DTYPES, time_calls
+from pyevo.teacher import BlockCall
 
 log = logging.getLogger(__name__)
 
 
-def model_latency_ms(unet: nn.Module, batch: int, dtype: str, device: str, config: LatencyConfig) -> float:
-    """Median latency of one forward of the whole model at the deployment batch and dtype."""
+@contextlib.contextmanager
+def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[Callable[[], Any]]:
+    """One forward of ``unet`` at the deployment batch, dtype and device, as a call to time.
+
+    The model is cast for the duration and returned to the CPU in float32 afterwards.
+    """
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     model = _cast(unet, device, DTYPES[dtype]).eval()
     sample = torch.randn(batch, unet.config.in_channels, *size, device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
     try:
-        return time_call(lambda: model(sample, timesteps), device, config.warmup, config.repeats,
-                         config.threads, config.cuda_graph)
+        yield lambda: model(sample, timesteps)
     finally:
         _cast(unet, "cpu", torch.float32)
+
+
+def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
+                    device: str, config: LatencyConfig) -> dict[str, dict]:
+    """Each network whole and block by block, all timed in turn (:func:`pyevo.latency.time_calls`).
+
+    ``calls`` are the searched blocks' recorded inputs at the deployment batch, on ``device`` in
+    ``dtype``. Per network: ``latency_ms`` (the whole forward), ``blocks_ms`` (each searched block
+    on its recorded inputs) and ``stem_ms``, the whole minus its blocks: conv_in, the time
+    embedding, the head and what passes between blocks, which no block search changes.
+    """
+    with contextlib.ExitStack() as stack:
+        fns = {}
+        for network, unet in networks.items():
+            fns[network] = stack.enter_context(deployed(unet, batch, dtype, device))
+            for name, call in calls.items():
+                block = unet.get_submodule(name)
+                fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
+        times = time_calls(fns, device, config.warmup, config.repeats, config.threads, config.cuda_graph)
+    result = {}
+    for network in networks:
+        blocks = {name: times[(network, name)] for name in calls}
+        result[network] = {"latency_ms": times[network], "blocks_ms": blocks,
+                           "stem_ms": times[network] - sum(blocks.values())}
+    return result
 
 
 def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:

@@ -1,7 +1,8 @@
 """Measured latency: candidate blocks and whole networks timed on the run's device.
 
 CPU: ``time.perf_counter`` around each call with a fixed thread count. CUDA: CUDA events, optional
-replay of one captured CUDA graph. Both: warm-up, then the median of repeats. Block timings are
+replay of one captured CUDA graph per call. Both: warm-up, then the median of repeats; calls timed
+together (a network and its blocks, a teacher and its student) are timed in turn. Block timings are
 kept in a persisted table keyed by device, torch version, dtype, batch, teacher, block and genome,
 so a block is timed once per device and a later run (or a resumed one) reads the same figure.
 """
@@ -15,7 +16,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -54,46 +55,62 @@ def cpu_threads(count: int):
 def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int, repeats: int,
               threads: int = 2, cuda_graph: bool = False) -> float:
     """Median wall time of ``fn()`` in milliseconds on ``device``."""
+    return time_calls({"call": fn}, device, warmup, repeats, threads, cuda_graph)["call"]
+
+
+def time_calls(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, warmup: int, repeats: int,
+               threads: int = 2, cuda_graph: bool = False) -> dict[str, float]:
+    """Median wall time in milliseconds of each of ``fns`` on ``device``, timed in turn.
+
+    Each repeat times every call once before the next repeat begins, so a slow spell of a shared
+    machine (another job, a throttled clock) falls on all of them alike. Their ratios and
+    differences, such as a network's stem (the whole network minus its blocks), then stay
+    meaningful even when the absolute times drift from one minute to the next.
+    """
     device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         if device.type == "cuda":
-            return _time_cuda(fn, device, warmup, repeats, cuda_graph)
-        with cpu_threads(threads):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            _time_cuda(fns, times, device, warmup, repeats, cuda_graph)
+        else:
+            with cpu_threads(threads):
+                for _ in range(warmup):
+                    for fn in fns.values():
+                        fn()
+                for _ in range(repeats):
+                    for name, fn in fns.items():
+                        start = time.perf_counter()
+                        fn()
+                        times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _time_cuda(fn, device, warmup, repeats, cuda_graph) -> float:
+def _time_cuda(fns, times, device, warmup, repeats, cuda_graph) -> None:
     with torch.cuda.device(device):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(max(warmup, 1)):
-                fn()
+                for fn in fns.values():
+                    fn()
         torch.cuda.current_stream().wait_stream(stream)
-        call = fn
+        calls = dict(fns)
         if cuda_graph:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            call = graph.replay
-            call()
+            for name, fn in fns.items():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                calls[name] = graph.replay
+                graph.replay()
         torch.cuda.synchronize()
-        times = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+            for name, call in calls.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
 
 
 def fingerprint(config: dict) -> str:

@@ -27,7 +27,7 @@ import torch
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.distill import distill_supernet, heldout_calls
-from pyevo.evaluate import model_latency_ms, paired_similarity, sample_quality
+from pyevo.evaluate import network_latency, paired_similarity, sample_quality
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
@@ -192,13 +192,14 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     timer = BlockTimer(config, teacher, table)
 
     # The latency budget is checked before anything is written: the fastest genome of each block
-    # (everything skipped) bounds what any selection can reach.
-    teacher_ms = model_latency_ms(teacher, config.batch, config.dtype, config.device, config.latency)
-    # The teacher-shaped blocks are timed afresh every run, as a check on the persisted table.
-    table.recalibrate({(n, s.encode(s.teacher_genome())): timer.measure(n, supernet[n], s.teacher_genome())
-                       for n, s in spaces.items()})
-    teacher_blocks_ms = {n: timer(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items()}
-    stem_ms = max(teacher_ms - sum(teacher_blocks_ms.values()), 0.0)
+    # (everything skipped) bounds what any selection can reach. The teacher and its blocks are
+    # timed afresh every run, in turn, so its stem (the whole minus the blocks) is measured under
+    # one machine state; the fresh block timings also check the persisted table.
+    timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
+                            config.latency)["teacher"]
+    teacher_ms, teacher_blocks_ms = timed["latency_ms"], timed["blocks_ms"]
+    table.recalibrate({(n, s.encode(s.teacher_genome())): teacher_blocks_ms[n] for n, s in spaces.items()})
+    stem_ms = max(timed["stem_ms"], 0.0)
     if config.search.rule in ("budget", "block-budget"):
         fastest = {n: timer(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items()}
         if config.search.rule == "budget":
@@ -311,7 +312,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
     # --- evaluation
     def evaluate() -> dict:
-        return _evaluate(config, teacher, student, scheduler, reference, folder, progress)
+        return _evaluate(config, teacher, student, scheduler, reference, timer.calls, folder, progress)
 
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
                                         config.dtype, config.device], evaluate)
@@ -333,7 +334,7 @@ def _sum_costs(costs) -> Cost:
     return sum(costs, Cost(0, 0))
 
 
-def _evaluate(config, teacher, student, scheduler, reference, folder: Path, progress: bool) -> dict:
+def _evaluate(config, teacher, student, scheduler, reference, calls, folder: Path, progress: bool) -> dict:
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -341,10 +342,15 @@ def _evaluate(config, teacher, student, scheduler, reference, folder: Path, prog
         samples[name] = ddim_sample(model, scheduler.config, config.evaluate.num_samples,
                                     config.evaluate.ddim_steps, config.seed, progress=progress)
         model.to("cpu")
-        out[name] = {**asdict(network_cost(model)),
-                     "latency_ms": model_latency_ms(model, config.batch, config.dtype, config.device, config.latency),
-                     **sample_quality(samples[name], reference)}
+        out[name] = {**asdict(network_cost(model)), **sample_quality(samples[name], reference)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
+    # Teacher and student timed in turn, whole and block by block: the per-block estimate (the
+    # teacher's stem plus the student's blocks) is checked against timings of one machine state.
+    timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
+                            config.device, config.latency)
+    for name, latency in timed.items():
+        out[name].update(latency)
+    out["student"]["latency_estimate_ms"] = timed["teacher"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())
     atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
         {name: images[:64].contiguous() for name, images in samples.items()}))
     return out

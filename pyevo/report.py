@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
                  seconds: dict[str, float], teacher, student) -> dict:
-    estimate = selected["latency_estimate_ms"]
-    measured = evaluated["student"]["latency_ms"]
+    t, s = evaluated["teacher"], evaluated["student"]
+    measured_ratio = s["latency_ms"] / t["latency_ms"]
+    # The selection's estimate was timed minutes or days before the evaluation (the persisted
+    # table), when the machine may have run faster or slower: compare it as a ratio to the teacher.
+    selection_ratio = selected["latency_estimate_ms"] / selected["teacher_ms"]
     report = {
         "device": config.device,
         "device_name": device_name(config.device),
@@ -30,9 +33,13 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "seed": config.seed,
         "rule": selected["rule"],
         "teacher": {**evaluated["teacher"]},
-        "student": {**evaluated["student"], "latency_estimate_ms": estimate,
-                    "latency_estimate_error": (estimate - measured) / measured,
+        "student": {**evaluated["student"],
+                    "latency_estimate_error": (s["latency_estimate_ms"] - s["latency_ms"]) / s["latency_ms"],
                     "genome": selected["genome"]},
+        "selection": {"teacher_ms": selected["teacher_ms"], "stem_ms": selected["stem_ms"],
+                      "student_estimate_ms": selected["latency_estimate_ms"],
+                      "latency_ratio_estimate": selection_ratio,
+                      "latency_ratio_error": (selection_ratio - measured_ratio) / measured_ratio},
         "blocks": {name: {"pick": selected["blocks"][name], "teacher": results[name].teacher.to_dict(),
                           "front_size": len(results[name].front), "evaluated": len(results[name].evaluated)}
                    for name in spaces},
@@ -40,7 +47,7 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
     }
     t, s = report["teacher"], report["student"]
     report["ratios"] = {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"],
-                        "latency": s["latency_ms"] / t["latency_ms"],
+                        "latency": measured_ratio,
                         "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None}
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
@@ -61,7 +68,7 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 
 def _markdown(report: dict) -> str:
-    t, s, r = report["teacher"], report["student"], report["ratios"]
+    t, s, r, sel = report["teacher"], report["student"], report["ratios"], report["selection"]
     lines = [
         "# pyevo run report",
         "",
@@ -75,6 +82,9 @@ def _markdown(report: dict) -> str:
         f"| latency, measured (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | {r['latency']:.3f} |",
         f"| latency, per-block estimate (ms) | — | {s['latency_estimate_ms']:.3f} | "
         f"error {100 * s['latency_estimate_error']:+.1f}% |",
+        f"| latency at selection, per-block estimate (ms) | {sel['teacher_ms']:.3f} | "
+        f"{sel['student_estimate_ms']:.3f} | {sel['latency_ratio_estimate']:.3f} "
+        f"(error {100 * sel['latency_ratio_error']:+.1f}%) |",
         f"| Fréchet distance | {_fmt(t.get('fd'))} | {_fmt(s.get('fd'))} | {_fmt(r['fd'], '.3f')} |",
         f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "
         f"{s['ssim_vs_teacher']:.3f} | |",

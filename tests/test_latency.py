@@ -1,9 +1,10 @@
 """Latency measurement and the persisted table."""
 import json
 
+import pytest
 import torch
 
-from pyevo.latency import LatencyTable, fingerprint, time_call
+from pyevo.latency import LatencyTable, fingerprint, time_call, time_calls
 
 
 def test_time_call_measures_the_work():
@@ -12,6 +13,14 @@ def test_time_call_measures_the_work():
     big_x = torch.randn(1024, 1024)
     big = time_call(lambda: big_x @ big_x, "cpu", warmup=1, repeats=5, threads=1)
     assert 0 < small < big  # 64x the FLOPs cannot take less time
+
+
+def test_time_calls_times_each_call_in_turn():
+    order = []
+    times = time_calls({name: (lambda name=name: order.append(name)) for name in "abc"}, "cpu",
+                       warmup=1, repeats=3, threads=1)
+    assert order == list("abc") * 4  # one warm-up round, then every repeat runs each call once
+    assert set(times) == set("abc") and all(ms >= 0 for ms in times.values())
 
 
 def test_table_keys_persist_and_merge(tmp_path):
@@ -68,3 +77,33 @@ def test_recalibrate_discards_stale_entries_of_its_own_key_only(tmp_path):
     reread = LatencyTable(path, "cpu", "float32", 64, "abc")
     assert reread.get("up_blocks.0", "r0:skip") == 4.0 and reread.get("mid_block", "teacher") == 10.0
     assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "teacher") == 7.0  # untouched
+
+
+def test_network_latency_times_each_network_whole_and_by_its_own_blocks():
+    from diffusers import UNet2DModel
+
+    from pyevo.config import LatencyConfig
+    from pyevo.evaluate import network_latency
+    from pyevo.teacher import record_blocks
+
+    torch.manual_seed(0)
+    kwargs = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, norm_num_groups=4,
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    networks = {"teacher": UNet2DModel(block_out_channels=(8, 16), **kwargs),
+                "student": UNet2DModel(block_out_channels=(8, 16), **kwargs)}
+    calls = record_blocks(networks["teacher"], torch.randn(2, 1, 8, 8), torch.full((2,), 10))[0]
+    calls = {name: call.to("cpu", torch.bfloat16) for name, call in calls.items()}
+    counts = {}
+    for network, unet in networks.items():
+        for name in calls:
+            unet.get_submodule(name).register_forward_hook(
+                lambda *_, key=(network, name): counts.__setitem__(key, counts.get(key, 0) + 1))
+    timed = network_latency(networks, calls, batch=2, dtype="bfloat16", device="cpu",
+                            config=LatencyConfig(warmup=1, repeats=2, threads=1))
+    # Each block ran (1 + 2) times alone on its recorded inputs and as often inside its network.
+    assert counts == {(network, name): 6 for network in networks for name in calls}
+    for network, result in timed.items():
+        assert set(result["blocks_ms"]) == set(calls)
+        assert result["stem_ms"] == pytest.approx(result["latency_ms"] - sum(result["blocks_ms"].values()))
+        # Timed in the deployment dtype, returned in float32.
+        assert {p.dtype for p in networks[network].parameters()} == {torch.float32}

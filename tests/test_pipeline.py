@@ -72,6 +72,26 @@ def test_student_meets_the_cost_caps_and_block_costs_add_up(finished_run):
     assert selected["params_ratio"] == pytest.approx(ratios["params"], rel=1e-9)
 
 
+def test_latency_estimates_are_reported_against_the_same_timings(finished_run):
+    root, config, report = finished_run
+    teacher, student = report["teacher"], report["student"]
+    blocks = set(report["blocks"])
+    assert set(teacher["blocks_ms"]) == set(student["blocks_ms"]) == blocks
+    for side in (teacher, student):
+        assert side["stem_ms"] == pytest.approx(side["latency_ms"] - sum(side["blocks_ms"].values()))
+    # The per-block estimate: the teacher's stem plus the student's blocks, from one timing session.
+    assert student["latency_estimate_ms"] == pytest.approx(teacher["stem_ms"] + sum(student["blocks_ms"].values()))
+    assert student["latency_estimate_error"] == pytest.approx(
+        student["latency_estimate_ms"] / student["latency_ms"] - 1)
+    selected = json.loads((root / "a" / "select.json").read_text())
+    selection = report["selection"]
+    assert selection["latency_ratio_estimate"] == pytest.approx(
+        selected["latency_estimate_ms"] / selected["teacher_ms"])
+    assert selection["latency_ratio_error"] == pytest.approx(
+        selection["latency_ratio_estimate"] / report["ratios"]["latency"] - 1)
+    assert "latency at selection" in (root / "a" / "report.md").read_text()
+
+
 def test_same_seed_same_genomes_and_resume_skips_every_stage(finished_run, teacher_folder):
     root, config, report = finished_run
     again = run(toy_config(teacher_folder, root / "b", root / "latency.json"), progress=False)
