@@ -33,7 +33,10 @@ class LatencyConfig:
     """How candidate blocks and whole networks are timed on the run's device."""
 
     warmup: int = 2
-    repeats: int = 7
+    repeats: int = 7  # per candidate block in the search
+    # Per whole-network timing (the teacher and its blocks at the start, teacher and student at
+    # the evaluation): a stem is a small difference of large timings, and there are few of these.
+    network_repeats: int = 21
     threads: int = 2  # CPU threads while timing (fixed, so tables are comparable)
     cuda_graph: bool = False
     cache: str = "~/.cache/pyevo/latency.json"  # persisted table; "" keeps it in the run folder
@@ -119,7 +122,8 @@ class RunConfig:
             raise ConfigError(f"retrain.lambda_share must be in (0, 1], got {self.retrain.lambda_share}")
         for name in ("batch", "distill.steps", "distill.batch_size", "retrain.batch_size",
                      "search.population", "search.generations", "search.heldout_size",
-                     "latency.repeats", "evaluate.num_samples", "evaluate.ddim_steps"):
+                     "latency.repeats", "latency.network_repeats", "evaluate.num_samples",
+                     "evaluate.ddim_steps"):
             if _get(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {_get(self, name)}")
         if self.retrain.steps < 0:

@@ -54,7 +54,7 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
             for name, call in calls.items():
                 block = unet.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
-        times = time_calls(fns, device, config.warmup, config.repeats, config.threads, config.cuda_graph)
+        times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, config.cuda_graph)
     result = {}
     for network in networks:
         blocks = {name: times[(network, name)] for name in calls}

@@ -1,14 +1,16 @@
 """Measured latency: candidate blocks and whole networks timed on the run's device.
 
-CPU: ``time.perf_counter`` around each call with a fixed thread count. CUDA: CUDA events, optional
-replay of one captured CUDA graph per call. Both: warm-up, then the median of repeats; calls timed
-together (a network and its blocks, a teacher and its student) are timed in turn. Block timings are
-kept in a persisted table keyed by device, torch version, dtype, batch, teacher, block and genome,
-so a block is timed once per device and a later run (or a resumed one) reads the same figure.
+CPU: ``time.perf_counter`` around each call with a fixed thread count, with glibc's malloc keeping
+freed memory (:func:`keep_freed_memory`). CUDA: CUDA events, optional replay of one captured CUDA
+graph per call. Both: warm-up, then the median of repeats; calls timed together (a network and its
+blocks, a teacher and its student) are timed in turn. Block timings are kept in a persisted table
+keyed by timing method, device, torch version, dtype, batch, teacher, block and genome, so a block
+is timed once per device and a later run (or a resumed one) reads the same figure.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -39,6 +41,35 @@ def device_name(device: torch.device | str) -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return model
+
+
+# Part of every latency table key: changed whenever the way blocks are timed changes, so that a
+# persisted table never mixes timings taken one way with timings taken another.
+TIMING_METHOD = "kept-heap"
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_heap_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc unmaps large freed buffers and trims the heap, and it moves its thresholds
+    according to the sizes it has seen. The next call then page-faults its buffers back in. On a
+    virtual machine that can cost more than the arithmetic, and it depends on what ran just before:
+    the same block alone took 22 to 46 ms from one minute to the next
+    (experiments/latency_estimate.md). With freed memory kept, every call after the warm-up reuses
+    warm pages, as in a long-running inference process. This sets process-wide options, once, and
+    is irreversible; the only cost is that memory stays with the process. Returns whether it applied
+    (it applies with glibc only).
+    """
+    global _heap_kept
+    if not _heap_kept and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        # The largest mmap threshold glibc accepts on 64-bit: buffers up to 32 MiB come from the heap.
+        _heap_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _heap_kept
 
 
 @contextlib.contextmanager
@@ -73,6 +104,7 @@ def time_calls(fns: Mapping[str, Callable[[], Any]], device: torch.device | str,
         if device.type == "cuda":
             _time_cuda(fns, times, device, warmup, repeats, cuda_graph)
         else:
+            keep_freed_memory()
             with cpu_threads(threads):
                 for _ in range(warmup):
                     for fn in fns.values():
@@ -121,7 +153,7 @@ def fingerprint(config: dict) -> str:
 
 
 class LatencyTable:
-    """Block latencies (ms) keyed by device, torch version, dtype, batch, teacher, block, genome.
+    """Block latencies (ms) keyed by timing method, device, torch, dtype, batch, teacher, block, genome.
 
     Persisted as JSON (written atomically) so every run on the same device reuses a measurement.
     """
@@ -129,7 +161,8 @@ class LatencyTable:
     def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
                  teacher_id: str):
         self.path = Path(path).expanduser() if path else None
-        self.prefix = "|".join([device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}", teacher_id])
+        self.prefix = "|".join([TIMING_METHOD, device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}",
+                                teacher_id])
         self.entries: dict[str, float] = {}
         self.discarded = False  # this prefix's stored entries were found stale (see recalibrate)
         if self.path is not None and self.path.is_file():

@@ -264,10 +264,11 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             results[name] = result.to_dict()
         return {"blocks": results}
 
-    # The search does not depend on the selection's settings: changing them re-runs selection only.
+    # The search does not depend on the selection's settings (changing them re-runs selection only),
+    # nor on how often whole networks are timed.
     selection_keys = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
     search_inputs = [asdict(config.search) | dict.fromkeys(selection_keys),
-                     asdict(config.latency), config.device, config.dtype, config.batch]
+                     asdict(config.latency) | {"network_repeats": None}, config.device, config.dtype, config.batch]
     searched = stages.run("search", search_inputs, search)
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
 

@@ -1,5 +1,9 @@
 """Latency measurement and the persisted table."""
 import json
+import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ def test_table_keys_persist_and_merge(tmp_path):
     other.save()
     table.save()  # merges with what `other` wrote
     entries = json.loads(path.read_text())
-    assert {k.split("|", 5)[-1] for k in entries} == {"mid_block|r0:skip", "up_blocks.0|a0:drop",
+    assert {k.split("|", 6)[-1] for k in entries} == {"mid_block|r0:skip", "up_blocks.0|a0:drop",
                                                        "down_blocks.0|r0:skip"}
     # A different batch, dtype or teacher is a different key.
     assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "r0:skip") is None
@@ -99,7 +103,7 @@ def test_network_latency_times_each_network_whole_and_by_its_own_blocks():
             unet.get_submodule(name).register_forward_hook(
                 lambda *_, key=(network, name): counts.__setitem__(key, counts.get(key, 0) + 1))
     timed = network_latency(networks, calls, batch=2, dtype="bfloat16", device="cpu",
-                            config=LatencyConfig(warmup=1, repeats=2, threads=1))
+                            config=LatencyConfig(warmup=1, network_repeats=2, threads=1))
     # Each block ran (1 + 2) times alone on its recorded inputs and as often inside its network.
     assert counts == {(network, name): 6 for network in networks for name in calls}
     for network, result in timed.items():
@@ -107,3 +111,27 @@ def test_network_latency_times_each_network_whole_and_by_its_own_blocks():
         assert result["stem_ms"] == pytest.approx(result["latency_ms"] - sum(result["blocks_ms"].values()))
         # Timed in the deployment dtype, returned in float32.
         assert {p.dtype for p in networks[network].parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_cpu_timing_keeps_freed_memory_so_calls_do_not_page_fault():
+    # 16 x 4 MiB written and freed, four times; page faults counted in the last round, in a fresh
+    # process, with glibc's defaults and after CPU timing has set its malloc options.
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        from pyevo.latency import time_call
+        if sys.argv[1] == "timed":
+            time_call(lambda: None, "cpu", warmup=0, repeats=1, threads=1)
+        def round_trip():
+            buffers = [torch.ones(1024 * 1024) for _ in range(16)]
+            del buffers
+        for _ in range(3):
+            round_trip()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        round_trip()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], check=True, capture_output=True,
+                                       text=True).stdout.split()[-1]) for mode in ("default", "timed")}
+    assert faults["default"] >= 256  # glibc returned the buffers: each round faults them back in
+    assert faults["timed"] <= 16

@@ -14,7 +14,8 @@ from pyevo.pipeline import run
 TOY = {
     "distill.steps": 2, "distill.batch_size": 8, "search.population": 4, "search.generations": 1,
     "search.heldout_size": 16, "retrain.steps": 2, "retrain.batch_size": 8, "evaluate.num_samples": 8,
-    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.threads": 1, "batch": 4,
+    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.network_repeats": 2,
+    "latency.threads": 1, "batch": 4,
 }
 
 

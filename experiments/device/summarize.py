@@ -126,7 +126,15 @@ def main(argv=None) -> int:
         md += ["| search (digits teacher, short run) | teacher | student | ratio |", "|---|---|---|---|",
                f"| latency on {report.get('device')} (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | "
                f"{s['latency_ms'] / t['latency_ms']:.2f} |",
-               f"| MACs | {t['macs']:,} | {s['macs']:,} | {s['macs'] / t['macs']:.2f} |", ""]
+               f"| MACs | {t['macs']:,} | {s['macs']:,} | {s['macs'] / t['macs']:.2f} |"]
+        if "latency_estimate_error" in s:
+            md.append(f"| per-block latency estimate (ms) | | {s['latency_estimate_ms']:.3f} | "
+                      f"error {100 * s['latency_estimate_error']:+.1f}% |")
+        if "selection" in report:
+            sel = report["selection"]
+            md.append(f"| latency ratio estimated at selection | | | {sel['latency_ratio_estimate']:.2f} "
+                      f"(error {100 * sel['latency_ratio_error']:+.1f}%) |")
+        md.append("")
     else:
         md += ["search: no report (see search.log)", ""]
 
