@@ -3,9 +3,10 @@
 CPU: ``time.perf_counter`` around each call with a fixed thread count, with glibc's malloc keeping
 freed memory (:func:`keep_freed_memory`). CUDA: CUDA events, optional replay of one captured CUDA
 graph per call. Both: warm-up, then the median of repeats; calls timed together (a network and its
-blocks, a teacher and its student) are timed in turn. Block timings are kept in a persisted table
-keyed by timing method, device, torch version, dtype, batch, teacher, block and genome, so a block
-is timed once per device and a later run (or a resumed one) reads the same figure.
+blocks, a teacher and its student) are timed in turn. Candidate blocks are timed in turn with their
+teacher-shaped block, and the ratio is kept in a persisted table keyed by timing method, device,
+torch version, dtype, batch, teacher, block and genome, so a block is timed once per device and a
+later run (or a resumed one) reads the same figure.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def device_name(device: torch.device | str) -> str:
 
 # Part of every latency table key: changed whenever the way blocks are timed changes, so that a
 # persisted table never mixes timings taken one way with timings taken another.
-TIMING_METHOD = "kept-heap"
+TIMING_METHOD = "ratio-to-teacher-block,kept-heap"
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -153,9 +154,12 @@ def fingerprint(config: dict) -> str:
 
 
 class LatencyTable:
-    """Block latencies (ms) keyed by timing method, device, torch, dtype, batch, teacher, block, genome.
+    """Block latencies relative to the teacher-shaped block, keyed by timing method, device, torch,
+    dtype, batch, teacher, block and genome.
 
-    Persisted as JSON (written atomically) so every run on the same device reuses a measurement.
+    Persisted as JSON (written atomically) so every run on the same device reuses a measurement. A
+    ratio of two blocks timed in turn holds when the machine as a whole runs faster or slower than
+    when it was stored; milliseconds would not.
     """
 
     def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
@@ -164,7 +168,6 @@ class LatencyTable:
         self.prefix = "|".join([TIMING_METHOD, device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}",
                                 teacher_id])
         self.entries: dict[str, float] = {}
-        self.discarded = False  # this prefix's stored entries were found stale (see recalibrate)
         if self.path is not None and self.path.is_file():
             try:
                 self.entries = json.loads(self.path.read_text())
@@ -177,40 +180,16 @@ class LatencyTable:
     def get(self, block: str, genome: str) -> float | None:
         return self.entries.get(self.key(block, genome))
 
-    def put(self, block: str, genome: str, milliseconds: float) -> None:
-        self.entries[self.key(block, genome)] = float(milliseconds)
+    def put(self, block: str, genome: str, ratio: float) -> None:
+        self.entries[self.key(block, genome)] = float(ratio)
 
     def lookup(self, block: str, genome: str, measure: Callable[[], float]) -> float:
-        """The stored latency, or ``measure()`` stored for next time."""
+        """The stored ratio, or ``measure()`` stored for next time."""
         value = self.get(block, genome)
         if value is None:
             value = measure()
             self.put(block, genome, value)
         return value
-
-    def recalibrate(self, fresh: dict[tuple[str, str], float], max_factor: float = 2.0) -> bool:
-        """Compare fresh timings of some (block, genome) pairs with the stored ones.
-
-        A stored timing is only as good as the machine's state when it was taken (another job's
-        load can slow a CPU tenfold), so every run re-times a few reference blocks first. If their
-        summed stored time and summed fresh time differ by more than ``max_factor`` either way
-        (a sum, so that timing noise on small blocks does not trip it), every stored entry of this
-        device/dtype/batch/teacher is discarded, here and on save, and measured again when asked
-        for. The fresh timings are stored either way. Returns whether entries were discarded.
-        """
-        stored = [self.get(block, genome) for block, genome in fresh]
-        discard = False
-        if fresh and all(value is not None for value in stored):
-            before, now = sum(stored), sum(fresh.values())
-            discard = max(before / now, now / before) > max_factor
-            if discard:
-                log.warning("latency table %s: the reference blocks were stored at %.3f ms but take %.3f ms "
-                            "now; measuring this device's blocks again", self.path, before, now)
-                self.entries = {k: v for k, v in self.entries.items() if not k.startswith(self.prefix + "|")}
-                self.discarded = True
-        for (block, genome), ms in fresh.items():
-            self.put(block, genome, ms)
-        return discard
 
     def save(self) -> None:
         if self.path is None:
@@ -221,7 +200,5 @@ class LatencyTable:
         if self.path.is_file():
             with contextlib.suppress(json.JSONDecodeError):
                 merged = json.loads(self.path.read_text())
-        if self.discarded:
-            merged = {k: v for k, v in merged.items() if not k.startswith(self.prefix + "|")}
         merged.update(self.entries)
         atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))

@@ -28,7 +28,7 @@ from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.distill import distill_supernet, heldout_calls
 from pyevo.evaluate import network_latency, paired_similarity, sample_quality
-from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_call
+from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
 from pyevo.sample import ddim_sample
@@ -96,23 +96,43 @@ def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
 
 
 class BlockTimer:
-    """Times stand-alone static blocks on the run's device, through the persisted latency table."""
+    """Candidate blocks' latencies on the run's device, in milliseconds, through the persisted table.
 
-    def __init__(self, config: RunConfig, teacher, table: LatencyTable):
-        self.config, self.table = config, table
+    A candidate is timed in turn with its teacher-shaped block (:func:`pyevo.latency.time_calls`),
+    and the table keeps the ratio of the two: a machine that drifts faster or slower between
+    minutes leaves it alone. A run turns ratios into milliseconds with its own timings of the
+    teacher's blocks (``reference_ms``), taken together with the whole teacher, so that candidate
+    blocks, the teacher's stem and the teacher's latency all describe one machine state.
+    """
+
+    def __init__(self, config: RunConfig, teacher, supernet, spaces: dict[str, BlockSpace], table: LatencyTable):
+        self.config, self.supernet, self.spaces, self.table = config, supernet, spaces, table
         self.calls = {name: call.to(config.device, DTYPES[config.dtype])
                       for name, call in timing_call(teacher, config.batch, config.seed).items()}
+        self.reference_ms: dict[str, float] = {}
+        self._teacher_blocks: dict[str, torch.nn.Module] = {}
 
-    def __call__(self, name: str, super_block, space: BlockSpace, genome) -> float:
-        return self.table.lookup(name, space.encode(genome), lambda: self.measure(name, super_block, genome))
+    def __call__(self, name: str, genome) -> float:
+        space = self.spaces[name]
+        code = space.encode(genome)
+        if code == space.encode(space.teacher_genome()):
+            return self.reference_ms[name]
+        return self.table.lookup(name, code, lambda: self.measure_ratio(name, genome)) * self.reference_ms[name]
 
-    def measure(self, name: str, super_block, genome) -> float:
-        """Time ``genome``'s static block now, bypassing the table."""
+    def measure_ratio(self, name: str, genome) -> float:
+        """Time ``genome``'s static block and the teacher-shaped one in turn, now; their ratio."""
         cfg = self.config
-        block = build_static_block(super_block, genome).to(cfg.device, DTYPES[cfg.dtype]).eval()
+        if name not in self._teacher_blocks:
+            self._teacher_blocks[name] = self._static_block(name, self.spaces[name].teacher_genome())
+        blocks = {"candidate": self._static_block(name, genome), "teacher": self._teacher_blocks[name]}
         call = self.calls[name]
-        return time_call(lambda: block(*call.args, **call.kwargs), cfg.device, cfg.latency.warmup,
-                         cfg.latency.repeats, cfg.latency.threads, cfg.latency.cuda_graph)
+        times = time_calls({key: (lambda block=block: block(*call.args, **call.kwargs)) for key, block in blocks.items()},
+                           cfg.device, cfg.latency.warmup, cfg.latency.repeats, cfg.latency.threads,
+                           cfg.latency.cuda_graph)
+        return times["candidate"] / times["teacher"]
+
+    def _static_block(self, name: str, genome) -> torch.nn.Module:
+        return build_static_block(self.supernet[name], genome).to(self.config.device, DTYPES[self.config.dtype]).eval()
 
 
 class BlockCoster:
@@ -189,19 +209,18 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
     table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
     supernet = build_supernet(teacher)
-    timer = BlockTimer(config, teacher, table)
+    timer = BlockTimer(config, teacher, supernet, spaces, table)
 
-    # The latency budget is checked before anything is written: the fastest genome of each block
-    # (everything skipped) bounds what any selection can reach. The teacher and its blocks are
-    # timed afresh every run, in turn, so its stem (the whole minus the blocks) is measured under
-    # one machine state; the fresh block timings also check the persisted table.
+    # The teacher and its blocks are timed afresh every run, in turn, so its stem (the whole minus
+    # the blocks) and the candidates' milliseconds (ratios to the teacher's blocks) describe one
+    # machine state. The latency budget is checked before anything is written: the fastest genome
+    # of each block (everything skipped) bounds what any selection can reach.
     timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
                             config.latency)["teacher"]
-    teacher_ms, teacher_blocks_ms = timed["latency_ms"], timed["blocks_ms"]
-    table.recalibrate({(n, s.encode(s.teacher_genome())): teacher_blocks_ms[n] for n, s in spaces.items()})
+    teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
     stem_ms = max(timed["stem_ms"], 0.0)
     if config.search.rule in ("budget", "block-budget"):
-        fastest = {n: timer(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items()}
+        fastest = {n: timer(n, s.minimal_genome()) for n, s in spaces.items()}
         if config.search.rule == "budget":
             floor = stem_ms + sum(fastest.values())
             if floor > config.search.budget * teacher_ms:
@@ -210,9 +229,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                                   f"({floor / teacher_ms:.2f} x the teacher's {teacher_ms:.3f} ms)")
         else:
             for name, ms in fastest.items():
-                if ms > config.search.budget * teacher_blocks_ms[name]:
+                if ms > config.search.budget * timer.reference_ms[name]:
                     raise BudgetError(f"block budget {config.search.budget:g} is impossible for {name}: its fastest "
-                                      f"genome takes {ms / teacher_blocks_ms[name]:.2f} x the teacher block")
+                                      f"genome takes {ms / timer.reference_ms[name]:.2f} x the teacher block")
 
     # The MACs and params caps likewise: the minimal genomes bound what any selection can reach.
     coster = BlockCoster(teacher, config.seed)
@@ -251,8 +270,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         for index, (name, space) in enumerate(spaces.items()):
             block = supernet[name]
             # On CUDA a generation's candidates are scored together through the population ops.
-            def latency(genome, name=name, space=space, block=block):
-                return timer(name, block, space, genome)
+            def latency(genome, name=name):
+                return timer(name, genome)
 
             evaluate = block_evaluator(block, calls[name], latency, config.device)
 

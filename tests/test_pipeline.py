@@ -93,6 +93,37 @@ def test_latency_estimates_are_reported_against_the_same_timings(finished_run):
     assert "latency at selection" in (root / "a" / "report.md").read_text()
 
 
+def test_block_timer_keeps_ratios_to_the_teacher_block_and_scales_them_by_this_runs_reference(
+        teacher_folder, tmp_path):
+    from pyevo.latency import LatencyTable
+    from pyevo.pipeline import BlockTimer
+    from pyevo.space import unet_space
+    from pyevo.supernet import build_supernet
+    from pyevo.teacher import load_teacher
+
+    config = toy_config(teacher_folder, tmp_path / "out", tmp_path / "latency.json")
+    teacher, _ = load_teacher(config.teacher)
+    spaces = {space.name: space for space in unet_space(teacher)}
+    table = LatencyTable(tmp_path / "latency.json", "cpu", config.dtype, config.batch, "toy")
+    timer = BlockTimer(config, teacher, build_supernet(teacher), spaces, table)
+    name, space = next(iter(spaces.items()))
+    timer.reference_ms = {name: 8.0}
+    assert timer(name, space.teacher_genome()) == 8.0  # the reference itself, never timed
+    assert table.get(name, space.encode(space.teacher_genome())) is None
+
+    smallest = space.minimal_genome()
+    table.put(name, space.encode(smallest), 0.25)
+    assert timer(name, smallest) == 2.0  # a stored ratio times this run's teacher block
+    timer.reference_ms = {name: 40.0}  # the same table on a machine running 5x slower
+    assert timer(name, smallest) == 10.0
+
+    other = next(g for g in (space.largest_genome(), space.narrow_genome(), space.smallest_genome())
+                 if space.encode(g) not in (space.encode(smallest), space.encode(space.teacher_genome())))
+    ms = timer(name, other)  # not stored: timed in turn with the teacher block, the ratio stored
+    ratio = table.get(name, space.encode(other))
+    assert ratio > 0 and ms == pytest.approx(ratio * 40.0)
+
+
 def test_same_seed_same_genomes_and_resume_skips_every_stage(finished_run, teacher_folder):
     root, config, report = finished_run
     again = run(toy_config(teacher_folder, root / "b", root / "latency.json"), progress=False)
