@@ -126,8 +126,8 @@ class BlockTimer:
             self._teacher_blocks[name] = self._static_block(name, self.spaces[name].teacher_genome())
         blocks = {"candidate": self._static_block(name, genome), "teacher": self._teacher_blocks[name]}
         call = self.calls[name]
-        times = time_calls({key: (lambda block=block: block(*call.args, **call.kwargs)) for key, block in blocks.items()},
-                           cfg.device, cfg.latency.warmup, cfg.latency.repeats, cfg.latency.threads,
+        fns = {key: (lambda block=block: block(*call.args, **call.kwargs)) for key, block in blocks.items()}
+        times = time_calls(fns, cfg.device, cfg.latency.warmup, cfg.latency.repeats, cfg.latency.threads,
                            cfg.latency.cuda_graph)
         return times["candidate"] / times["teacher"]
 
