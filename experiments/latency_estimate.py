@@ -37,10 +37,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch)
     args = parser.parse_args()
 
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     latency = dataclasses.replace(defaults.latency, network_repeats=args.repeats)
-    teacher, _ = load_teacher(args.teacher)
-    spaces = unet_space(teacher)
-    student = StudentUNet2DModel.from_supernet(teacher, build_supernet(teacher), decode_network(args.genome, spaces))
+    try:
+        teacher, _ = load_teacher(args.teacher)
+        spaces = unet_space(teacher)
+        genomes = decode_network(args.genome, spaces)
+    except ValueError as error:  # TeacherError, or a genome that does not fit this teacher
+        parser.exit(2, f"latency_estimate: error: {error}\n")
+    student = StudentUNet2DModel.from_supernet(teacher, build_supernet(teacher), genomes)
     calls = {name: call.to(args.device, DTYPES[args.dtype])
              for name, call in timing_call(teacher, args.batch, defaults.seed).items()}
 
