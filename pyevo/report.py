@@ -32,8 +32,8 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "batch": config.batch,
         "seed": config.seed,
         "rule": selected["rule"],
-        "teacher": {**evaluated["teacher"]},
-        "student": {**evaluated["student"],
+        "teacher": dict(t),
+        "student": {**s,
                     "latency_estimate_error": (s["latency_estimate_ms"] - s["latency_ms"]) / s["latency_ms"],
                     "genome": selected["genome"]},
         "selection": {"teacher_ms": selected["teacher_ms"], "stem_ms": selected["stem_ms"],
@@ -44,11 +44,9 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
                           "front_size": len(results[name].front), "evaluated": len(results[name].evaluated)}
                    for name in spaces},
         "stages": {name: {"seconds": value} for name, value in seconds.items()},
+        "ratios": {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"], "latency": measured_ratio,
+                   "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None},
     }
-    t, s = report["teacher"], report["student"]
-    report["ratios"] = {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"],
-                        "latency": measured_ratio,
-                        "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None}
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
     _plot_fronts(plots / "pareto_fronts.png", results, selected)
