@@ -1,53 +1,44 @@
-"""Sample-quality metrics for 16x16 digits; all images in [-1, 1], shape (N, 1, 16, 16).
+"""Sample-quality metrics; all images in [-1, 1], channels first.
 
-- ``frechet_distance``: Fréchet distance between two image sets in the feature space of the
-  shipped digits classifier (its 64-d penultimate embedding), via torchmetrics'
-  ``FrechetInceptionDistance`` with a custom feature module; computed in float64.
-- ``class_coverage``: the share of images the classifier assigns to each class.
+- ``distribution_metrics``: Fréchet distance and KID between two image sets of any shape, in a
+  feature space from ``pyevo.features`` (Inception, the digits classifier's embedding, or your
+  own module), via torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance``;
+  computed in float64.
+- ``frechet_distance``: the Fréchet distance between two sets of (N, 1, 16, 16) digits in the
+  feature space of the shipped digits classifier (its 64-d penultimate embedding).
+- ``class_coverage``: the share of (N, 1, 16, 16) digits the classifier assigns to each class.
 - ``class_agreement``: the share of same-noise pairs (teacher, student) in the same class.
 - ``psnr`` / ``ssim``: paired comparison of two sets drawn from the same noise (e.g. teacher vs
   student samples), averaged over image pairs.
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
 import torch.nn as nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from pyevo.classifier import DigitsClassifier, load_digits_classifier
+from pyevo.features import ClassifierFeatures, extract_features
+
+__all__ = [
+    "ClassifierFeatures", "class_agreement", "class_coverage", "distribution_metrics", "frechet_distance", "psnr",
+    "ssim",
+]
 
 DATA_RANGE = (-1.0, 1.0)
+# torchmetrics' KID defaults: 100 subsets of (at most) 1000 images, as in the KID paper's code.
+KID_SUBSETS = 100
+KID_DEFAULT_SUBSET_SIZE = 1000
 
 
 @lru_cache(maxsize=1)
 def _shipped_classifier() -> DigitsClassifier:
     return load_digits_classifier()
-
-
-class ClassifierFeatures(nn.Module):
-    """The classifier's embedding as a torchmetrics feature extractor.
-
-    torchmetrics passes a custom module's input through unchanged (its ``normalize`` / uint8
-    conversion only applies to the built-in Inception), reads ``num_features`` instead of probing
-    with a dummy image, and casts the final distance to the features' dtype, so the features are
-    returned as float64 to keep the whole computation in float64. ``train()`` is a no-op: the
-    classifier must stay in eval mode (BatchNorm statistics, no dropout).
-    """
-
-    def __init__(self, classifier: DigitsClassifier):
-        super().__init__()
-        self.classifier = classifier.eval()
-        self.num_features = classifier.config.feature_dim
-
-    def train(self, mode: bool = True) -> "ClassifierFeatures":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images.float()).double()
 
 
 def _check_images(images: torch.Tensor, name: str, min_count: int = 1) -> None:
@@ -71,12 +62,93 @@ def frechet_distance(
     _check_images(images_a, "images_a", min_count=2)
     _check_images(images_b, "images_b", min_count=2)
     features = ClassifierFeatures(classifier or _shipped_classifier())
-    fd = FrechetInceptionDistance(feature=features, reset_real_features=True)
-    for chunk in images_a.split(batch_size):
-        fd.update(chunk, real=True)
-    for chunk in images_b.split(batch_size):
-        fd.update(chunk, real=False)
+    return _frechet_distance_of_features(
+        extract_features(images_a, features, batch_size), extract_features(images_b, features, batch_size))
+
+
+class _PrecomputedFeatures(nn.Module):
+    """Pass-through "extractor": the features are computed once and fed to both FD and KID."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _frechet_distance_of_features(features_real: torch.Tensor, features_fake: torch.Tensor) -> float:
+    fd = FrechetInceptionDistance(feature=_PrecomputedFeatures(features_real.shape[1])).to(features_real.device)
+    fd.update(features_real, real=True)
+    fd.update(features_fake, real=False)
     return float(fd.compute())
+
+
+def _kernel_inception_distance_of_features(
+    features_real: torch.Tensor, features_fake: torch.Tensor, subset_size: int, subsets: int, seed: int
+) -> tuple[float, float]:
+    with warnings.catch_warnings():
+        # Its warning that it keeps every feature in memory: these features are in memory already.
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        kid = KernelInceptionDistance(
+            feature=_PrecomputedFeatures(features_real.shape[1]), subsets=subsets, subset_size=subset_size,
+        ).to(features_real.device)
+    kid.update(features_real, real=True)
+    kid.update(features_fake, real=False)
+    # KID draws its subsets with torch.randperm on the global CPU generator: seed a private copy of
+    # it so the result is reproducible and the caller's random stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return float(kid_mean), float(kid_std)
+
+
+def _check_image_set(images: torch.Tensor, name: str) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 images, got {images.shape[0]}")
+
+
+def distribution_metrics(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    extractor: nn.Module | None,
+    batch_size: int = 500,
+    kid_subset_size: int | None = None,
+    *,
+    kid_subsets: int = KID_SUBSETS,
+    kid_seed: int = 0,
+) -> dict[str, float]:
+    """Fréchet distance and KID between ``samples`` and ``reference`` in ``extractor``'s feature space.
+
+    Images in [-1, 1], (N, C, H, W), of any shape the extractor takes (``pyevo.features``). Returns
+    ``{"fd", "kid_mean", "kid_std"}``, all computed in float64. KID is the unbiased MMD² with the
+    cubic polynomial kernel, averaged over ``kid_subsets`` random subsets of ``kid_subset_size``
+    images from each set (default: min(1000, both set sizes)); ``kid_std`` is the population
+    standard deviation over subsets, as torchmetrics reports it. The subsets are drawn with
+    ``kid_seed``, so equal inputs give equal results. Both metrics are biased by set size (FD
+    upwards, KID's spread), so compare values computed with the same sizes.
+    """
+    if extractor is None:
+        raise ValueError("no feature space given (feature kind 'none'): there is nothing to compute FD and KID in")
+    _check_image_set(samples, "samples")
+    _check_image_set(reference, "reference")
+    largest_subset = min(len(samples), len(reference))
+    if kid_subset_size is None:
+        kid_subset_size = min(KID_DEFAULT_SUBSET_SIZE, largest_subset)
+    if not 2 <= kid_subset_size <= largest_subset:
+        raise ValueError(f"kid_subset_size must be between 2 and the smaller set size ({largest_subset}), "
+                         f"got {kid_subset_size}")
+    features_reference = extract_features(reference, extractor, batch_size)
+    features_samples = extract_features(samples, extractor, batch_size)
+    kid_mean, kid_std = _kernel_inception_distance_of_features(
+        features_reference, features_samples, kid_subset_size, kid_subsets, kid_seed)
+    return {
+        "fd": _frechet_distance_of_features(features_reference, features_samples),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+    }
 
 
 def class_coverage(images: torch.Tensor, classifier: DigitsClassifier | None = None) -> list[float]:

@@ -8,7 +8,7 @@ import torch
 
 from pyevo.classifier import load_digits_classifier
 from pyevo.data import digits
-from pyevo.metrics import ClassifierFeatures, class_coverage, frechet_distance, psnr, ssim
+from pyevo.metrics import ClassifierFeatures, class_coverage, distribution_metrics, frechet_distance, psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,18 @@ def test_fd_matches_scipy_reference(classifier):
     assert expected > 1.0
     assert got == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(b, a, classifier) == pytest.approx(expected, rel=1e-6)
+
+
+def test_distribution_metrics_in_the_digits_space(classifier):
+    train, _ = digits("train")
+    heldout, _ = digits("heldout")
+    features = ClassifierFeatures(classifier)
+    expected = _reference_fd(features(train[:500]).numpy(), features(heldout).numpy())
+    got = distribution_metrics(train[:500], heldout, features, batch_size=128, kid_subsets=10)
+    assert got["fd"] == pytest.approx(expected, rel=1e-6)
+    assert got["fd"] == pytest.approx(frechet_distance(train[:500], heldout, classifier), rel=1e-9)
+    noise = distribution_metrics(_random_images(500, seed=3), heldout, features, kid_subsets=10)
+    assert noise["kid_mean"] > 20 * max(got["kid_mean"], 0.0) and noise["kid_mean"] > 10 * noise["kid_std"]
 
 
 def test_fd_separates_real_from_noise(classifier):
