@@ -6,6 +6,7 @@ which the CLI turns into one line and a non-zero exit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3
     random_paths: int = 1  # random paths per step, besides the largest and the smallest
+    checkpointing: bool = False  # recompute block activations in the backward (less memory)
 
 
 @dataclass
@@ -74,9 +76,10 @@ class RetrainConfig:
     lambda_share: float = 0.5  # share of the steps over which lambda decays 1 -> 0
     static_lambda: float = 0.5  # the weight of the block loss for the "static" arm
     ema_decay: float = 0.995
-    # L_end against the teacher's epsilon (output distillation: a lower-variance target than the
-    # noise, and the student's job is to sample like the teacher) or against the true noise.
-    end_target: str = "teacher"
+    # L_end against the true target of the teacher's prediction type (noise, velocity or clean
+    # image: the paper's loss) or against the teacher's own prediction (output distillation).
+    end_target: str = "true"
+    checkpointing: bool = False  # diffusers' gradient checkpointing in the student (less memory)
 
 
 @dataclass
@@ -85,6 +88,10 @@ class EvaluateConfig:
 
     num_samples: int = 1000
     ddim_steps: int = 50
+    # Feature space of the Fréchet distance and KID: inception | digits | none | auto (digits for
+    # 1x16x16 data, inception otherwise).
+    features: str = "auto"
+    inception_weights: str = ""  # a local Inception weights file (torch-fidelity's), for offline use
 
 
 @dataclass
@@ -92,8 +99,10 @@ class RunConfig:
     """A whole pyevo run."""
 
     teacher: str = "digits"  # "digits" (built-in) or a local diffusers UNet / pipeline folder
-    data: str = "digits"  # "digits", an image folder, or "data-free"
-    device: str = "cpu"
+    scheduler: str = ""  # a scheduler folder; needed for a bare UNet folder, overrides a pipeline's
+    data: str = "digits"  # "digits", an image folder (class sub-folders for labels), or "data-free"
+    device: str = "cpu"  # where every stage runs: distill, search, latency, retrain, evaluate
+    train_dtype: str = "auto"  # autocast dtype of distill and retrain: auto = bfloat16 on CUDA, float32 on CPU
     dtype: str = "float32"  # deployment dtype for latency: float32 | float16 | bfloat16
     batch: int = 64  # deployment batch for latency
     seed: int = 0
@@ -105,35 +114,95 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self) -> "RunConfig":
-        _choice("dtype", self.dtype, ("float32", "float16", "bfloat16"))
-        _choice("search.rule", self.search.rule, ("diffnas", "block-budget", "budget"))
-        _choice("retrain.loss", self.retrain.loss, ("dynamic", "static", "hard", "end-only"))
-        _choice("retrain.end_target", self.retrain.end_target, ("noise", "teacher"))
-        if not 0.0 < self.search.budget <= 1.0:
-            raise ConfigError(f"search.budget must be in (0, 1], got {self.search.budget}")
-        for name in ("search.max_macs", "search.max_params"):
-            if not 0.0 < _get(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1], got {_get(self, name)}")
-        if self.search.cap_latency_slack < 1.0:
-            raise ConfigError(f"search.cap_latency_slack must be >= 1, got {self.search.cap_latency_slack}")
-        if self.search.slack < 1.0:
-            raise ConfigError(f"search.slack must be >= 1, got {self.search.slack}")
-        if not 0.0 < self.retrain.lambda_share <= 1.0:
-            raise ConfigError(f"retrain.lambda_share must be in (0, 1], got {self.retrain.lambda_share}")
-        for name in ("batch", "distill.steps", "distill.batch_size", "retrain.batch_size",
-                     "search.population", "search.generations", "search.heldout_size",
-                     "latency.repeats", "latency.network_repeats", "evaluate.num_samples",
-                     "evaluate.ddim_steps"):
-            if _get(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {_get(self, name)}")
-        if self.retrain.steps < 0:
-            raise ConfigError(f"retrain.steps must be >= 0, got {self.retrain.steps}")
+        for name, allowed in CHOICES.items():
+            _choice(name, _get(self, name), allowed)
+        for name, bounds in BOUNDS.items():
+            value = _get(self, name)
+            if not bounds.holds(value):
+                raise ConfigError(f"{name} must be {bounds}, got {value}")
+        if self.search.population % 4:  # DEAP's selTournamentDCD takes the population in fours
+            raise ConfigError(f"search.population must be a multiple of 4, got {self.search.population}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric range: ``low < value`` (or ``<=`` when ``low_closed``) and ``value <= high``."""
+
+    low: float
+    high: float = math.inf
+    low_closed: bool = True
+
+    def holds(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        return above and value <= self.high and math.isfinite(value)
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>=' if self.low_closed else '>'} {self.low:g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}]"
+
+
+# The one place each key's allowed values are written down: validate() checks them and
+# ``python -m pyevo.search --help`` lists them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("float32", "float16", "bfloat16"),
+    "train_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "search.rule": ("diffnas", "block-budget", "budget"),
+    "retrain.loss": ("dynamic", "static", "hard", "end-only"),
+    "retrain.end_target": ("true", "teacher"),
+    "evaluate.features": ("auto", "inception", "digits", "none"),
+}
+POSITIVE = Bounds(1)
+BOUNDS: dict[str, Bounds] = {
+    "batch": POSITIVE,
+    "distill.steps": POSITIVE, "distill.batch_size": POSITIVE, "distill.lr": Bounds(0, low_closed=False),
+    "distill.random_paths": Bounds(0),
+    "latency.warmup": Bounds(0), "latency.repeats": POSITIVE, "latency.network_repeats": POSITIVE,
+    "latency.threads": POSITIVE,
+    "search.population": Bounds(4), "search.generations": POSITIVE, "search.heldout_size": POSITIVE,
+    "search.crossover_prob": Bounds(0, 1), "search.mutation_prob": Bounds(0, 1),
+    "search.slack": Bounds(1), "search.budget": Bounds(0, 1, low_closed=False),
+    "search.max_macs": Bounds(0, 1, low_closed=False), "search.max_params": Bounds(0, 1, low_closed=False),
+    "search.cap_latency_slack": Bounds(1),
+    "retrain.steps": Bounds(0), "retrain.batch_size": POSITIVE, "retrain.lr": Bounds(0, low_closed=False),
+    "retrain.lambda_share": Bounds(0, 1, low_closed=False), "retrain.static_lambda": Bounds(0, 1),
+    "retrain.ema_decay": Bounds(0, 1),
+    "evaluate.num_samples": POSITIVE, "evaluate.ddim_steps": POSITIVE,
+}
+
+# Named sets of overrides applied over the defaults, before a YAML file and --set.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The whole pipeline in about a minute on a 2-core CPU: to check that a teacher and its data
+    # work before a long run. Its student means nothing.
+    "quick": {"distill.steps": 10, "search.population": 8, "search.generations": 2, "search.heldout_size": 32,
+              "latency.repeats": 3, "latency.network_repeats": 3, "retrain.steps": 10, "retrain.batch_size": 16,
+              "distill.batch_size": 16, "evaluate.num_samples": 32, "evaluate.ddim_steps": 5},
+}
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """Every config key, its default, and its allowed values (for --help)."""
+    rows = []
+
+    def walk(config: Any, prefix: str) -> None:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            key = prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+                continue
+            allowed = (" | ".join(CHOICES[key]) if key in CHOICES else str(BOUNDS[key]) if key in BOUNDS
+                       else "true | false" if isinstance(value, bool) else "")
+            rows.append((key, value, allowed))
+
+    walk(RunConfig(), "")
+    return rows
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -160,7 +229,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
             number = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
                               f"got {value!r}") from None
         if kind is int and float(value) != number:
@@ -198,9 +267,15 @@ def _set(config: Any, dotted: str, value: Any) -> None:
         target = getattr(target, part)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> RunConfig:
+    """The defaults, then the ``preset``, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
     config = RunConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        for key, value in PRESETS[preset].items():
+            _set(config, key, value)
     if path is not None:
         path = Path(path)
         if not path.is_file():

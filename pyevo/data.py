@@ -81,10 +81,15 @@ class ImageFolder(Dataset):
 
     Images are converted to grayscale (``channels=1``) or RGB (``channels=3``) and resized to
     ``size`` x ``size`` with bicubic filtering (PIL applies antialiasing when shrinking).
-    Items are tensors (channels, size, size); there are no labels.
+    Items are tensors (channels, size, size).
+
+    With ``labelled=True`` every image must sit in a class sub-folder of ``root`` (one level
+    down, as torchvision's ``ImageFolder`` lays it out), and ``labels`` holds one label per image:
+    the sub-folder's name when every name is a non-negative integer (``3/`` is class 3), else the
+    sub-folder's index in sorted order (``class_names`` lists them).
     """
 
-    def __init__(self, root: str | Path, size: int, channels: int = 3):
+    def __init__(self, root: str | Path, size: int, channels: int = 3, labelled: bool = False):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if size < 1:
@@ -101,7 +106,21 @@ class ImageFolder(Dataset):
             )
         self.size = size
         self.channels = channels
+        self.labels: torch.Tensor | None = None
+        self.class_names: list[str] = []
+        if labelled:
+            self._read_labels()
         log.info("image folder %s: %d images, %dx%d, %d channel(s)", self.root, len(self.paths), size, size, channels)
+
+    def _read_labels(self) -> None:
+        loose = [p for p in self.paths if p.parent == self.root]
+        if loose:
+            raise ValueError(f"image folder {str(self.root)!r} has images outside class sub-folders "
+                             f"(e.g. {loose[0].name}); a class-conditional teacher needs one sub-folder per class")
+        self.class_names = sorted({p.relative_to(self.root).parts[0] for p in self.paths})
+        numeric = all(name.isdigit() for name in self.class_names)
+        label_of = {name: int(name) if numeric else index for index, name in enumerate(self.class_names)}
+        self.labels = torch.tensor([label_of[p.relative_to(self.root).parts[0]] for p in self.paths], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -4,6 +4,10 @@ Every super-block is fed the teacher's input to that block (teacher forcing) and
 teacher's output of it. One teacher forward per batch feeds all blocks. Paths per step follow the
 sandwich rule: the largest, the smallest and some random genomes of each block. Training minimises
 the MSE; blocks are ranked by the scale-free NSR = ||S - T||^2 / ||T||^2.
+
+Everything runs where the supernet's weights are (the run's device), under the run's autocast
+dtype; the teacher runs under ``no_grad``. With ``checkpointing`` each block path's activations
+are recomputed in the backward instead of kept, for teachers whose blocks do not fit otherwise.
 """
 from __future__ import annotations
 
@@ -15,34 +19,33 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from pyevo.config import DistillConfig
-from pyevo.teacher import BlockCall, noise_to_signal, output_tensors, record_blocks
+from pyevo.diffusion import ImageSet, noisy_batch
+from pyevo.teacher import BlockCall, model_device, noise_to_signal, output_tensors, record_blocks
+from pyevo.training import MixedPrecision
 
 log = logging.getLogger(__name__)
 
 
-def noisy_batch(images: torch.Tensor, scheduler, batch_size: int, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of training inputs: images noised at timesteps drawn uniformly over the schedule."""
-    index = torch.randint(len(images), (batch_size,), generator=generator)
-    clean = images[index]
-    noise = torch.randn(clean.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    return scheduler.add_noise(clean, noise, timesteps), timesteps, noise
-
-
-def heldout_calls(teacher: nn.Module, images: torch.Tensor, scheduler, size: int, seed: int,
+def heldout_calls(teacher: nn.Module, data: ImageSet, scheduler, size: int, seed: int,
                   chunk: int = 256) -> dict[str, BlockCall]:
-    """The fixed held-out set every candidate is scored on: the same images, timesteps and noise
-    for every candidate (a paired comparison), recorded at each block of the teacher."""
+    """The fixed held-out set every candidate is scored on: the same images, labels, timesteps and
+    noise for every candidate (a paired comparison), recorded at each block of the teacher, on the
+    teacher's device (noise drawn on the CPU, so every device scores the same set)."""
     generator = torch.Generator().manual_seed(seed)
-    clean = images[:size]
+    device = model_device(teacher)
+    held = data.subset(slice(0, size))
+    clean = held.images
     noise = torch.randn(clean.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
-    noisy = scheduler.add_noise(clean, noise, timesteps)
-    parts = [record_blocks(teacher, noisy[i:i + chunk], timesteps[i:i + chunk])[0]
+    noisy = scheduler.add_noise(clean, noise, timesteps).to(device)
+    timesteps = timesteps.to(device)
+    labels = None if held.labels is None else held.labels.to(device)
+    parts = [record_blocks(teacher, noisy[i:i + chunk], timesteps[i:i + chunk],
+                           None if labels is None else labels[i:i + chunk])[0]
              for i in range(0, len(noisy), chunk)]
     return {name: _concat_calls([part[name] for part in parts]) for name in parts[0]}
 
@@ -65,8 +68,9 @@ def _concat_calls(calls: Sequence[BlockCall]) -> BlockCall:
 
 
 def block_mse(output, target) -> torch.Tensor:
+    # float32: under bfloat16 autocast the outputs are bfloat16, too coarse to sum a loss in.
     pairs = list(zip(output_tensors(output), output_tensors(target)))
-    return sum(F.mse_loss(s, t, reduction="sum") for s, t in pairs) / sum(t.numel() for _, t in pairs)
+    return sum(F.mse_loss(s.float(), t.float(), reduction="sum") for s, t in pairs) / sum(t.numel() for _, t in pairs)
 
 
 @torch.no_grad()
@@ -89,10 +93,16 @@ class DistillResult:
     history: list[dict[str, float]]  # per step: mean MSE of each block over its sandwich paths
 
 
-def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spaces: Mapping, images: torch.Tensor,
-                     scheduler, config: DistillConfig, seed: int, progress: bool = True) -> DistillResult:
-    """Train every super-block on the teacher's block inputs/outputs, all in one pass per batch."""
+def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spaces: Mapping, data: ImageSet,
+                     scheduler, config: DistillConfig, seed: int, progress: bool = True,
+                     train_dtype: torch.dtype = torch.float32) -> DistillResult:
+    """Train every super-block on the teacher's block inputs/outputs, all in one pass per batch.
+
+    Runs on the teacher's device (the supernet must be there too), autocast to ``train_dtype``.
+    """
     rng = random.Random(seed)
+    device = model_device(teacher)
+    precision = MixedPrecision(str(device), train_dtype)
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for block in supernet.values() for p in block.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
@@ -102,8 +112,9 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     history = []
     bar = tqdm(range(config.steps), desc="distill", disable=not progress)
     for step in bar:
-        noisy, timesteps, _ = noisy_batch(images, scheduler, config.batch_size, generator)
-        calls, _ = record_blocks(teacher, noisy, timesteps)
+        batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
+        with precision.autocast():
+            calls, _ = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step}
         for name, block in supernet.items():
@@ -113,17 +124,25 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
             total = 0.0
             for genome in paths:
                 block.set_genome(genome)
-                loss = block_mse(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
+                with precision.autocast():
+                    output = _forward(block, calls[name], config.checkpointing)
+                    loss = block_mse(output, calls[name].output)
                 # One backward per path keeps only one path's graph alive at a time. A path that
                 # skips every layer of a block without a sampler is the identity: nothing to train.
                 if loss.requires_grad:
-                    (loss / len(paths)).backward()
+                    precision.backward(loss / len(paths))
                 total += float(loss.detach())
             record[name] = total / len(paths)
-        optimizer.step()
+        precision.step(optimizer)
         schedule.step()
         history.append(record)
         bar.set_postfix(mse=f"{sum(v for k, v in record.items() if k != 'step') / len(supernet):.4f}")
     for block in supernet.values():
         block.eval()
     return DistillResult(history)
+
+
+def _forward(block: nn.Module, call: BlockCall, checkpointing: bool):
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *call.args, use_reentrant=False, **call.kwargs)
+    return block(*call.args, **call.kwargs)

@@ -8,34 +8,43 @@ with its searched blocks, so the per-block estimate can be checked against the s
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from pyevo.config import LatencyConfig
+from pyevo.config import EvaluateConfig, LatencyConfig
 from pyevo.latency import DTYPES, time_calls
-from pyevo.teacher import BlockCall
+from pyevo.teacher import BlockCall, probe_labels
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[Callable[[], Any]]:
-    """One forward of ``unet`` at the deployment batch, dtype and device, as a call to time.
+def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[tuple[Callable[[], Any], nn.Module]]:
+    """One forward of ``unet`` at the deployment batch, dtype and device, as a call to time, and
+    the model that call runs (whose blocks are the ones to time alone).
 
-    The model is cast for the duration and returned to the CPU in float32 afterwards.
+    A model not already in the deployment dtype and device is timed as a cast copy, so the caller's
+    model keeps its weights exactly (a float16 round trip would round them) and stays where it is.
     """
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    model = _cast(unet, device, DTYPES[dtype]).eval()
+    weight = next(unet.parameters())
+    same = weight.device == torch.device(device) and weight.dtype == DTYPES[dtype]
+    model = unet if same else _cast(copy.deepcopy(unet), device, DTYPES[dtype])
+    was_training = unet.training
+    model.eval()
     sample = torch.randn(batch, unet.config.in_channels, *size, device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
+    labels = probe_labels(unet, batch, device)
     try:
-        yield lambda: model(sample, timesteps)
+        yield (lambda: model(sample, timesteps, class_labels=labels)), model
     finally:
-        _cast(unet, "cpu", torch.float32)
+        unet.train(was_training)
+        del model
 
 
 def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
@@ -50,9 +59,9 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     with contextlib.ExitStack() as stack:
         fns = {}
         for network, unet in networks.items():
-            fns[network] = stack.enter_context(deployed(unet, batch, dtype, device))
+            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device))
             for name, call in calls.items():
-                block = unet.get_submodule(name)
+                block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
         times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, config.cuda_graph)
     result = {}
@@ -73,16 +82,48 @@ def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return nn.Module.to(unet, device=device, dtype=dtype)
 
 
-def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None) -> dict:
-    """Fréchet distance to ``reference`` and class shares, with the digits classifier's features.
+def quality_features(config: EvaluateConfig, sample_shape: tuple[int, int, int]) -> tuple[nn.Module | None, str]:
+    """The feature extractor for FD and KID named by ``config.features``, and a one-line note.
 
-    Only meaningful for digits-like samples (1 channel, 16x16); for other data it returns nulls.
+    ``auto`` is the digits classifier for 1x16x16 samples and Inception otherwise. When Inception
+    cannot be had (offline, no weights, no torch-fidelity) the run goes on with the paired
+    metrics only and the note says why.
     """
-    if reference is None or samples.shape[1:] != (1, 16, 16):
-        return {"fd": None, "class_coverage": None}
-    from pyevo.metrics import class_coverage, frechet_distance
+    from pyevo.features import FeatureUnavailable, load_feature_extractor
 
-    return {"fd": frechet_distance(samples, reference), "class_coverage": class_coverage(samples)}
+    kind = config.features
+    if kind == "auto":
+        kind = "digits" if sample_shape == (1, 16, 16) else "inception"
+    if kind == "digits" and sample_shape != (1, 16, 16):
+        return None, f"digits features need 1x16x16 samples, these are {'x'.join(map(str, sample_shape))}: no FD/KID"
+    try:
+        extractor = load_feature_extractor(kind, config.inception_weights or None)
+    except FeatureUnavailable as error:
+        log.warning("no FD/KID: %s", error)
+        return None, f"no FD/KID: {error}"
+    if extractor is not None:
+        extractor.kind = kind
+    return extractor, f"FD/KID in {kind} features" if extractor is not None else "features: none (paired metrics only)"
+
+
+def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None, extractor: nn.Module | None) -> dict:
+    """FD and KID to ``reference`` in ``extractor``'s features (nulls without either), and, for
+    digits-like samples, the share of each class the digits classifier sees."""
+    from pyevo.metrics import class_coverage, distribution_metrics
+
+    quality = {"fd": None, "kid_mean": None, "kid_std": None, "class_coverage": None}
+    if extractor is not None and reference is not None:
+        quality.update(distribution_metrics(samples, reference, extractor))
+    if samples.shape[1:] == (1, 16, 16):
+        quality["class_coverage"] = class_coverage(samples)
+    return quality
+
+
+def per_class_similarity(student_samples: torch.Tensor, teacher_samples: torch.Tensor, labels: torch.Tensor
+                         ) -> dict[str, dict]:
+    """Paired figures per conditioning label: how closely the student follows the teacher in each class."""
+    return {str(int(label)): paired_similarity(student_samples[labels == label], teacher_samples[labels == label])
+            for label in torch.unique(labels)}
 
 
 def paired_similarity(student_samples: torch.Tensor, teacher_samples: torch.Tensor) -> dict:

@@ -23,6 +23,11 @@ the default choice ``"auto"`` uses whichever was faster on an H100 (ATen's for t
 and the single-candidate attention; pyevo's for GroupNorm+SiLU and the population attention);
 ``"pyevo"`` uses pyevo's kernels everywhere. See :func:`set_cuda_kernels`. CPU ops ignore it.
 
+Under ``torch.autocast`` the ops follow ATen's policy for their ATen counterparts: the convolutions
+and attentions run in the autocast dtype (like ``conv2d`` and SDPA), GroupNorm+SiLU in float32
+(like ``group_norm`` under CUDA autocast, on every device); the dtype is read from the autocast
+context at each call.
+
 Conventions of the backward ops: they return a fixed number of tensors; a gradient that does not
 exist (an absent optional input) or was not asked for comes back as an empty ``(0,)`` tensor,
 which the autograd formulas below turn into ``None``.
@@ -414,3 +419,37 @@ def _forward_only(name: str):
 
 for _name in ("population_conv2d", "population_group_norm_silu", "population_attention"):
     _forward_only(_name)
+
+
+# Autocast: cast the floating inputs as ATen's autocast does for the ops' ATen counterparts, then
+# run the op with autocast excluded (the casts are ordinary ops, so autograd sees them).
+_AUTOCAST_POLICY = {"shared_conv2d": "lower", "shared_attention": "lower", "population_conv2d": "lower",
+                    "population_attention": "lower", "shared_group_norm_silu": "float32",
+                    "population_group_norm_silu": "float32"}
+_autocast_library = torch.library.Library("pyevo", "IMPL")
+
+
+def _cast_floating(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.device.type == device_type else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(item, device_type, dtype) for item in value)
+    return value
+
+
+def _register_autocast(name: str, policy: str, device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    op = getattr(torch.ops.pyevo, name).default
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(keyset, *args):
+        dtype = torch.float32 if policy == "float32" else torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*_cast_floating(args, device_type, dtype))
+
+    _autocast_library.impl(name, kernel, key, with_keyset=True)
+
+
+for _name, _policy in _AUTOCAST_POLICY.items():
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_name, _policy, _device_type)

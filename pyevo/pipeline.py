@@ -26,8 +26,9 @@ import torch
 
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
+from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
 from pyevo.distill import distill_supernet, heldout_calls
-from pyevo.evaluate import network_latency, paired_similarity, sample_quality
+from pyevo.evaluate import network_latency, paired_similarity, per_class_similarity, quality_features, sample_quality
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
@@ -39,7 +40,9 @@ from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_cap
 from pyevo.space import BlockSpace, encode_network, unet_space
 from pyevo.student import StudentUNet2DModel, build_static_block
 from pyevo.supernet import build_supernet
-from pyevo.teacher import BlockCall, load_teacher, record_blocks
+from pyevo.teacher import (BlockCall, is_class_conditional, load_teacher, model_device, num_class_embeds,
+                           probe_labels, record_blocks)
+from pyevo.training import resolve_train_dtype
 
 log = logging.getLogger(__name__)
 
@@ -49,41 +52,62 @@ class RunError(ValueError):
 
 
 # -------------------------------------------------------------------------------------- inputs
-def load_images(config: RunConfig, teacher, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Training images, held-out images (for NSR), and the reference set for the Fréchet distance."""
+def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """Training images, held-out images (for NSR), and the reference set for FD/KID, with labels
+    where the teacher is class-conditional."""
     size = teacher.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     channels = teacher.config.in_channels
+    conditional = is_class_conditional(teacher)
+    classes = num_class_embeds(teacher)
     if config.data == "digits":
         from pyevo.data import digits
 
         if (channels, *size) != (1, 16, 16):
             raise RunError(f"data 'digits' is 1x16x16 but the teacher takes {channels}x{size[0]}x{size[1]}; "
                            "pass --data FOLDER or --data data-free")
-        train, heldout = digits("train")[0], digits("heldout")[0]
-        return train, heldout, heldout
+        train, heldout = digits("train"), digits("heldout")
+        labelled = [ImageSet(images, labels if conditional else None) for images, labels in (train, heldout)]
+        _check_labels(labelled[0], classes, "the digits")
+        return labelled[0], labelled[1], labelled[1]
     if config.data == "data-free":
-        # Inputs generated from the teacher's own sampling trajectories, for users without its data.
+        # Inputs generated from the teacher's own sampling trajectories, for users without its data;
+        # a class-conditional teacher is sampled at labels drawn uniformly over its classes.
         count = 4 * config.search.heldout_size
+        labels = None
+        if conditional:
+            if classes is None:
+                raise RunError("data-free needs the teacher's number of classes (num_class_embeds) to draw "
+                               "labels; this teacher's class_embed_type has none: pass --data FOLDER")
+            labels = uniform_labels(count, classes, torch.Generator().manual_seed(config.seed + 7919))
         log.info("data-free: sampling %d images from the teacher", count)
-        images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False)
+        images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False,
+                             class_labels=labels)
+        generated = ImageSet(images, labels)
         split = count - config.search.heldout_size
-        return images[:split], images[split:], None
+        return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None
     from pyevo.data import ImageFolder
 
     folder = Path(config.data).expanduser()
     if not folder.is_dir():
         raise RunError(f"data folder not found: {folder}")
     try:
-        dataset = ImageFolder(folder, size=size[0], channels=channels)
+        dataset = ImageFolder(folder, size=size[0], channels=channels, labelled=conditional)
     except ValueError as error:
         raise RunError(str(error)) from None
-    images = torch.stack([dataset[i] for i in range(len(dataset))])
-    if len(images) < 2:
-        raise RunError(f"data folder {folder} holds {len(images)} image(s); pyevo needs at least 2")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
-    held = max(1, min(config.search.heldout_size, len(images) // 10))
-    return images[order[held:]], images[order[:held]], None
+    data = ImageSet(torch.stack([dataset[i] for i in range(len(dataset))]), dataset.labels)
+    if len(data) < 2:
+        raise RunError(f"data folder {folder} holds {len(data)} image(s); pyevo needs at least 2")
+    _check_labels(data, classes, f"data folder {folder}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    held = max(1, min(config.search.heldout_size, len(data) // 10))
+    return data.subset(order[held:]), data.subset(order[:held]), data
+
+
+def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
+    if data.labels is not None and classes is not None and int(data.labels.max()) >= classes:
+        raise RunError(f"{where} has label {int(data.labels.max())}, outside the teacher's num_class_embeds "
+                       f"({classes}: labels 0..{classes - 1})")
 
 
 def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
@@ -91,8 +115,10 @@ def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
     size = teacher.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, teacher.config.in_channels, *size, generator=generator)
-    return record_blocks(teacher, sample, torch.full((batch,), 500, dtype=torch.long))[0]
+    device = model_device(teacher)
+    sample = torch.randn(batch, teacher.config.in_channels, *size, generator=generator).to(device)
+    timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
+    return record_blocks(teacher, sample, timesteps, probe_labels(teacher, batch, device))[0]
 
 
 class BlockTimer:
@@ -185,9 +211,8 @@ def prepare(config: RunConfig, resume: bool):
     config.validate()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
-    if config.search.population % 4:
-        raise ConfigError(f"search.population must be a multiple of 4, got {config.search.population}")
-    teacher, scheduler = load_teacher(config.teacher)
+    teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
+    teacher.to(config.device)  # every stage runs on the run's device, data-free sampling included
     spaces = {space.name: space for space in unet_space(teacher)}
     train, heldout, reference = load_images(config, teacher, scheduler)
     folder = Path(config.out)
@@ -205,6 +230,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """The whole pipeline; returns the report (also written to ``<out>/report.json``)."""
     teacher, scheduler, spaces, train, heldout, reference = prepare(config, resume)
     torch.manual_seed(config.seed)
+    train_dtype = resolve_train_dtype(config.train_dtype, config.device)
     teacher_id = fingerprint(dict(teacher.config))
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
     table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
@@ -254,13 +280,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     supernet_file = folder / "supernet.safetensors"
 
     def distill() -> dict:
-        result = distill_supernet(teacher, supernet, spaces, train, scheduler, config.distill, config.seed, progress)
+        result = distill_supernet(teacher, supernet, spaces, train, scheduler, config.distill, config.seed, progress,
+                                  train_dtype)
         atomic_write_bytes(supernet_file, safetensors.torch.save(
             {k: v.contiguous() for k, v in supernet.state_dict().items()}))
         return {"history": result.history}
 
-    stages.run("distill", [asdict(config.distill), config.teacher, config.data, config.seed], distill)
-    supernet.load_state_dict(safetensors.torch.load_file(supernet_file))
+    stages.run("distill", [asdict(config.distill), config.teacher, config.scheduler, config.data, config.seed,
+                           config.device, config.train_dtype], distill)
+    supernet.load_state_dict(safetensors.torch.load_file(supernet_file, device=str(model_device(teacher))))
     supernet.eval()
 
     # --- per-block local search
@@ -322,48 +350,61 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     student_folder = folder / "student"
 
     def retrain() -> dict:
-        student = StudentUNet2DModel.from_supernet(teacher, supernet, genomes)
-        history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress)
+        student = StudentUNet2DModel.from_supernet(teacher, supernet, genomes).to(config.device)
+        history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress,
+                                  train_dtype)
         _save_pretrained_atomic(student, student_folder)
         return {"history": history}
 
     stages.run("retrain", asdict(config.retrain), retrain)
-    student = StudentUNet2DModel.from_pretrained(student_folder, low_cpu_mem_usage=False).eval()
+    student = StudentUNet2DModel.from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
 
     # --- evaluation
     def evaluate() -> dict:
-        return _evaluate(config, teacher, student, scheduler, reference, timer.calls, folder, progress)
+        return _evaluate(config, teacher, student, scheduler, reference, train, timer.calls, folder, progress)
 
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
                                         config.dtype, config.device], evaluate)
 
     from pyevo.report import write_report
 
-    return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student)
+    return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student,
+                        scheduler)
 
 
 def network_cost(unet) -> Cost:
     """MACs of one batch-1 forward and the parameters of a whole UNet."""
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    probe = torch.zeros(1, unet.config.in_channels, *size)
-    return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long)), count_params(unet))
+    device = model_device(unet)
+    probe = torch.zeros(1, unet.config.in_channels, *size, device=device)
+    return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long, device=device),
+                           class_labels=probe_labels(unet, 1, device)), count_params(unet))
 
 
 def _sum_costs(costs) -> Cost:
     return sum(costs, Cost(0, 0))
 
 
-def _evaluate(config, teacher, student, scheduler, reference, calls, folder: Path, progress: bool) -> dict:
+def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, train: ImageSet, calls,
+              folder: Path, progress: bool) -> dict:
+    # Same noise and, for a class-conditional teacher, the same labels (equal counts of every class
+    # in the data) for both models: the paired figures compare like with like.
+    labels = None
+    if is_class_conditional(teacher):
+        labels = balanced_labels(config.evaluate.num_samples, torch.unique(train.labels))
+    extractor, features_note = quality_features(config.evaluate, tuple(teacher_sample_shape(teacher)))
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        model.to(config.device)
         samples[name] = ddim_sample(model, scheduler.config, config.evaluate.num_samples,
-                                    config.evaluate.ddim_steps, config.seed, progress=progress)
-        model.to("cpu")
-        out[name] = {**asdict(network_cost(model)), **sample_quality(samples[name], reference)}
+                                    config.evaluate.ddim_steps, config.seed, progress=progress, class_labels=labels)
+        out[name] = {**asdict(network_cost(model)),
+                     **sample_quality(samples[name], None if reference is None else reference.images, extractor)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
+    if labels is not None:
+        out["student"]["per_class"] = per_class_similarity(samples["student"], samples["teacher"], labels)
+    out["features"] = {"kind": getattr(extractor, "kind", "none"), "note": features_note}
     # Teacher and student timed in turn, whole and block by block: the per-block estimate (the
     # teacher's stem plus the student's blocks) is checked against timings of one machine state.
     timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
@@ -374,6 +415,12 @@ def _evaluate(config, teacher, student, scheduler, reference, calls, folder: Pat
     atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
         {name: images[:64].contiguous() for name, images in samples.items()}))
     return out
+
+
+def teacher_sample_shape(unet) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (unet.config.in_channels, *size)
 
 
 def _save_pretrained_atomic(model, folder: Path) -> None:

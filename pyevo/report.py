@@ -11,14 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
+from pyevo.diffusion import prediction_type  # noqa: E402
 from pyevo.latency import device_name  # noqa: E402
 from pyevo.runfolder import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from pyevo.teacher import is_class_conditional  # noqa: E402
+from pyevo.training import resolve_train_dtype  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
-                 seconds: dict[str, float], teacher, student) -> dict:
+                 seconds: dict[str, float], teacher, student, scheduler) -> dict:
     t, s = evaluated["teacher"], evaluated["student"]
     measured_ratio = s["latency_ms"] / t["latency_ms"]
     # The selection's estimate was timed minutes or days before the evaluation (the persisted
@@ -32,6 +35,10 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "batch": config.batch,
         "seed": config.seed,
         "rule": selected["rule"],
+        "train_dtype": str(resolve_train_dtype(config.train_dtype, config.device)).removeprefix("torch."),
+        "prediction_type": prediction_type(scheduler),
+        "class_conditional": is_class_conditional(teacher),
+        "features": evaluated.get("features"),
         "teacher": dict(t),
         "student": {**s,
                     "latency_estimate_error": (s["latency_estimate_ms"] - s["latency_ms"]) / s["latency_ms"],
@@ -45,7 +52,8 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
                    for name in spaces},
         "stages": {name: {"seconds": value} for name, value in seconds.items()},
         "ratios": {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"], "latency": measured_ratio,
-                   "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None},
+                   "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None,
+                   "kid": (s["kid_mean"] / t["kid_mean"]) if s.get("kid_mean") and t.get("kid_mean") else None},
     }
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
@@ -65,13 +73,23 @@ def _fmt(value, spec: str = ".4g") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _kid(figures: dict) -> str:
+    if figures.get("kid_mean") is None:
+        return "—"
+    return f"{figures['kid_mean']:.4g} ± {figures['kid_std']:.2g}"
+
+
 def _markdown(report: dict) -> str:
     t, s, r, sel = report["teacher"], report["student"], report["ratios"], report["selection"]
     lines = [
         "# pyevo run report",
         "",
         f"Device: {report['device']} ({report['device_name']}), torch {report['torch']}, "
-        f"{report['dtype']}, batch {report['batch']}, seed {report['seed']}, rule {report['rule']}.",
+        f"{report['dtype']}, batch {report['batch']}, seed {report['seed']}, rule {report['rule']}; "
+        f"trained under {report['train_dtype']}; prediction type {report['prediction_type']}"
+        f"{', class-conditional' if report['class_conditional'] else ''}.",
+        "",
+        f"Quality: {(report.get('features') or {}).get('note', '—')}.",
         "",
         "| | teacher | student | student / teacher |",
         "|---|---|---|---|",
@@ -84,6 +102,7 @@ def _markdown(report: dict) -> str:
         f"{sel['student_estimate_ms']:.3f} | {sel['latency_ratio_estimate']:.3f} "
         f"(error {100 * sel['latency_ratio_error']:+.1f}%) |",
         f"| Fréchet distance | {_fmt(t.get('fd'))} | {_fmt(s.get('fd'))} | {_fmt(r['fd'], '.3f')} |",
+        f"| KID (mean ± std over subsets) | {_kid(t)} | {_kid(s)} | {_fmt(r.get('kid'), '.3f')} |",
         f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "
         f"{s['ssim_vs_teacher']:.3f} | |",
         f"| same class as the teacher (same noise) | — | {_fmt(s.get('class_agreement'), '.3f')} | |",
@@ -95,6 +114,12 @@ def _markdown(report: dict) -> str:
                   "|---" * (len(t["class_coverage"]) + 1) + "|",
                   "| teacher | " + " | ".join(f"{v:.3f}" for v in t["class_coverage"]) + " |",
                   "| student | " + " | ".join(f"{v:.3f}" for v in s["class_coverage"]) + " |", ""]
+    if s.get("per_class"):
+        lines += ["Per class (the conditioning label; same noise and label for teacher and student):", "",
+                  "| class | PSNR vs teacher (dB) | SSIM vs teacher | same class as the teacher |", "|---|---|---|---|"]
+        lines += [f"| {label} | {v['psnr_vs_teacher']:.2f} | {v['ssim_vs_teacher']:.3f} | "
+                  f"{_fmt(v.get('class_agreement'), '.3f')} |" for label, v in s["per_class"].items()]
+        lines.append("")
     lines += ["## Blocks", "", "| block | pick | NSR | latency (ms) | MACs | params | teacher-shaped NSR "
               "| teacher latency (ms) |", "|---|---|---|---|---|---|---|---|"]
     for name, block in report["blocks"].items():

@@ -3,15 +3,20 @@
     L(s) = lambda(s) * mean_b NSR_b + (1 - lambda(s)) * L_end
 
 NSR_b compares the student's block b, fed the teacher's input to that block, with the teacher's
-output of it; L_end is the epsilon-prediction MSE against the true noise (or against the teacher's
-epsilon in data-free mode). The arms:
+output of it; L_end is the MSE of the student's prediction against the true target of the
+teacher's prediction type (the noise for epsilon, the velocity for v_prediction, the clean image
+for sample: the paper's epsilon-loss), or against the teacher's own prediction (``end_target:
+teacher``, output distillation; what data-free mode can lean on). The arms:
 
 - ``dynamic``: lambda decays 1 -> 0 along a cosine over the first ``lambda_share`` of the steps;
 - ``static``: lambda fixed at ``static_lambda``;
 - ``hard``: lambda = 1 for the first ``lambda_share`` of the steps, then 0;
 - ``end-only``: lambda = 0.
 
-The weights kept are an exponential moving average of the trained ones.
+The weights kept are an exponential moving average of the trained ones. Training runs on the
+student's device (the teacher must be there too) under the run's autocast dtype; with
+``checkpointing`` the student recomputes its blocks' activations in the backward (diffusers'
+gradient checkpointing).
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyevo.config import RetrainConfig
-from pyevo.distill import noisy_batch
+from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.space import searchable_blocks
-from pyevo.teacher import noise_to_signal, record_blocks
+from pyevo.teacher import model_device, noise_to_signal, record_blocks
+from pyevo.training import MixedPrecision
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +52,15 @@ def block_weight(step: int, steps: int, config: RetrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
 
 
-def retrain_student(teacher: nn.Module, student: nn.Module, images: torch.Tensor, scheduler,
-                    config: RetrainConfig, seed: int, progress: bool = True) -> list[dict[str, float]]:
+def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, scheduler,
+                    config: RetrainConfig, seed: int, progress: bool = True,
+                    train_dtype: torch.dtype = torch.float32) -> list[dict[str, float]]:
     """Train ``student`` in place; on return it holds the EMA weights. Returns the loss history."""
     generator = torch.Generator().manual_seed(seed)
+    device = model_device(student)
+    precision = MixedPrecision(str(device), train_dtype)
+    if config.checkpointing:
+        student.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay)
@@ -57,28 +68,33 @@ def retrain_student(teacher: nn.Module, student: nn.Module, images: torch.Tensor
     student.train()
     history = []
     for step in tqdm(range(config.steps), desc="retrain", disable=not progress):
-        noisy, timesteps, noise = noisy_batch(images, scheduler, config.batch_size, generator)
+        batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
         weight = block_weight(step, config.steps, config)
-        # The teacher runs only when a term needs it (block targets, or its epsilon as the target).
+        # The teacher runs only when a term needs it (block targets, or its prediction as the target).
         to_teacher = config.end_target == "teacher"
-        calls, teacher_eps = record_blocks(teacher, noisy, timesteps) if weight > 0 or to_teacher else ({}, None)
-        target = teacher_eps if to_teacher else noise
-        end_loss = F.mse_loss(student(noisy, timesteps).sample, target)
-        record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
-        loss = (1.0 - weight) * end_loss
-        if weight > 0:
-            nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
-                   for name, block in student_blocks.items()]
-            block_loss = torch.stack(nsr).mean()
-            loss = loss + weight * block_loss
-            record["block_nsr"] = float(block_loss.detach())
+        with precision.autocast():
+            calls, teacher_prediction = (record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
+                                         if weight > 0 or to_teacher else ({}, None))
+            target = teacher_prediction if to_teacher else batch.target
+            prediction = student(batch.noisy, batch.timesteps, class_labels=batch.labels).sample
+            end_loss = F.mse_loss(prediction.float(), target.float())
+            loss = (1.0 - weight) * end_loss
+            record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
+            if weight > 0:
+                nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
+                       for name, block in student_blocks.items()]
+                block_loss = torch.stack(nsr).mean()
+                loss = loss + weight * block_loss
+                record["block_nsr"] = float(block_loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.backward(loss)
+        precision.step(optimizer)
         schedule.step()
         ema.step(student.parameters())
         record["loss"] = float(loss.detach())
         history.append(record)
     ema.copy_to(student.parameters())
+    if config.checkpointing:
+        student.disable_gradient_checkpointing()
     student.eval()
     return history

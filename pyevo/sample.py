@@ -1,10 +1,12 @@
 """DDIM sampling from a diffusers UNet, and a CLI that saves a sample grid.
 
-    python -m pyevo.sample [--out runs/teacher_samples.png] [--n 64] [--steps 50] [--seed 0] [--teacher FOLDER]
+    python -m pyevo.sample [--out runs/teacher_samples.png] [--n 64] [--steps 50] [--seed 0]
+                           [--teacher FOLDER] [--scheduler DIR] [--label N]
 
-``--teacher`` defaults to the built-in digits teacher. It may be a pipeline folder (``unet/`` and
-``scheduler/`` inside, as ``DDPMPipeline.save_pretrained`` writes it) or a bare ``UNet2DModel``
-folder (``config.json`` + weights), which is then sampled with the digits teacher's schedule.
+``--teacher`` defaults to the built-in digits teacher. It is loaded by ``pyevo.teacher.load_teacher``:
+a pipeline folder (``unet/`` and ``scheduler/`` inside, as ``DDPMPipeline.save_pretrained`` writes
+it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A class-conditional UNet samples
+``--label`` (default: labels cycling through its classes).
 """
 from __future__ import annotations
 
@@ -17,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 from tqdm import tqdm
 
 from pyevo.data import to_unit_range
-from pyevo.teachers import DIGITS_TEACHER_DIR
-from pyevo.teachers.digits import build_digits_scheduler
+from pyevo.teacher import TeacherError, is_class_conditional, load_teacher, model_device, num_class_embeds
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,22 @@ def ddim_sample(
     eta: float = 0.0,
     batch_size: int = 250,
     progress: bool = True,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` DDIM samples (N, C, H, W) in [-1, 1], deterministic given ``seed``.
 
     The scheduler is a ``DDIMScheduler`` built from ``scheduler_config`` (e.g. the teacher's DDPM
-    config). All initial noise is drawn up front from one generator, so the samples do not depend
-    on ``batch_size``; with ``eta > 0`` the per-step noise comes from the same generator.
+    config), so the UNet's output is read as the config's ``prediction_type`` (epsilon, v or
+    sample). All initial noise is drawn up front from one generator, so the samples do not depend
+    on ``batch_size``; with ``eta > 0`` the per-step noise comes from the same generator. A
+    class-conditional UNet needs ``class_labels`` (n,), one per sample.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
+    if is_class_conditional(unet) != (class_labels is not None):
+        raise ValueError("class_labels are needed exactly when the UNet is class-conditional")
+    if class_labels is not None and class_labels.shape != (n,):
+        raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
@@ -57,42 +65,19 @@ def ddim_sample(
     unet.eval()
     outputs = []
     bar = tqdm(total=steps * math.ceil(n / batch_size), desc="ddim", disable=not progress, mininterval=2.0)
-    device = next(unet.parameters()).device
-    for x in noise.split(batch_size):
+    device = model_device(unet)
+    labels = [None] * len(noise.split(batch_size)) if class_labels is None else class_labels.split(batch_size)
+    for x, y in zip(noise.split(batch_size), labels):
         x = x.to(device)  # the noise is drawn on the CPU, so every device gets the same samples
+        y = None if y is None else y.to(device)
         for t in scheduler.timesteps:
-            eps = unet(x, t).sample
-            x = scheduler.step(eps, t, x, eta=eta, generator=gen).prev_sample
+            prediction = unet(x, t, class_labels=y).sample
+            x = scheduler.step(prediction, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
         outputs.append(x.clamp(-1.0, 1.0).cpu())
     bar.close()
     unet.train(was_training)
     return torch.cat(outputs)
-
-
-def load_unet_and_scheduler(folder: str | Path) -> tuple[UNet2DModel, dict]:
-    """A UNet and its scheduler config from a pipeline folder or a bare UNet folder.
-
-    Raises ``ValueError`` with a one-line reason when the folder holds neither.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"teacher folder {str(folder)!r} does not exist")
-    try:
-        if (folder / "unet").is_dir() and (folder / "scheduler").is_dir():
-            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True, low_cpu_mem_usage=False)
-            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-            return unet.eval(), dict(scheduler.config)
-        if (folder / "config.json").is_file():
-            unet = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
-            log.info("%s has no scheduler; using the digits teacher's schedule", folder)
-            return unet.eval(), dict(build_digits_scheduler().config)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load a diffusers UNet2DModel from {str(folder)!r}: {reason}") from err
-    raise ValueError(
-        f"{str(folder)!r} is neither a pipeline folder (unet/ + scheduler/) nor a UNet folder (config.json)"
-    )
 
 
 def image_grid(images: torch.Tensor, scale: int = 4) -> Image.Image:
@@ -118,7 +103,9 @@ class SampleConfig:
     n: int = 64
     steps: int = 50
     seed: int = 0
-    teacher: str = str(DIGITS_TEACHER_DIR)
+    teacher: str = "digits"
+    scheduler: str = ""  # a scheduler folder, for a bare UNet folder
+    label: int = -1  # class-conditional teachers: the label of every sample (-1: cycle through classes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,10 +118,21 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.n < 1 or cfg.steps < 1:
         raise SystemExit(f"error: --n and --steps must be positive (got n={cfg.n}, steps={cfg.steps})")
     try:
-        unet, scheduler_config = load_unet_and_scheduler(cfg.teacher)
-    except ValueError as err:
+        unet, scheduler = load_teacher(cfg.teacher, cfg.scheduler or None)
+    except TeacherError as err:
         raise SystemExit(f"error: {err}") from None
-    samples = ddim_sample(unet, scheduler_config, cfg.n, steps=cfg.steps, seed=cfg.seed)
+    labels = None
+    if is_class_conditional(unet):
+        classes = num_class_embeds(unet)
+        if cfg.label >= 0:
+            if classes is not None and cfg.label >= classes:
+                raise SystemExit(f"error: --label {cfg.label} is outside the teacher's {classes} classes")
+            labels = torch.full((cfg.n,), cfg.label, dtype=torch.long)
+        elif classes is None:
+            raise SystemExit("error: this teacher's labels are not bounded by num_class_embeds: pass --label N")
+        else:
+            labels = torch.arange(cfg.n) % classes
+    samples = ddim_sample(unet, scheduler.config, cfg.n, steps=cfg.steps, seed=cfg.seed, class_labels=labels)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(samples).save(out)

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
+from pyevo.diffusion import prediction_type
 from pyevo.space import searchable_blocks
 
 log = logging.getLogger(__name__)
@@ -25,43 +26,101 @@ class TeacherError(ValueError):
 
 
 SUPPORTED_UNETS = ("UNet2DModel",)
+BUILT_IN_TEACHERS = ("digits",)
+# class_embed_type values whose class_labels are integer labels (None: an nn.Embedding table).
+LABEL_EMBEDDINGS = (None, "timestep")
 
 
-def load_teacher(spec: str) -> tuple[UNet2DModel, DDPMScheduler]:
-    """``"digits"`` (the built-in teacher) or a local folder.
+def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The one teacher loader: a built-in teacher (``"digits"``) or a local folder, in eval mode.
 
-    The folder may be a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``)
-    or a model folder (``config.json`` + weights); the scheduler is read from ``scheduler/`` when
-    there is one, else the diffusers DDPM default (1,000 linear steps).
+    The folder is a diffusers pipeline folder (``unet/`` and ``scheduler/``; ``vae/`` and
+    ``model_index.json`` optional) or a bare UNet folder (``config.json`` + weights). ``scheduler``
+    names a scheduler folder (``scheduler_config.json``, or a pipeline folder with ``scheduler/``)
+    and overrides the pipeline's own; a bare UNet folder needs it: no schedule is ever assumed.
+    The schedule is read into a ``DDPMScheduler`` (the forward process every stage trains on); its
+    ``prediction_type`` is the teacher's. Raises ``TeacherError`` with a one-line reason.
     """
-    if spec == "digits":
-        from pyevo.teachers import load_digits_teacher
+    if spec in BUILT_IN_TEACHERS:
+        from pyevo.teachers import DIGITS_TEACHER_DIR
 
-        return load_digits_teacher()
+        spec = str(DIGITS_TEACHER_DIR)
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise TeacherError(f"teacher folder not found: {folder}")
     unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    config_file = unet_folder / "config.json"
-    if not config_file.is_file():
-        raise TeacherError(f"{folder} is not a diffusers UNet folder (no config.json or unet/config.json)")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except json.JSONDecodeError as error:
-        raise TeacherError(f"{config_file} is not valid JSON ({error.msg})") from None
+    config = _read_json(unet_folder / "config.json", f"{folder} is not a diffusers UNet folder "
+                                                     "(no config.json or unet/config.json)")
+    class_name = config.get("_class_name")
     if class_name not in SUPPORTED_UNETS:
         raise TeacherError(f"{unet_folder} holds a {class_name}; pyevo supports {', '.join(SUPPORTED_UNETS)}")
+    if config.get("class_embed_type") not in LABEL_EMBEDDINGS:
+        raise TeacherError(f"{unet_folder}: class_embed_type {config.get('class_embed_type')!r} takes embedding "
+                           "vectors, not class labels; pyevo supports integer class labels "
+                           "(num_class_embeds, or class_embed_type 'timestep')")
     try:
-        unet = UNet2DModel.from_pretrained(unet_folder, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise TeacherError(f"cannot load the UNet in {unet_folder}: {str(error).splitlines()[0]}") from None
-    scheduler_folder = folder / "scheduler"
-    if (scheduler_folder / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(scheduler_folder)
+        unet = UNet2DModel.from_pretrained(unet_folder, local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise TeacherError(f"cannot load the UNet in {unet_folder}: {_first_line(error)}") from None
+    return unet.eval().requires_grad_(False), _load_scheduler(folder, unet_folder, scheduler)
+
+
+def _load_scheduler(folder: Path, unet_folder: Path, override: str | None) -> DDPMScheduler:
+    if override is not None:
+        where = Path(override).expanduser()
+        if (where / "scheduler" / "scheduler_config.json").is_file():
+            where = where / "scheduler"
+        if not (where / "scheduler_config.json").is_file():
+            raise TeacherError(f"--scheduler {override}: no scheduler_config.json there (nor in scheduler/)")
+    elif (folder / "scheduler" / "scheduler_config.json").is_file():
+        where = folder / "scheduler"
     else:
-        log.info("no scheduler/ beside the teacher: using the DDPM default schedule")
-        scheduler = DDPMScheduler()
-    return unet.eval(), scheduler
+        kind = "pipeline folder" if unet_folder != folder else "bare UNet folder"
+        raise TeacherError(f"{folder} is a {kind} without scheduler/: pass --scheduler DIR "
+                           "(the noise schedule the teacher was trained with)")
+    _read_json(where / "scheduler_config.json", f"{where} holds no scheduler config")
+    try:
+        scheduler = DDPMScheduler.from_pretrained(where, local_files_only=True)
+        prediction_type(scheduler)
+    except (OSError, ValueError, TypeError, KeyError, NotImplementedError) as error:
+        raise TeacherError(f"cannot use the scheduler in {where}: {_first_line(error)}") from None
+    return scheduler
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    if not path.is_file():
+        raise TeacherError(missing)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TeacherError(f"{path} is not valid JSON ({getattr(error, 'msg', error)})") from None
+    if not isinstance(data, dict):
+        raise TeacherError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_class_conditional(unet: nn.Module) -> bool:
+    """Whether the UNet's forward takes ``class_labels`` (diffusers builds a class embedding)."""
+    return getattr(unet, "class_embedding", None) is not None
+
+
+def num_class_embeds(unet: nn.Module) -> int | None:
+    """The size of the teacher's label table; None when labels are not bounded by one (or absent)."""
+    return unet.config.num_class_embeds if is_class_conditional(unet) and unet.config.class_embed_type is None else None
+
+
+def probe_labels(unet: nn.Module, batch: int, device: torch.device | str) -> torch.Tensor | None:
+    """Labels for a forward whose labels do not matter (timing, MAC counting): class 0, or None."""
+    return torch.zeros(batch, dtype=torch.long, device=device) if is_class_conditional(unet) else None
+
+
+def model_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 @dataclass
@@ -118,9 +177,13 @@ def _detached(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous()
 
 
-def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
-                  ) -> tuple[dict[str, BlockCall], torch.Tensor]:
-    """Run the teacher once; return every searchable block's inputs and output, and its prediction."""
+def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
+                  class_labels: torch.Tensor | None = None) -> tuple[dict[str, BlockCall], torch.Tensor]:
+    """Run the teacher once; return every searchable block's inputs and output, and its prediction.
+
+    The blocks see the labels through the time embedding they are handed (``temb``), so a recorded
+    call of a class-conditional teacher carries its labels without naming them.
+    """
     calls: dict[str, BlockCall] = {}
     pending: dict[str, tuple] = {}
     handles = []
@@ -136,7 +199,7 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
         with torch.no_grad():
-            prediction = unet(sample, timesteps).sample
+            prediction = unet(sample, timesteps, class_labels=class_labels).sample
     finally:
         for handle in handles:
             handle.remove()
@@ -145,6 +208,12 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
 
 def noise_to_signal(student_output: Any, teacher_output: Any) -> torch.Tensor:
     """NSR = ||S - T||^2 / ||T||^2 over all the block's output tensors (scale-free)."""
-    num = sum(((s - t) ** 2).sum() for s, t in zip(output_tensors(student_output), output_tensors(teacher_output)))
-    den = sum((t ** 2).sum() for t in output_tensors(teacher_output))
+    # In float32 at least: under mixed precision the outputs may be bfloat16, too coarse for sums.
+    pairs = [(_at_least_float32(s), _at_least_float32(t)) for s, t in zip(output_tensors(student_output), output_tensors(teacher_output))]
+    num = sum(((s - t) ** 2).sum() for s, t in pairs)
+    den = sum((t ** 2).sum() for _, t in pairs)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

@@ -57,11 +57,19 @@ def test_student_blocks_train_on_recorded_inputs():
 def test_load_teacher_from_model_and_pipeline_folders(tmp_path):
     unet = small_unet()
     unet.save_pretrained(tmp_path / "model")
-    loaded, scheduler = load_teacher(str(tmp_path / "model"))
+    DDPMScheduler(num_train_timesteps=77, prediction_type="v_prediction").save_pretrained(tmp_path / "sched")
+    loaded, scheduler = load_teacher(str(tmp_path / "model"), scheduler=str(tmp_path / "sched"))
     assert isinstance(scheduler, DDPMScheduler) and loaded.config.block_out_channels == [16, 32, 32]
+    assert scheduler.config.num_train_timesteps == 77 and scheduler.config.prediction_type == "v_prediction"
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     unet.save_pretrained(tmp_path / "pipe" / "unet")
     DDPMScheduler(num_train_timesteps=123).save_pretrained(tmp_path / "pipe" / "scheduler")
     _, scheduler = load_teacher(str(tmp_path / "pipe"))
+    assert scheduler.config.num_train_timesteps == 123
+    # --scheduler overrides a pipeline's own schedule; it may name a pipeline folder too.
+    _, scheduler = load_teacher(str(tmp_path / "pipe"), scheduler=str(tmp_path / "sched"))
+    assert scheduler.config.num_train_timesteps == 77
+    _, scheduler = load_teacher(str(tmp_path / "model"), scheduler=str(tmp_path / "pipe"))
     assert scheduler.config.num_train_timesteps == 123
 
 
@@ -79,3 +87,27 @@ def test_load_teacher_errors(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(TeacherError, match="not valid JSON"):
         load_teacher(str(tmp_path / "broken"))
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[1, 2]")
+    with pytest.raises(TeacherError, match="must hold a JSON object"):
+        load_teacher(str(tmp_path / "listed"))
+    # A bare UNet folder without a scheduler is an error that says so: no schedule is assumed.
+    small_unet().save_pretrained(tmp_path / "bare")
+    with pytest.raises(TeacherError, match="bare UNet folder without scheduler/: pass --scheduler DIR"):
+        load_teacher(str(tmp_path / "bare"))
+    with pytest.raises(TeacherError, match="no scheduler_config.json"):
+        load_teacher(str(tmp_path / "bare"), scheduler=str(tmp_path / "empty"))
+    DDPMScheduler().save_pretrained(tmp_path / "sched_ok")
+    (tmp_path / "odd_sched").mkdir()
+    DDPMScheduler().save_pretrained(tmp_path / "odd_sched")
+    config = json.loads((tmp_path / "odd_sched" / "scheduler_config.json").read_text())
+    (tmp_path / "odd_sched" / "scheduler_config.json").write_text(json.dumps(config | {"prediction_type": "flow"}))
+    with pytest.raises(TeacherError, match="prediction_type 'flow' is not supported"):
+        load_teacher(str(tmp_path / "bare"), scheduler=str(tmp_path / "odd_sched"))
+    # class_embed_type "identity" takes embedding vectors, which no image folder provides.
+    identity = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           class_embed_type="identity")
+    identity.save_pretrained(tmp_path / "identity")
+    with pytest.raises(TeacherError, match="class_embed_type 'identity' takes embedding vectors"):
+        load_teacher(str(tmp_path / "identity"), scheduler=str(tmp_path / "sched_ok"))

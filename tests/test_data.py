@@ -97,3 +97,24 @@ def test_image_folder_errors(tmp_path):
         ImageFolder(tmp_path / "missing", size=16)
     with pytest.raises(ValueError, match="channels must be 1"):
         ImageFolder(tmp_path, size=16, channels=2)
+
+
+def _save(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 4), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_labels_come_from_class_sub_folders(tmp_path):
+    # Numeric sub-folder names are the labels themselves ("7/" is class 7)...
+    for label, name in ((3, "a.png"), (7, "b.png"), (3, "c.png")):
+        _save(tmp_path / "numeric" / str(label) / name, 10 * label)
+    folder = ImageFolder(tmp_path / "numeric", size=4, channels=1, labelled=True)
+    assert folder.labels.tolist() == [3, 3, 7] and folder.class_names == ["3", "7"]
+    # ...other names are indices in sorted order, like torchvision's ImageFolder.
+    for name in ("dog", "cat"):
+        _save(tmp_path / "named" / name / "x.png", 0)
+    assert ImageFolder(tmp_path / "named", size=4, channels=1, labelled=True).labels.tolist() == [0, 1]
+    assert ImageFolder(tmp_path / "named", size=4, channels=1).labels is None
+    _save(tmp_path / "named" / "loose.png", 0)
+    with pytest.raises(ValueError, match="images outside class sub-folders .*loose.png"):
+        ImageFolder(tmp_path / "named", size=4, channels=1, labelled=True)

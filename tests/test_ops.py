@@ -994,3 +994,25 @@ def test_cuda_opcheck_single_ops():
     tensors = [leaf(t.cuda()) if t is not None else None
                for t in ATTENTION_CASES[-2].make(torch.float32, generator)]
     opcheck(torch.ops.pyevo.shared_attention.default, (*tensors, *ATTENTION_CASES[-2].args))
+
+
+def test_ops_follow_atens_autocast_policy():
+    """Under CPU bfloat16 autocast: the conv and attention run in bfloat16 as F.conv2d / SDPA do,
+    GroupNorm+SiLU in float32 (ATen's CUDA autocast policy for group_norm; its CPU policy keeps
+    bfloat16), and gradients reach the float32 weights."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    weight = torch.randn(8, 8, 5, 5, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    gamma, beta = torch.rand(8) + 0.5, torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = torch.ops.pyevo.shared_conv2d(x, weight, bias, 4, 3, 1)
+        reference = torch.nn.functional.conv2d(x, weight[:4, :, 1:4, 1:4], bias[:4], padding=1)
+        normed = torch.ops.pyevo.shared_group_norm_silu(conv, gamma, beta, 2, 1e-5)
+    normed_reference = torch.nn.functional.silu(torch.nn.functional.group_norm(conv.float(), 2, gamma[:4], beta[:4]))
+    assert conv.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(conv, reference, rtol=0, atol=0)
+    assert normed.dtype == normed_reference.dtype == torch.float32
+    torch.testing.assert_close(normed, normed_reference, rtol=1e-5, atol=1e-5)
+    normed.sum().backward()
+    assert weight.grad.dtype == torch.float32 and weight.grad[:4].abs().sum() > 0

@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 import pyevo  # noqa: F401  (registers torch.ops.pyevo)
 from pyevo import ops
+from pyevo.diffusion import ImageSet
 from pyevo.distill import block_nsr, heldout_calls
 from pyevo.search.local import search_block
 from pyevo.search.population import PopulationEvaluator, block_evaluator, population_nsr
@@ -402,7 +403,7 @@ def digits_supernet():
             param.add_(0.02 * torch.randn_like(param))
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     images = torch.rand(10, 1, 16, 16) * 2 - 1
-    calls = heldout_calls(teacher, images, scheduler, size=10, seed=0)
+    calls = heldout_calls(teacher, ImageSet(images), scheduler, size=10, seed=0)
     return supernet, calls
 
 

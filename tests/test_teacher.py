@@ -9,15 +9,16 @@ from PIL import Image
 
 from pyevo.classifier import DIGITS_CLASSIFIER_DIR, accuracy, load_digits_classifier
 from pyevo.data import digits
-from pyevo.sample import ddim_sample, image_grid, load_unet_and_scheduler
+from pyevo.sample import ddim_sample, image_grid
 from pyevo.sample import main as sample_main
-from pyevo.teachers import DIGITS_TEACHER_DIR, load_digits_teacher
+from pyevo.teacher import TeacherError, load_teacher
+from pyevo.teachers import DIGITS_TEACHER_DIR
 from pyevo.teachers.digits import TeacherTrainConfig, build_digits_unet, timestep_weights, train
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return load_digits_teacher()
+    return load_teacher("digits")
 
 
 def test_teacher_folder_is_a_small_safetensors_pipeline():
@@ -66,12 +67,10 @@ def test_classifier_heldout_accuracy():
 
 
 def test_loaders_reject_bad_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a digits teacher folder"):
-        load_digits_teacher(tmp_path)
+    with pytest.raises(TeacherError, match="not a diffusers UNet folder"):
+        load_teacher(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a digits classifier folder"):
         load_digits_classifier(tmp_path)
-    with pytest.raises(ValueError, match="neither a pipeline folder"):
-        load_unet_and_scheduler(tmp_path)
     assert DIGITS_CLASSIFIER_DIR.is_dir()
 
 
@@ -105,13 +104,15 @@ def test_timestep_weights_follow_min_snr_and_p2():
 def test_training_script_writes_a_loadable_teacher(tmp_path):
     out = tmp_path / "teacher"
     train(TeacherTrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, out=str(out)))
-    unet, scheduler = load_digits_teacher(out)
+    unet, scheduler = load_teacher(str(out))
     assert (out / "training_info.json").is_file()
     assert not list(tmp_path.glob("teacher.tmp-*"))  # written atomically, nothing left over
-    # A bare UNet folder samples with the teacher's schedule.
+    # A bare UNet folder takes its schedule from --scheduler (a pipeline folder will do), never a default.
     unet.save_pretrained(tmp_path / "bare_unet")
-    bare_unet, scheduler_config = load_unet_and_scheduler(tmp_path / "bare_unet")
-    assert scheduler_config["beta_schedule"] == scheduler.config.beta_schedule
+    with pytest.raises(TeacherError, match="without scheduler/: pass --scheduler"):
+        load_teacher(str(tmp_path / "bare_unet"))
+    _, bare_scheduler = load_teacher(str(tmp_path / "bare_unet"), scheduler=str(out))
+    assert bare_scheduler.config.beta_schedule == scheduler.config.beta_schedule
 
 
 def test_iid_reference_draws_are_multinomial_draws_without_repeats():

@@ -14,9 +14,10 @@
 #      allocator, so an access past a tensor's end is past an allocation's end);
 #   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case;
 #   e. a short python -m pyevo.search --device cuda on the digits teacher (small stage settings),
-#      whose report gives teacher vs student latency on the GPU;
+#      whose report gives teacher vs student latency on the GPU, then the same search with
+#      --device cpu on the same machine: seconds per stage (distill, retrain on the GPU) beside it;
 #   f. a summary table, printed last and written to $OUT/summary.md.
-# Step limits add up to 480 s (8 minutes); a device call of timeout_s=600 leaves a margin.
+# Step limits add up to 540 s (9 minutes); a device call of timeout_s=600 leaves a margin.
 # Files in $OUT (8 at most come back): build.log tests.log sanitizer.log bench.log bench.json
 # search.log search_report.json summary.md. Everything else stays in $WORK.
 set -uo pipefail
@@ -127,13 +128,19 @@ if [[ $TEST_FILES == *population* ]]; then
       CAPS+=(--set "search.$key=1")
     fi
   done
+  SEARCH=(--quiet --set distill.steps=30 --set distill.batch_size=32 --set search.population=8
+    --set search.generations=2 --set search.heldout_size=64 --set retrain.steps=30
+    --set evaluate.num_samples=64 --set evaluate.ddim_steps=10 --set latency.repeats=5
+    --set latency.cache= "${CAPS[@]}")
   step search 70 "$OUT/search.log" "$PY" -m pyevo.search --device "$DEVICE" "${LATENCY[@]}" \
-    --out "$WORK/search" --quiet \
-    --set distill.steps=30 --set distill.batch_size=32 --set search.population=8 \
-    --set search.generations=2 --set search.heldout_size=64 --set retrain.steps=30 \
-    --set evaluate.num_samples=64 --set evaluate.ddim_steps=10 --set latency.repeats=5 \
-    --set latency.cache= "${CAPS[@]}"
+    --out "$WORK/search" "${SEARCH[@]}"
   [[ -f $WORK/search/report.json ]] && cp "$WORK/search/report.json" "$OUT/search_report.json"
+  if [[ $MODE == gpu ]]; then
+    # The same stages on this machine's CPU: the stage seconds side by side (its report stays in
+    # $WORK; the summary reads it there).
+    step search_cpu 60 "$OUT/search.log" "$PY" -m pyevo.search --device cpu --dtype float32 --batch 8 \
+      --out "$WORK/search_cpu" "${SEARCH[@]}"
+  fi
 else
   echo "search: not run (diffusers or deap missing)" > "$OUT/search.log"
   printf 'search\tskipped\t0\n' >> "$STEPS"
@@ -142,4 +149,5 @@ fi
 # ---- f. summary, printed last
 echo
 "$PY" experiments/device/summarize.py --out "$OUT" --steps "$STEPS" --total "$((SECONDS - START))" \
+  --cpu-report "$WORK/search_cpu/report.json" \
   || echo "summary failed (exit $?); logs are in $OUT"

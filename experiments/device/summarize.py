@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", required=True)
     parser.add_argument("--total", type=int, default=None)
+    parser.add_argument("--cpu-report", default=None, help="report.json of the same search on the CPU")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     md = ["# pyevo device run", ""]
@@ -134,6 +135,15 @@ def main(argv=None) -> int:
             sel = report["selection"]
             md.append(f"| latency ratio estimated at selection | | | {sel['latency_ratio_estimate']:.2f} "
                       f"(error {100 * sel['latency_ratio_error']:+.1f}%) |")
+        md.append("")
+        cpu_file = pathlib.Path(args.cpu_report) if args.cpu_report else None
+        cpu = json.loads(cpu_file.read_text()) if cpu_file and cpu_file.is_file() else {}
+        md += [f"| seconds per stage | {report.get('device')} ({report.get('train_dtype', '?')}) | "
+               f"{cpu.get('device', 'cpu')} | cpu / {report.get('device')} |", "|---|---|---|---|"]
+        for stage, value in report.get("stages", {}).items():
+            there = cpu.get("stages", {}).get(stage, {}).get("seconds")
+            ratio = f"{there / value['seconds']:.2f}" if there and value["seconds"] else ""
+            md.append(f"| {stage} | {value['seconds']:.1f} | {'' if there is None else f'{there:.1f}'} | {ratio} |")
         md.append("")
     else:
         md += ["search: no report (see search.log)", ""]

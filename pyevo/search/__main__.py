@@ -8,17 +8,27 @@ import argparse
 import logging
 import sys
 
-from pyevo.config import ConfigError, load_config
+import yaml
+
+from pyevo.config import PRESETS, ConfigError, describe_keys, load_config
 
 # Flags that set one config key each (dest -> dotted key).
 FLAGS = {
-    "teacher": ("teacher", "'digits' (built-in) or a local diffusers UNet / pipeline folder"),
-    "data": ("data", "'digits', an image folder, or 'data-free' (inputs sampled from the teacher)"),
+    "teacher": ("teacher", "'digits' (built-in), a diffusers pipeline folder (unet/ + scheduler/) or a bare "
+                           "UNet2DModel folder (then --scheduler too)"),
+    "scheduler": ("scheduler", "scheduler folder (scheduler_config.json): the teacher's noise schedule and "
+                               "prediction type; needed with a bare UNet folder"),
+    "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class), "
+                     "or 'data-free' (inputs sampled from the teacher)"),
     "rule": ("search.rule", "selection rule: diffnas | block-budget | budget"),
     "budget": ("search.budget", "latency budget as a fraction of the teacher's (block-budget, budget)"),
-    "device": ("device", "device the latency is measured (and training runs) on: cpu | cuda[:N]"),
-    "dtype": ("dtype", "deployment dtype for latency: float32 | float16 | bfloat16"),
-    "batch": ("batch", "deployment batch for latency"),
+    "device": ("device", "where every stage runs: distillation, held-out NSR, search, latency, retraining, "
+                         "sampling and evaluation: cpu | cuda[:N]"),
+    "train_dtype": ("train_dtype", "autocast dtype of distillation and retraining (weights stay float32): "
+                                   "auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16 | float16"),
+    "dtype": ("dtype", "deployment dtype, for latency only: float32 | float16 | bfloat16"),
+    "batch": ("batch", "deployment batch, for latency only"),
+    "metric_features": ("evaluate.features", "feature space of FD and KID: auto | inception | digits | none"),
     "out": ("out", "run folder"),
     "seed": ("seed", "random seed (same seed, same genomes)"),
 }
@@ -26,18 +36,33 @@ FLAGS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pyevo.search",
+        prog="python -m pyevo.search", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="DiffNAS: distill a weight-shared supernet from a diffusers UNet, search each block "
-                    "under measured latency, retrain the student and export it as a diffusers model.")
+                    "under measured latency, retrain the student and export it as a diffusers model.",
+        epilog=config_keys_help())
     parser.add_argument("--config", help="YAML file of config values (see pyevo/config.py and experiments/)")
+    parser.add_argument("--preset", help=f"a named set of config values applied first: {', '.join(PRESETS)} "
+                                         "(quick: the whole pipeline in about a minute, to check a teacher and its data)")
     for dest, (key, text) in FLAGS.items():
-        parser.add_argument(f"--{dest}", help=f"{text} [config: {key}]")
+        parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, help=f"{text} [config: {key}]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set distill.steps=200 (repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out, skipping the stages already done")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the resolved config (defaults, preset, --config, flags, --set) as YAML and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     return parser.parse_args(argv)
+
+
+def config_keys_help() -> str:
+    """Every config key with its default and allowed values, for the end of --help."""
+    rows = describe_keys()
+    width = max(len(key) for key, _, _ in rows)
+    lines = ["config keys (set with --set KEY=VALUE or in a --config YAML file):"]
+    for key, default, allowed in rows:
+        lines.append(f"  {key:<{width}}  default {default!r}" + (f"; {allowed}" if allowed else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyevo.search: error: --set takes KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         overrides[key.strip()] = value
+    if args.show_config:
+        try:
+            config = load_config(args.config, overrides, args.preset)
+        except ConfigError as error:
+            print(f"pyevo.search: error: {error}", file=sys.stderr)
+            return 2
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
     # Heavy imports after argument parsing, so --help is quick.
     from pyevo.pipeline import RunError, run
     from pyevo.search.select import BudgetError
@@ -58,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.teacher import TeacherError
 
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, args.preset)
         report = run(config, resume=args.resume, progress=not args.quiet)
     except (ConfigError, TeacherError, RunError, BudgetError, UnsupportedBlockError) as error:
         print(f"pyevo.search: error: {error}", file=sys.stderr)

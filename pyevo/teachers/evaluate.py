@@ -19,7 +19,8 @@ import torch
 from pyevo.classifier import accuracy, load_digits_classifier
 from pyevo.data import digits
 from pyevo.metrics import class_coverage, frechet_distance
-from pyevo.sample import ddim_sample, load_unet_and_scheduler
+from pyevo.sample import ddim_sample
+from pyevo.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class TeacherEvalResult:
 
 def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalConfig()) -> TeacherEvalResult:
     start = time.perf_counter()
-    unet, scheduler_config = load_unet_and_scheduler(folder)
+    unet, scheduler = load_teacher(str(folder))
+    scheduler_config = scheduler.config
     classifier = load_digits_classifier()
     train_images, _ = digits("train")
     heldout_images, heldout_labels = digits("heldout")

@@ -1,0 +1,84 @@
+"""The forward process as pyevo trains on it: noised batches, the teacher's prediction type, labels.
+
+Every loss and sampler follows the teacher's own ``prediction_type`` (read from its scheduler):
+``epsilon`` predicts the noise, ``v_prediction`` the velocity ``alpha_t * noise - sigma_t * x0``,
+``sample`` the clean image. Batches are drawn on the CPU from one generator and then moved to the
+run's device, so the same seed gives the same batches on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class ImageSet:
+    """Images in [-1, 1] (N, C, H, W) and, for class-conditional teachers, their labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: torch.Tensor | slice) -> "ImageSet":
+        return ImageSet(self.images[index], None if self.labels is None else self.labels[index])
+
+
+@dataclass
+class NoisyBatch:
+    """One training batch: the noised images, their timesteps, and what the teacher should predict."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    target: torch.Tensor  # the true target of the teacher's prediction type
+    labels: torch.Tensor | None
+
+
+def prediction_type(scheduler) -> str:
+    """The teacher's prediction type, as its scheduler config names it (diffusers' default: epsilon)."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {kind!r} is not supported; pyevo supports {', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What a model of the scheduler's prediction type should output for ``add_noise(clean, noise, t)``."""
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    return scheduler.get_velocity(clean, noise, timesteps)
+
+
+def noisy_batch(data: ImageSet, scheduler, batch_size: int, generator: torch.Generator,
+                device: torch.device | str = "cpu") -> NoisyBatch:
+    """Images drawn with replacement, noised at timesteps uniform over the schedule, on ``device``."""
+    index = torch.randint(len(data), (batch_size,), generator=generator)
+    clean = data.images[index]
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    labels = None if data.labels is None else data.labels[index].to(device)
+    clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
+    return NoisyBatch(scheduler.add_noise(clean, noise, timesteps), timesteps, noise,
+                      training_target(scheduler, clean, noise, timesteps), labels)
+
+
+def uniform_labels(count: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` class labels drawn uniformly from ``range(num_classes)`` (data-free mode)."""
+    return torch.randint(0, num_classes, (count,), generator=generator)
+
+
+def balanced_labels(count: int, classes: torch.Tensor) -> torch.Tensor:
+    """``count`` labels cycling through ``classes``: equal counts per class, for evaluation."""
+    return classes[torch.arange(count) % len(classes)]
