@@ -97,7 +97,7 @@ def quality_features(config: EvaluateConfig, sample_shape: tuple[int, int, int])
     if kind == "digits" and sample_shape != (1, 16, 16):
         return None, f"digits features need 1x16x16 samples, these are {'x'.join(map(str, sample_shape))}: no FD/KID"
     try:
-        extractor = load_feature_extractor(kind, config.inception_weights or None)
+        extractor = load_feature_extractor(kind, (config.inception_weights or None) if kind == "inception" else None)
     except FeatureUnavailable as error:
         log.warning("no FD/KID: %s", error)
         return None, f"no FD/KID: {error}"

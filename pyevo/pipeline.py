@@ -213,6 +213,9 @@ def prepare(config: RunConfig, resume: bool):
         raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
     teacher.to(config.device)  # every stage runs on the run's device, data-free sampling included
+    weights = config.evaluate.inception_weights
+    if weights and not Path(weights).expanduser().is_file():
+        raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
     train, heldout, reference = load_images(config, teacher, scheduler)
     folder = Path(config.out)
