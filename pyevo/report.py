@@ -53,7 +53,7 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "stages": {name: {"seconds": value} for name, value in seconds.items()},
         "ratios": {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"], "latency": measured_ratio,
                    "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None,
-                   "kid": (s["kid_mean"] / t["kid_mean"]) if s.get("kid_mean") and t.get("kid_mean") else None},
+                   "kid": _kid_ratio(t, s)},
     }
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
@@ -71,6 +71,15 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
 
 def _fmt(value, spec: str = ".4g") -> str:
     return "—" if value is None else format(value, spec)
+
+
+def _kid_ratio(teacher: dict, student: dict) -> float | None:
+    """student / teacher KID, only where both are clearly above zero (mean above its spread over
+    subsets): the unbiased estimate of a near-zero KID is noise around zero, often negative."""
+    for side in (teacher, student):
+        if side.get("kid_mean") is None or side["kid_mean"] <= side["kid_std"]:
+            return None
+    return student["kid_mean"] / teacher["kid_mean"]
 
 
 def _kid(figures: dict) -> str:

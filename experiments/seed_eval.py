@@ -1,0 +1,68 @@
+"""Teacher and student of a finished run, evaluated at several noise seeds: mean ± std per figure
+and the student/teacher ratio of the means (quality figures move with the seed).
+
+    python experiments/seed_eval.py RUN_FOLDER [--seeds 0 1 2] [--n 1000] [--steps 50]
+
+Reads the run's config.yaml (teacher, scheduler, data) and student/; prints a markdown table.
+Digits-like runs only (the FD is in the digits classifier's features, against the held-out digits).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from pyevo import StudentUNet2DModel
+from pyevo.config import load_config
+from pyevo.data import digits
+from pyevo.metrics import class_agreement, frechet_distance, psnr, ssim
+from pyevo.sample import ddim_sample
+from pyevo.teacher import load_teacher
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    config = load_config(run / "config.yaml")
+    teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
+    student = StudentUNet2DModel.from_pretrained(run / "student", low_cpu_mem_usage=False).eval()
+    reference = digits("heldout")[0]
+    rows = []
+    for seed in args.seeds:
+        samples = {name: ddim_sample(model, scheduler.config, args.n, args.steps, seed, progress=False)
+                   for name, model in (("teacher", teacher), ("student", student))}
+        rows.append({"seed": seed, "teacher_fd": frechet_distance(reference, samples["teacher"]),
+                     "student_fd": frechet_distance(reference, samples["student"]),
+                     "psnr": psnr(samples["student"], samples["teacher"]),
+                     "ssim": ssim(samples["student"], samples["teacher"]),
+                     "agreement": class_agreement(samples["student"], samples["teacher"])})
+        print(f"seed {seed}: {rows[-1]}", file=sys.stderr)
+    print(f"{run}: {args.n} samples, {args.steps} DDIM steps, seeds {args.seeds}\n")
+    print("| seed | teacher FD | student FD | FD ratio | PSNR vs teacher (dB) | SSIM | same class |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['teacher_fd']:.2f} | {r['student_fd']:.2f} | {r['student_fd'] / r['teacher_fd']:.3f} "
+              f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} |")
+
+    def mean_std(key: str) -> str:
+        values = [r[key] for r in rows]
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+    teacher_mean = statistics.mean(r["teacher_fd"] for r in rows)
+    student_mean = statistics.mean(r["student_fd"] for r in rows)
+    print(f"| mean ± std | {mean_std('teacher_fd')} | {mean_std('student_fd')} | {student_mean / teacher_mean:.3f} "
+          f"(of the means) | {mean_std('psnr')} | {mean_std('ssim')} | {mean_std('agreement')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    sys.exit(main())
