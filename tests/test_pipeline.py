@@ -199,3 +199,11 @@ def test_a_used_folder_needs_resume(finished_run, teacher_folder):
     root, _, _ = finished_run
     out = cli("--teacher", str(teacher_folder), "--out", str(root / "a"), *_toy_flags())
     assert out.returncode == 2 and "is not empty; pass --resume" in out.stderr
+
+
+def test_kid_ratio_only_where_both_kids_stand_clear_of_zero():
+    from pyevo.report import _kid_ratio
+
+    assert _kid_ratio({"kid_mean": 0.2, "kid_std": 0.05}, {"kid_mean": 0.1, "kid_std": 0.02}) == pytest.approx(0.5)
+    assert _kid_ratio({"kid_mean": 2.3, "kid_std": 62.0}, {"kid_mean": -35.0, "kid_std": 42.0}) is None
+    assert _kid_ratio({"kid_mean": None, "kid_std": None}, {"kid_mean": 0.1, "kid_std": 0.0}) is None
