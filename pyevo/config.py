@@ -242,14 +242,15 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"{name} cannot be set this way")
 
 
-def _set(config: Any, dotted: str, value: Any) -> None:
+def _set(config: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    """Set ``dotted`` (relative to ``config``, which is the section ``prefix`` names) to ``value``."""
     parts = dotted.split(".")
     target = config
     for depth, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(target)}
         if part not in fields:
-            where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} in {where}; "
+            where = prefix + ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"unknown config key {prefix + dotted!r} (no {part!r} in {where.rstrip('.')}; "
                               f"known: {', '.join(fields)})")
         hints = typing.get_type_hints(type(target))
         if depth == len(parts) - 1:
@@ -257,9 +258,9 @@ def _set(config: Any, dotted: str, value: Any) -> None:
                 if not isinstance(value, dict):
                     raise ConfigError(f"{dotted} is a section; give it a mapping")
                 for key, item in value.items():
-                    _set(getattr(target, part), str(key), item)
+                    _set(getattr(target, part), str(key), item, f"{prefix}{dotted}.")
             else:
-                setattr(target, part, _coerce(dotted, value, hints[part]))
+                setattr(target, part, _coerce(prefix + dotted, value, hints[part]))
             return
         if not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"unknown config key {dotted!r} ({'.'.join(parts[:depth + 1])} "

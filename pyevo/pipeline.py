@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -211,6 +212,7 @@ def prepare(config: RunConfig, resume: bool):
     config.validate()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
+    check_run_folder(config.out, resume)
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
     teacher.to(config.device)  # every stage runs on the run's device, data-free sampling included
     weights = config.evaluate.inception_weights
@@ -218,15 +220,28 @@ def prepare(config: RunConfig, resume: bool):
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
     train, heldout, reference = load_images(config, teacher, scheduler)
-    folder = Path(config.out)
-    saved = folder / "config.yaml"
-    if folder.exists() and any(folder.iterdir()):
-        if not resume:
-            raise RunError(f"run folder {folder} is not empty; pass --resume to continue that run "
-                           "or choose another --out")
-        if not saved.is_file():
-            raise RunError(f"--resume: {folder} holds no pyevo run (no config.yaml)")
     return teacher, scheduler, spaces, train, heldout, reference
+
+
+def check_run_folder(out: str, resume: bool) -> None:
+    """The run folder can be written and holds what ``resume`` says: a run to continue, or nothing."""
+    folder = Path(out).expanduser()
+    used = folder.is_dir() and any(folder.iterdir())
+    if resume and not used:
+        raise RunError(f"--resume: there is no run in {folder} to continue (drop --resume to start one)")
+    if used and not resume:
+        raise RunError(f"run folder {folder} is not empty; pass --resume to continue that run "
+                       "or choose another --out")
+    if used and not (folder / "config.yaml").is_file():
+        raise RunError(f"--resume: {folder} holds no pyevo run (no config.yaml)")
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"run folder {folder} is a file, not a folder")
+    ancestor = folder
+    while not ancestor.exists():  # the nearest existing folder decides whether --out can be created
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunError(f"cannot create or write the run folder {folder}: {ancestor} is "
+                       f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
 
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:

@@ -41,3 +41,18 @@ def test_missing_or_bad_yaml(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_yaml_errors_name_the_whole_key_and_bounds_reject_non_finite_values(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("distill:\n  steps: .inf\n")
+    with pytest.raises(ConfigError, match=r"^distill.steps must be an integer, got inf$"):
+        load_config(path)
+    path.write_text("search:\n  populaton: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'search.populaton' \(no 'populaton' in search;"):
+        load_config(path)
+    for key, value, message in (("latency.threads", 0, "latency.threads must be >= 1"),
+                                ("retrain.lr", -1, "retrain.lr must be > 0"),
+                                ("distill.lr", "nan", "distill.lr must be > 0, got nan")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {key: value})

@@ -207,3 +207,17 @@ def test_kid_ratio_only_where_both_kids_stand_clear_of_zero():
     assert _kid_ratio({"kid_mean": 0.2, "kid_std": 0.05}, {"kid_mean": 0.1, "kid_std": 0.02}) == pytest.approx(0.5)
     assert _kid_ratio({"kid_mean": 2.3, "kid_std": 62.0}, {"kid_mean": -35.0, "kid_std": 42.0}) is None
     assert _kid_ratio({"kid_mean": None, "kid_std": None}, {"kid_mean": 0.1, "kid_std": 0.0}) is None
+
+
+def test_run_folder_errors_end_in_one_line_before_anything_is_written(tmp_path):
+    out = cli("--out", str(tmp_path / "never_ran"), "--resume")
+    assert out.returncode == 2 and "--resume: there is no run in" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "never_ran").exists()
+    (tmp_path / "a_file").write_text("x")
+    for target, message in ((tmp_path / "a_file", "is a file, not a folder"),
+                            (tmp_path / "a_file" / "run", "is not a folder")):
+        out = cli("--out", str(target))
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last.startswith("pyevo.search: error: ") and message in last, out.stderr
+        assert "Traceback" not in out.stderr
+    assert (tmp_path / "a_file").read_text() == "x"
