@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from pyevo.config import DistillConfig
 from pyevo.diffusion import ImageSet, noisy_batch
-from pyevo.teacher import BlockCall, model_device, noise_to_signal, output_tensors, record_blocks
+from pyevo.teacher import (BlockCall, at_least_float32, model_device, noise_to_signal, output_tensors,
+                           record_blocks)
 from pyevo.training import MixedPrecision
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ def _concat_calls(calls: Sequence[BlockCall]) -> BlockCall:
 
 
 def block_mse(output, target) -> torch.Tensor:
-    # float32: under bfloat16 autocast the outputs are bfloat16, too coarse to sum a loss in.
-    pairs = list(zip(output_tensors(output), output_tensors(target)))
-    return sum(F.mse_loss(s.float(), t.float(), reduction="sum") for s, t in pairs) / sum(t.numel() for _, t in pairs)
+    # At least float32: under bfloat16 autocast the outputs are bfloat16, too coarse to sum a loss in.
+    pairs = [(at_least_float32(s), at_least_float32(t)) for s, t in zip(output_tensors(output), output_tensors(target))]
+    return sum(F.mse_loss(s, t, reduction="sum") for s, t in pairs) / sum(t.numel() for _, t in pairs)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import nn
 
 from pyevo.config import EvaluateConfig, LatencyConfig
 from pyevo.latency import DTYPES, time_calls
-from pyevo.teacher import BlockCall, probe_labels
+from pyevo.teacher import BlockCall, probe_labels, sample_shape
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,18 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[t
     A model not already in the deployment dtype and device is timed as a cast copy, so the caller's
     model keeps its weights exactly (a float16 round trip would round them) and stays where it is.
     """
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
     weight = next(unet.parameters())
     same = weight.device == torch.device(device) and weight.dtype == DTYPES[dtype]
     model = unet if same else _cast(copy.deepcopy(unet), device, DTYPES[dtype])
     was_training = unet.training
     model.eval()
-    sample = torch.randn(batch, unet.config.in_channels, *size, device=device, dtype=DTYPES[dtype])
+    sample = torch.randn(batch, *sample_shape(unet), device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
     labels = probe_labels(unet, batch, device)
     try:
         yield (lambda: model(sample, timesteps, class_labels=labels)), model
     finally:
         unet.train(was_training)
-        del model
 
 
 def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
@@ -82,8 +79,8 @@ def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return nn.Module.to(unet, device=device, dtype=dtype)
 
 
-def quality_features(config: EvaluateConfig, sample_shape: tuple[int, int, int]) -> tuple[nn.Module | None, str]:
-    """The feature extractor for FD and KID named by ``config.features``, and a one-line note.
+def quality_features(config: EvaluateConfig, shape: tuple[int, int, int]) -> tuple[nn.Module | None, str, str]:
+    """The feature extractor for FD and KID named by ``config.features``, its kind, and a one-line note.
 
     ``auto`` is the digits classifier for 1x16x16 samples and Inception otherwise. When Inception
     cannot be had (offline, no weights, no torch-fidelity) the run goes on with the paired
@@ -93,17 +90,17 @@ def quality_features(config: EvaluateConfig, sample_shape: tuple[int, int, int])
 
     kind = config.features
     if kind == "auto":
-        kind = "digits" if sample_shape == (1, 16, 16) else "inception"
-    if kind == "digits" and sample_shape != (1, 16, 16):
-        return None, f"digits features need 1x16x16 samples, these are {'x'.join(map(str, sample_shape))}: no FD/KID"
+        kind = "digits" if shape == (1, 16, 16) else "inception"
+    if kind == "digits" and shape != (1, 16, 16):
+        return None, "none", f"digits features need 1x16x16 samples, these are {'x'.join(map(str, shape))}: no FD/KID"
     try:
         extractor = load_feature_extractor(kind, (config.inception_weights or None) if kind == "inception" else None)
     except FeatureUnavailable as error:
         log.warning("no FD/KID: %s", error)
-        return None, f"no FD/KID: {error}"
-    if extractor is not None:
-        extractor.kind = kind
-    return extractor, f"FD/KID in {kind} features" if extractor is not None else "features: none (paired metrics only)"
+        return None, "none", f"no FD/KID: {error}"
+    if extractor is None:
+        return None, "none", "features: none (paired metrics only)"
+    return extractor, kind, f"FD/KID in {kind} features"
 
 
 def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None, extractor: nn.Module | None) -> dict:

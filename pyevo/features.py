@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from pyevo.classifier import DigitsClassifier, load_digits_classifier
+from pyevo.teacher import model_device
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,6 @@ def _check_batch(images: torch.Tensor, channels: tuple[int, ...], size: tuple[in
         raise ValueError(f"{name} takes images of shape (N, {c}, {hw}), got {tuple(images.shape)}")
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 class ClassifierFeatures(nn.Module):
     """The classifier's embedding as a torchmetrics feature extractor.
 
@@ -85,7 +81,7 @@ class ClassifierFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         channels, height, width = self.image_shape
         _check_batch(images, (channels,), (height, width), "the digits feature space")
-        return self.classifier.features(images.float().to(_module_device(self))).double()
+        return self.classifier.features(images.float().to(model_device(self))).double()
 
 
 class InceptionFeatures(nn.Module):
@@ -109,7 +105,7 @@ class InceptionFeatures(nn.Module):
         _check_batch(images, (1, 3), None, "the inception feature space")
         rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         levels = ((rgb.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-        return self.inception(levels.to(_module_device(self))).double()
+        return self.inception(levels.to(model_device(self))).double()
 
 
 def _inception_weights_hint() -> str:

@@ -42,7 +42,7 @@ from pyevo.space import BlockSpace, encode_network, unet_space
 from pyevo.student import StudentUNet2DModel, build_static_block
 from pyevo.supernet import build_supernet
 from pyevo.teacher import (BlockCall, is_class_conditional, load_teacher, model_device, num_class_embeds,
-                           probe_labels, record_blocks)
+                           probe_labels, record_blocks, sample_shape)
 from pyevo.training import resolve_train_dtype
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class RunError(ValueError):
 def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageSet, ImageSet | None]:
     """Training images, held-out images (for NSR), and the reference set for FD/KID, with labels
     where the teacher is class-conditional."""
-    size = teacher.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    channels = teacher.config.in_channels
+    channels, *size = sample_shape(teacher)
     conditional = is_class_conditional(teacher)
     classes = num_class_embeds(teacher)
     if config.data == "digits":
@@ -113,11 +111,9 @@ def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
 
 def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
     """Every block's inputs at the deployment batch, for timing candidate blocks stand-alone."""
-    size = teacher.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(teacher)
-    sample = torch.randn(batch, teacher.config.in_channels, *size, generator=generator).to(device)
+    sample = torch.randn(batch, *sample_shape(teacher), generator=generator).to(device)
     timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
     return record_blocks(teacher, sample, timesteps, probe_labels(teacher, batch, device))[0]
 
@@ -392,10 +388,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
 def network_cost(unet) -> Cost:
     """MACs of one batch-1 forward and the parameters of a whole UNet."""
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
     device = model_device(unet)
-    probe = torch.zeros(1, unet.config.in_channels, *size, device=device)
+    probe = torch.zeros(1, *sample_shape(unet), device=device)
     return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long, device=device),
                            class_labels=probe_labels(unet, 1, device)), count_params(unet))
 
@@ -411,7 +405,7 @@ def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, t
     labels = None
     if is_class_conditional(teacher):
         labels = balanced_labels(config.evaluate.num_samples, torch.unique(train.labels))
-    extractor, features_note = quality_features(config.evaluate, tuple(teacher_sample_shape(teacher)))
+    extractor, features_kind, features_note = quality_features(config.evaluate, sample_shape(teacher))
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -422,7 +416,7 @@ def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, t
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
     if labels is not None:
         out["student"]["per_class"] = per_class_similarity(samples["student"], samples["teacher"], labels)
-    out["features"] = {"kind": getattr(extractor, "kind", "none"), "note": features_note}
+    out["features"] = {"kind": features_kind, "note": features_note}
     # Teacher and student timed in turn, whole and block by block: the per-block estimate (the
     # teacher's stem plus the student's blocks) is checked against timings of one machine state.
     timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
@@ -433,12 +427,6 @@ def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, t
     atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
         {name: images[:64].contiguous() for name, images in samples.items()}))
     return out
-
-
-def teacher_sample_shape(unet) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return (unet.config.in_channels, *size)
 
 
 def _save_pretrained_atomic(model, folder: Path) -> None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pyevo.config import RetrainConfig
 from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.space import searchable_blocks
-from pyevo.teacher import model_device, noise_to_signal, record_blocks
+from pyevo.teacher import at_least_float32, model_device, noise_to_signal, record_blocks
 from pyevo.training import MixedPrecision
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
                                          if weight > 0 or to_teacher else ({}, None))
             target = teacher_prediction if to_teacher else batch.target
             prediction = student(batch.noisy, batch.timesteps, class_labels=batch.labels).sample
-            end_loss = F.mse_loss(prediction.float(), target.float())
+            end_loss = F.mse_loss(at_least_float32(prediction), at_least_float32(target))
             loss = (1.0 - weight) * end_loss
             record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
             if weight > 0:

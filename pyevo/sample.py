@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pyevo.data import to_unit_range
-from pyevo.teacher import TeacherError, is_class_conditional, load_teacher, model_device, num_class_embeds
+from pyevo.teacher import (TeacherError, is_class_conditional, load_teacher, model_device, num_class_embeds,
+                           sample_shape)
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def ddim_sample(
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    noise = torch.randn((n, unet.config.in_channels, *size), generator=gen)
+    noise = torch.randn((n, *sample_shape(unet)), generator=gen)
     was_training = unet.training
     unet.eval()
     outputs = []

@@ -120,7 +120,16 @@ def probe_labels(unet: nn.Module, batch: int, device: torch.device | str) -> tor
 
 
 def model_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where a module's weights are (the CPU for a module without any)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def sample_shape(unet: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample the UNet takes (``sample_size`` may be an int)."""
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (unet.config.in_channels, *size)
 
 
 @dataclass
@@ -209,11 +218,12 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
 def noise_to_signal(student_output: Any, teacher_output: Any) -> torch.Tensor:
     """NSR = ||S - T||^2 / ||T||^2 over all the block's output tensors (scale-free)."""
     # In float32 at least: under mixed precision the outputs may be bfloat16, too coarse for sums.
-    pairs = [(_at_least_float32(s), _at_least_float32(t)) for s, t in zip(output_tensors(student_output), output_tensors(teacher_output))]
+    pairs = [(at_least_float32(s), at_least_float32(t)) for s, t in zip(output_tensors(student_output), output_tensors(teacher_output))]
     num = sum(((s - t) ** 2).sum() for s, t in pairs)
     den = sum((t ** 2).sum() for _, t in pairs)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """float32, or the tensor's own dtype where that is wider (a float64 reference stays float64)."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
