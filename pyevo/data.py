@@ -3,7 +3,8 @@
 Every image pyevo hands to a model is float32, channels-first, scaled to [-1, 1].
 
 The digits set is scikit-learn's ``load_digits`` (1,797 real 8x8 scans, values 0..16), upsampled
-to 16x16. It is split once, with a fixed seed and stratified by class, into 1,297 training images
+to 16x16 (or any other size: ``digits(split, size=32)`` is the latent-digits teacher's image size).
+It is split once, with a fixed seed and stratified by class, into 1,297 training images
 and 500 held-out images (50 per class, up to rounding). The teacher and the classifier train on
 the training split only; Fréchet distances are measured against the held-out split.
 """
@@ -23,6 +24,9 @@ from torch.utils.data import Dataset
 log = logging.getLogger(__name__)
 
 DIGITS_SIZE = 16
+# Image sizes of the built-in teachers' digits (pixel: 16, latent-digits: 32); the digits classifier
+# and feature space take either, resized to 16x16.
+DIGITS_IMAGE_SIZES = (16, 32)
 DIGITS_HELDOUT = 500
 DIGITS_SPLIT_SEED = 0
 DIGITS_SPLITS = ("train", "heldout", "all")
@@ -34,9 +38,9 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-@lru_cache(maxsize=1)
-def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """All 1,797 digits at 16x16 in [-1, 1], their labels, and the held-out mask (cached)."""
+@lru_cache(maxsize=4)
+def _digits_all(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """All 1,797 digits at ``size`` x ``size`` in [-1, 1], their labels, and the held-out mask (cached)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -45,7 +49,7 @@ def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     # bilinear + antialias: antialias is a no-op when upsampling but keeps the call correct for
     # any target size below 8.
     resized = F.interpolate(
-        raw[:, None], size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", antialias=True, align_corners=False
+        raw[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
     )
     images = (resized.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
     labels = torch.from_numpy(bunch.target.astype(np.int64))
@@ -59,21 +63,40 @@ def _digits_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     return images, labels, heldout_mask
 
 
-def digits(split: Literal["train", "heldout", "all"] = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The digits images (N, 1, 16, 16) float32 in [-1, 1] and labels (N,) int64 of one split.
+def digits(split: Literal["train", "heldout", "all"] = "train", size: int = DIGITS_SIZE
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits images (N, 1, size, size) float32 in [-1, 1] and labels (N,) int64 of one split.
 
     ``train`` has 1,297 images, ``heldout`` 500, ``all`` 1,797 (in scikit-learn's order). The split
     is fixed: the same images land in the same split on every call and machine.
     """
     if split not in DIGITS_SPLITS:
         raise ValueError(f"unknown digits split {split!r}; expected one of {', '.join(DIGITS_SPLITS)}")
-    images, labels, heldout_mask = _digits_all()
+    if size < 1:
+        raise ValueError(f"digits size must be positive, got {size}")
+    images, labels, heldout_mask = _digits_all(size)
     if split == "all":
         keep = np.ones_like(heldout_mask)
     else:
         keep = heldout_mask if split == "heldout" else ~heldout_mask
     keep_t = torch.from_numpy(keep)
     return images[keep_t].clone(), labels[keep_t].clone()
+
+
+def is_digits_shape(shape) -> bool:
+    """Whether one image of ``shape`` (C, H, W) is a digit as the built-in teachers draw them."""
+    return tuple(shape) in {(1, size, size) for size in DIGITS_IMAGE_SIZES}
+
+
+def at_digits_size(images: torch.Tensor) -> torch.Tensor:
+    """Grey [-1, 1] images (N, 1, S, S) at the classifier's 16x16 (antialiased bilinear), for the
+    digits feature space and classifier; 16x16 images pass through unchanged."""
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"digits must have shape (N, 1, S, S), got {tuple(images.shape)}")
+    if images.shape[2] == DIGITS_SIZE:
+        return images
+    return F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(-1.0, 1.0)
 
 
 class ImageFolder(Dataset):

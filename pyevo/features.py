@@ -7,7 +7,7 @@ features and exposes ``num_features``. The kinds (``load_feature_extractor``):
   ``FrechetInceptionDistance(feature=2048)`` uses), so FD here is the usual FID. It needs the
   ``torch-fidelity`` package (which in turn imports torchvision) and torch-fidelity's weights file:
   downloaded once into the torch hub cache, or given as a local file. C in {1, 3}, any H, W.
-- ``digits``: the shipped digits classifier's 64-d embedding; (N, 1, 16, 16) only.
+- ``digits``: the shipped digits classifier's 64-d embedding; (N, 1, 16, 16) digits, or (N, 1, 32, 32) resized to 16x16.
 - ``none``: no feature space; callers skip the distribution metrics.
 
 ``extract_features`` runs an extractor over a set in batches (``pyevo.metrics.distribution_metrics``
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from pyevo.classifier import DigitsClassifier, load_digits_classifier
+from pyevo.data import DIGITS_SIZE, at_digits_size, is_digits_shape
 from pyevo.teacher import model_device
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class ClassifierFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 4 and self.image_shape == (1, DIGITS_SIZE, DIGITS_SIZE) and is_digits_shape(images.shape[1:]):
+            images = at_digits_size(images)  # 32x32 digits (latent-digits) seen at the classifier's size
         channels, height, width = self.image_shape
         _check_batch(images, (channels,), (height, width), "the digits feature space")
         return self.classifier.features(images.float().to(model_device(self))).double()

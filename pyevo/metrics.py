@@ -4,7 +4,7 @@
   feature space from ``pyevo.features`` (Inception, the digits classifier's embedding, or your
   own module), via torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance``;
   computed in float64.
-- ``frechet_distance``: the Fréchet distance between two sets of (N, 1, 16, 16) digits in the
+- ``frechet_distance``: the Fréchet distance between two sets of (N, 1, 16, 16) digits (16x16, or 32x32 resized to 16x16) in the
   feature space of the shipped digits classifier (its 64-d penultimate embedding).
 - ``class_coverage``: the share of (N, 1, 16, 16) digits the classifier assigns to each class.
 - ``class_agreement``: the share of same-noise pairs (teacher, student) in the same class.
@@ -23,6 +23,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from pyevo.classifier import DigitsClassifier, load_digits_classifier
+from pyevo.data import DIGITS_IMAGE_SIZES, at_digits_size, is_digits_shape
 from pyevo.features import ClassifierFeatures, extract_features
 
 __all__ = [
@@ -41,11 +42,14 @@ def _shipped_classifier() -> DigitsClassifier:
     return load_digits_classifier()
 
 
-def _check_images(images: torch.Tensor, name: str, min_count: int = 1) -> None:
-    if images.ndim != 4 or images.shape[1:] != (1, 16, 16):
-        raise ValueError(f"{name} must have shape (N, 1, 16, 16), got {tuple(images.shape)}")
+def _check_images(images: torch.Tensor, name: str, min_count: int = 1) -> torch.Tensor:
+    """Digits as the classifier takes them (16x16; 32x32 digits resized), after checking the shape."""
+    if images.ndim != 4 or not is_digits_shape(images.shape[1:]):
+        sizes = " or ".join(f"(N, 1, {s}, {s})" for s in DIGITS_IMAGE_SIZES)
+        raise ValueError(f"{name} must have shape {sizes}, got {tuple(images.shape)}")
     if images.shape[0] < min_count:
         raise ValueError(f"{name} needs at least {min_count} images, got {images.shape[0]}")
+    return at_digits_size(images)
 
 
 def frechet_distance(
@@ -59,8 +63,8 @@ def frechet_distance(
     Symmetric. Like FID it is biased upwards for small sets, so compare values computed with the
     same set sizes.
     """
-    _check_images(images_a, "images_a", min_count=2)
-    _check_images(images_b, "images_b", min_count=2)
+    images_a = _check_images(images_a, "images_a", min_count=2)
+    images_b = _check_images(images_b, "images_b", min_count=2)
     features = ClassifierFeatures(classifier or _shipped_classifier())
     return _frechet_distance_of_features(
         extract_features(images_a, features, batch_size), extract_features(images_b, features, batch_size))
@@ -153,7 +157,7 @@ def distribution_metrics(
 
 def class_coverage(images: torch.Tensor, classifier: DigitsClassifier | None = None) -> list[float]:
     """Share of ``images`` the classifier assigns to each class (sums to 1)."""
-    _check_images(images, "images")
+    images = _check_images(images, "images")
     classifier = classifier or _shipped_classifier()
     predictions = classifier.predict(images.float())
     counts = torch.bincount(predictions, minlength=classifier.config.num_classes)
@@ -168,7 +172,7 @@ def class_agreement(a: torch.Tensor, b: torch.Tensor, classifier: DigitsClassifi
     with every shift in the class mixture.
     """
     _check_pair(a, b)
-    _check_images(a, "a")
+    a, b = _check_images(a, "a"), _check_images(b, "b")
     classifier = classifier or _shipped_classifier()
     return (classifier.predict(a.float()) == classifier.predict(b.float())).double().mean().item()
 
