@@ -89,7 +89,7 @@ class EvaluateConfig:
     num_samples: int = 1000
     ddim_steps: int = 50
     # Feature space of the Fréchet distance and KID: inception | digits | none | auto (digits for
-    # 1x16x16 data, inception otherwise).
+    # digits-shaped images, 1x16x16 or 1x32x32, inception otherwise).
     features: str = "auto"
     inception_weights: str = ""  # a local Inception weights file (torch-fidelity's), for offline use
 
@@ -100,6 +100,10 @@ class RunConfig:
 
     teacher: str = "digits"  # "digits" (built-in) or a local diffusers UNet / pipeline folder
     scheduler: str = ""  # a scheduler folder; needed for a bare UNet folder, overrides a pipeline's
+    # Latent teachers: an AutoencoderKL / VQModel folder (or a pipeline folder with vae/ or vqvae/);
+    # "" takes the teacher pipeline's own vae/ or vqvae/ when it has one (else the teacher is pixel).
+    vae: str = ""
+    vae_posterior: str = "mode"  # AutoencoderKL latents of the images: the posterior's mode, or one draw
     data: str = "digits"  # "digits", an image folder (class sub-folders for labels), or "data-free"
     device: str = "cpu"  # where every stage runs: distill, search, latency, retrain, evaluate
     train_dtype: str = "auto"  # autocast dtype of distill and retrain: auto = bfloat16 on CUDA, float32 on CPU
@@ -153,6 +157,7 @@ class Bounds:
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float16", "bfloat16"),
     "train_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "vae_posterior": ("mode", "sample"),
     "search.rule": ("diffnas", "block-budget", "budget"),
     "retrain.loss": ("dynamic", "static", "hard", "end-only"),
     "retrain.end_target": ("true", "teacher"),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pyevo.config import EvaluateConfig, LatencyConfig
+from pyevo.data import is_digits_shape
 from pyevo.latency import DTYPES, time_calls
 from pyevo.teacher import BlockCall, probe_labels, sample_shape
 
@@ -69,6 +70,18 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     return result
 
 
+def decode_latency(codec, latent_shape: tuple[int, int, int], batch: int, dtype: str, device: str,
+                   config: LatencyConfig) -> float:
+    """Milliseconds of one decoder call on ``batch`` latents at the deployment dtype and device (a cast
+    copy of the autoencoder, as :func:`deployed` times a UNet)."""
+    from pyevo.autoencoder import LatentCodec
+
+    copy_of = LatentCodec(_cast(copy.deepcopy(codec.vae), device, DTYPES[dtype]).eval(), codec.folder)
+    latents = torch.randn(batch, *latent_shape, device=device, dtype=DTYPES[dtype])
+    return time_calls({"decode": lambda: copy_of.decode_batch(latents)}, device, config.warmup, config.repeats,
+                      config.threads, config.cuda_graph)["decode"]
+
+
 def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     """``unet.to(device, dtype)``, without diffusers' warning when no module must stay float32.
 
@@ -82,7 +95,8 @@ def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
 def quality_features(config: EvaluateConfig, shape: tuple[int, int, int]) -> tuple[nn.Module | None, str, str]:
     """The feature extractor for FD and KID named by ``config.features``, its kind, and a one-line note.
 
-    ``auto`` is the digits classifier for 1x16x16 samples and Inception otherwise. When Inception
+    ``auto`` is the digits classifier for digits-shaped images (1x16x16, 1x32x32) and Inception
+    otherwise. When Inception
     cannot be had (offline, no weights, no torch-fidelity) the run goes on with the paired
     metrics only and the note says why.
     """
@@ -90,9 +104,10 @@ def quality_features(config: EvaluateConfig, shape: tuple[int, int, int]) -> tup
 
     kind = config.features
     if kind == "auto":
-        kind = "digits" if shape == (1, 16, 16) else "inception"
-    if kind == "digits" and shape != (1, 16, 16):
-        return None, "none", f"digits features need 1x16x16 samples, these are {'x'.join(map(str, shape))}: no FD/KID"
+        kind = "digits" if is_digits_shape(shape) else "inception"
+    if kind == "digits" and not is_digits_shape(shape):
+        return None, "none", (f"digits features need 1x16x16 or 1x32x32 images, these are "
+                              f"{'x'.join(map(str, shape))}: no FD/KID")
     try:
         extractor = load_feature_extractor(kind, (config.inception_weights or None) if kind == "inception" else None)
     except FeatureUnavailable as error:
@@ -111,7 +126,7 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor | None, extrac
     quality = {"fd": None, "kid_mean": None, "kid_std": None, "class_coverage": None}
     if extractor is not None and reference is not None:
         quality.update(distribution_metrics(samples, reference, extractor))
-    if samples.shape[1:] == (1, 16, 16):
+    if is_digits_shape(samples.shape[1:]):
         quality["class_coverage"] = class_coverage(samples)
     return quality
 
@@ -129,6 +144,6 @@ def paired_similarity(student_samples: torch.Tensor, teacher_samples: torch.Tens
 
     similarity = {"psnr_vs_teacher": psnr(student_samples, teacher_samples),
                   "ssim_vs_teacher": ssim(student_samples, teacher_samples), "class_agreement": None}
-    if student_samples.shape[1:] == (1, 16, 16):  # digits-like: the classifier applies
+    if is_digits_shape(student_samples.shape[1:]):  # digits-like: the classifier applies
         similarity["class_agreement"] = class_agreement(student_samples, teacher_samples)
     return similarity

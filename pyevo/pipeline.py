@@ -29,11 +29,13 @@ from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
 from pyevo.distill import distill_supernet, heldout_calls
-from pyevo.evaluate import network_latency, paired_similarity, per_class_similarity, quality_features, sample_quality
+from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoencoder
+from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
+                            sample_quality)
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
-from pyevo.sample import ddim_sample
+from pyevo.sample import ddim_sample, sample_images
 from pyevo.search.local import BlockSearchResult, search_block
 from pyevo.search.population import block_evaluator
 from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
@@ -53,19 +55,27 @@ class RunError(ValueError):
 
 
 # -------------------------------------------------------------------------------------- inputs
-def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None = None
+                ) -> tuple[ImageSet, ImageSet, ImageSet | None]:
     """Training images, held-out images (for NSR), and the reference set for FD/KID, with labels
-    where the teacher is class-conditional."""
-    channels, *size = sample_shape(teacher)
+    where the teacher is class-conditional.
+
+    For a latent teacher (``codec``) the images are at the autoencoder's image size, to be encoded
+    by :func:`encode_images`, and the reference stays in image space; data-free sets are the
+    teacher's own samples, latents already.
+    """
+    shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
+    channels, *size = shape
     conditional = is_class_conditional(teacher)
     classes = num_class_embeds(teacher)
+    what = "the teacher takes" if codec is None else f"the teacher's {codec.kind} takes"
     if config.data == "digits":
         from pyevo.data import digits
 
-        if (channels, *size) != (1, 16, 16):
-            raise RunError(f"data 'digits' is 1x16x16 but the teacher takes {channels}x{size[0]}x{size[1]}; "
+        if channels != 1 or size[0] != size[1]:
+            raise RunError(f"data 'digits' is grey square images but {what} {'x'.join(map(str, shape))}; "
                            "pass --data FOLDER or --data data-free")
-        train, heldout = digits("train"), digits("heldout")
+        train, heldout = digits("train", size[0]), digits("heldout", size[0])
         labelled = [ImageSet(images, labels if conditional else None) for images, labels in (train, heldout)]
         _check_labels(labelled[0], classes, "the digits")
         return labelled[0], labelled[1], labelled[1]
@@ -79,9 +89,9 @@ def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageS
                 raise RunError("data-free needs the teacher's number of classes (num_class_embeds) to draw "
                                "labels; this teacher's class_embed_type has none: pass --data FOLDER")
             labels = uniform_labels(count, classes, torch.Generator().manual_seed(config.seed + 7919))
-        log.info("data-free: sampling %d images from the teacher", count)
+        log.info("data-free: sampling %d %s from the teacher", count, "images" if codec is None else "latents")
         images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False,
-                             class_labels=labels)
+                             class_labels=labels, clip_output=codec is None)
         generated = ImageSet(images, labels)
         split = count - config.search.heldout_size
         return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None
@@ -90,6 +100,8 @@ def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageS
     folder = Path(config.data).expanduser()
     if not folder.is_dir():
         raise RunError(f"data folder not found: {folder}")
+    if size[0] != size[1]:
+        raise RunError(f"{what} {size[0]}x{size[1]} images; image folders are read as square images")
     try:
         dataset = ImageFolder(folder, size=size[0], channels=channels, labelled=conditional)
     except ValueError as error:
@@ -101,6 +113,24 @@ def load_images(config: RunConfig, teacher, scheduler) -> tuple[ImageSet, ImageS
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     held = max(1, min(config.search.heldout_size, len(data) // 10))
     return data.subset(order[held:]), data.subset(order[:held]), data
+
+
+def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str, seed: int, path: Path
+                  ) -> dict[str, ImageSet]:
+    """Each set's latents (labels kept), encoded once and written to ``path`` (safetensors)."""
+    tensors = {}
+    for index, (name, data) in enumerate(sets.items()):
+        log.info("encoding %d %s images with the %s", len(data), name, codec.kind)
+        tensors[f"{name}.latents"] = codec.encode(data.images, posterior, seed + index).contiguous()
+        if data.labels is not None:
+            tensors[f"{name}.labels"] = data.labels.contiguous()
+    atomic_write_bytes(path, safetensors.torch.save(tensors))
+    return read_latents(path, sets)
+
+
+def read_latents(path: Path, names) -> dict[str, ImageSet]:
+    tensors = safetensors.torch.load_file(path)
+    return {name: ImageSet(tensors[f"{name}.latents"], tensors.get(f"{name}.labels")) for name in names}
 
 
 def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
@@ -210,13 +240,17 @@ def prepare(config: RunConfig, resume: bool):
         raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
     check_run_folder(config.out, resume)
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
+    codec = teacher_autoencoder(config.teacher, config.vae or None)
+    if codec is not None:
+        check_latent_teacher(codec, teacher)
+        codec.vae.to(config.device)
     teacher.to(config.device)  # every stage runs on the run's device, data-free sampling included
     weights = config.evaluate.inception_weights
     if weights and not Path(weights).expanduser().is_file():
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
-    train, heldout, reference = load_images(config, teacher, scheduler)
-    return teacher, scheduler, spaces, train, heldout, reference
+    train, heldout, reference = load_images(config, teacher, scheduler, codec)
+    return teacher, scheduler, codec, spaces, train, heldout, reference
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -242,7 +276,7 @@ def check_run_folder(out: str, resume: bool) -> None:
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """The whole pipeline; returns the report (also written to ``<out>/report.json``)."""
-    teacher, scheduler, spaces, train, heldout, reference = prepare(config, resume)
+    teacher, scheduler, codec, spaces, train, heldout, reference = prepare(config, resume)
     torch.manual_seed(config.seed)
     train_dtype = resolve_train_dtype(config.train_dtype, config.device)
     teacher_id = fingerprint(dict(teacher.config))
@@ -289,6 +323,20 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     table.save()
     save_config(config, folder / "config.yaml")
     stages = Stages(folder, resume)
+
+    # --- latents: a latent teacher trains, searches and retrains on the encoded images
+    if codec is not None and config.data != "data-free":
+        latents_file = folder / "latents.safetensors"
+
+        def encode() -> dict:
+            encoded = encode_images(codec, {"train": train, "heldout": heldout}, config.vae_posterior, config.seed,
+                                    latents_file)
+            return {"vae": str(codec.folder), "kind": codec.kind, "scaling_factor": codec.scaling_factor,
+                    "latent_std": float(encoded["train"].images.std())}
+
+        stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed], encode)
+        latents = read_latents(latents_file, ("train", "heldout"))
+        train, heldout = latents["train"], latents["heldout"]
 
     # --- distillation
     supernet_file = folder / "supernet.safetensors"
@@ -375,15 +423,16 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
     # --- evaluation
     def evaluate() -> dict:
-        return _evaluate(config, teacher, student, scheduler, reference, train, timer.calls, folder, progress)
+        return _evaluate(config, teacher, student, scheduler, codec, reference, train, timer.calls, folder,
+                         progress)
 
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
-                                        config.dtype, config.device], evaluate)
+                                        config.dtype, config.device, config.vae], evaluate)
 
     from pyevo.report import write_report
 
     return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student,
-                        scheduler)
+                        scheduler, codec)
 
 
 def network_cost(unet) -> Cost:
@@ -398,19 +447,22 @@ def _sum_costs(costs) -> Cost:
     return sum(costs, Cost(0, 0))
 
 
-def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, train: ImageSet, calls,
-              folder: Path, progress: bool) -> dict:
+def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, reference: ImageSet | None,
+              train: ImageSet, calls, folder: Path, progress: bool) -> dict:
     # Same noise and, for a class-conditional teacher, the same labels (equal counts of every class
     # in the data) for both models: the paired figures compare like with like.
     labels = None
     if is_class_conditional(teacher):
         labels = balanced_labels(config.evaluate.num_samples, torch.unique(train.labels))
-    extractor, features_kind, features_note = quality_features(config.evaluate, sample_shape(teacher))
+    image_shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
+    extractor, features_kind, features_note = quality_features(config.evaluate, image_shape)
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        samples[name] = ddim_sample(model, scheduler.config, config.evaluate.num_samples,
-                                    config.evaluate.ddim_steps, config.seed, progress=progress, class_labels=labels)
+        # A latent teacher's samples are decoded: every figure below is in image space.
+        samples[name] = sample_images(model, scheduler.config, config.evaluate.num_samples,
+                                      config.evaluate.ddim_steps, config.seed, codec, progress=progress,
+                                      class_labels=labels)
         out[name] = {**asdict(network_cost(model)),
                      **sample_quality(samples[name], None if reference is None else reference.images, extractor)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
@@ -424,6 +476,11 @@ def _evaluate(config, teacher, student, scheduler, reference: ImageSet | None, t
     for name, latency in timed.items():
         out[name].update(latency)
     out["student"]["latency_estimate_ms"] = timed["teacher"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())
+    if codec is not None:
+        # One decode per batch of images, beside the UNet's ddim_steps calls: what a user's
+        # pipeline runs, so that the saving per image is stated with the decoder counted.
+        out["decode_ms"] = decode_latency(codec, sample_shape(teacher), config.batch, config.dtype, config.device,
+                                          config.latency)
     atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
         {name: images[:64].contiguous() for name, images in samples.items()}))
     return out

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
-                 seconds: dict[str, float], teacher, student, scheduler) -> dict:
+                 seconds: dict[str, float], teacher, student, scheduler, codec=None) -> dict:
     t, s = evaluated["teacher"], evaluated["student"]
     measured_ratio = s["latency_ms"] / t["latency_ms"]
     # The selection's estimate was timed minutes or days before the evaluation (the persisted
@@ -39,6 +39,7 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "prediction_type": prediction_type(scheduler),
         "class_conditional": is_class_conditional(teacher),
         "features": evaluated.get("features"),
+        "latent": _latent(config, teacher, codec, evaluated),
         "teacher": dict(t),
         "student": {**s,
                     "latency_estimate_error": (s["latency_estimate_ms"] - s["latency_ms"]) / s["latency_ms"],
@@ -55,6 +56,9 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
                    "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None,
                    "kid": _kid_ratio(t, s)},
     }
+    if report["latent"] is not None:
+        report["ratios"]["batch_of_images"] = (report["latent"]["student_batch_ms"]
+                                               / report["latent"]["teacher_batch_ms"])
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
     _plot_fronts(plots / "pareto_fronts.png", results, selected)
@@ -67,6 +71,24 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
     atomic_write_text(folder / "report.md", _markdown(report))
     log.info("report written to %s", folder / "report.md")
     return report
+
+
+def _latent(config, teacher, codec, evaluated: dict) -> dict | None:
+    """A latent teacher's autoencoder, and the time of one batch of images as a pipeline makes it:
+    ``ddim_steps`` UNet calls, then one decode."""
+    if codec is None:
+        return None
+    from pyevo.teacher import sample_shape
+
+    steps, decode_ms = config.evaluate.ddim_steps, evaluated["decode_ms"]
+    latent_shape = sample_shape(teacher)
+    return {"autoencoder": codec.kind, "folder": str(codec.folder), "scaling_factor": codec.scaling_factor,
+            "shift_factor": codec.shift_factor, "latent_shape": list(latent_shape),
+            "image_shape": list(codec.image_shape(latent_shape)),
+            "posterior": None if config.data == "data-free" else config.vae_posterior,
+            "decode_ms": decode_ms, "ddim_steps": steps,
+            "teacher_batch_ms": steps * evaluated["teacher"]["latency_ms"] + decode_ms,
+            "student_batch_ms": steps * evaluated["student"]["latency_ms"] + decode_ms}
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -88,6 +110,30 @@ def _kid(figures: dict) -> str:
     return f"{figures['kid_mean']:.4g} ± {figures['kid_std']:.2g}"
 
 
+def _latent_rows(report: dict) -> list[str]:
+    latent = report.get("latent")
+    if latent is None:
+        return []
+    return [f"| decode, once per batch ({latent['autoencoder']}, ms) | {latent['decode_ms']:.3f} | "
+            f"{latent['decode_ms']:.3f} | the teacher's |",
+            f"| one batch of images: {latent['ddim_steps']} UNet steps + decode (ms) | "
+            f"{latent['teacher_batch_ms']:.1f} | {latent['student_batch_ms']:.1f} | "
+            f"{report['ratios']['batch_of_images']:.3f} |"]
+
+
+def _latent_note(report: dict) -> list[str]:
+    latent = report.get("latent")
+    if latent is None:
+        return []
+    shape = "x".join(map(str, latent["latent_shape"]))
+    image = "x".join(map(str, latent["image_shape"]))
+    how = (f"training images encoded once (posterior {latent['posterior']})" if latent["posterior"]
+           else "data-free: latents sampled from the teacher")
+    return [f"Latent teacher: {shape} latents of {image} images through the {latent['autoencoder']} in "
+            f"`{latent['folder']}` (scaling factor {latent['scaling_factor']:.5g}); {how}; every image figure "
+            "below is of decoded samples.", ""]
+
+
 def _markdown(report: dict) -> str:
     t, s, r, sel = report["teacher"], report["student"], report["ratios"], report["selection"]
     lines = [
@@ -100,6 +146,7 @@ def _markdown(report: dict) -> str:
         "",
         f"Quality: {(report.get('features') or {}).get('note', '—')}.",
         "",
+        *_latent_note(report),
         "| | teacher | student | student / teacher |",
         "|---|---|---|---|",
         f"| MACs (batch 1) | {t['macs']:,} | {s['macs']:,} | {r['macs']:.3f} |",
@@ -110,6 +157,7 @@ def _markdown(report: dict) -> str:
         f"| latency at selection, per-block estimate (ms) | {sel['teacher_ms']:.3f} | "
         f"{sel['student_estimate_ms']:.3f} | {sel['latency_ratio_estimate']:.3f} "
         f"(error {100 * sel['latency_ratio_error']:+.1f}%) |",
+        *_latent_rows(report),
         f"| Fréchet distance | {_fmt(t.get('fd'))} | {_fmt(s.get('fd'))} | {_fmt(r['fd'], '.3f')} |",
         f"| KID (mean ± std over subsets) | {_kid(t)} | {_kid(s)} | {_fmt(r.get('kid'), '.3f')} |",
         f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "

@@ -1,11 +1,12 @@
 """DDIM sampling from a diffusers UNet, and a CLI that saves a sample grid.
 
     python -m pyevo.sample [--out runs/teacher_samples.png] [--n 64] [--steps 50] [--seed 0]
-                           [--teacher FOLDER] [--scheduler DIR] [--label N]
+                           [--teacher FOLDER] [--scheduler DIR] [--vae DIR] [--label N]
 
 ``--teacher`` defaults to the built-in digits teacher. It is loaded by ``pyevo.teacher.load_teacher``:
 a pipeline folder (``unet/`` and ``scheduler/`` inside, as ``DDPMPipeline.save_pretrained`` writes
-it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A class-conditional UNet samples
+it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A latent teacher's samples are decoded
+by its pipeline's ``vae/`` or ``vqvae/`` (or ``--vae DIR``). A class-conditional UNet samples
 ``--label`` (default: labels cycling through its classes).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 from tqdm import tqdm
 
+from pyevo.autoencoder import check_latent_teacher, teacher_autoencoder
 from pyevo.data import to_unit_range
 from pyevo.teacher import (TeacherError, is_class_conditional, load_teacher, model_device, num_class_embeds,
                            sample_shape)
@@ -41,8 +43,10 @@ def ddim_sample(
     batch_size: int = 250,
     progress: bool = True,
     class_labels: torch.Tensor | None = None,
+    clip_output: bool = True,
 ) -> torch.Tensor:
-    """``n`` DDIM samples (N, C, H, W) in [-1, 1], deterministic given ``seed``.
+    """``n`` DDIM samples (N, C, H, W), deterministic given ``seed``: images clamped to [-1, 1], or,
+    with ``clip_output=False``, latents as they come (a latent teacher's, for its decoder).
 
     The scheduler is a ``DDIMScheduler`` built from ``scheduler_config`` (e.g. the teacher's DDPM
     config), so the UNet's output is read as the config's ``prediction_type`` (epsilon, v or
@@ -73,10 +77,20 @@ def ddim_sample(
             prediction = unet(x, t, class_labels=y).sample
             x = scheduler.step(prediction, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
-        outputs.append(x.clamp(-1.0, 1.0).cpu())
+        outputs.append((x.clamp(-1.0, 1.0) if clip_output else x).cpu())
     bar.close()
     unet.train(was_training)
     return torch.cat(outputs)
+
+
+def sample_images(unet: UNet2DModel, scheduler_config: dict, n: int, steps: int = 50, seed: int = 0,
+                  codec=None, progress: bool = True, class_labels: torch.Tensor | None = None,
+                  batch_size: int = 250) -> torch.Tensor:
+    """``n`` images in [-1, 1] from ``unet``: its DDIM samples, or, for a latent teacher (``codec``, a
+    :class:`pyevo.autoencoder.LatentCodec`), its latent samples decoded as a latent pipeline decodes them."""
+    samples = ddim_sample(unet, scheduler_config, n, steps, seed, batch_size=batch_size, progress=progress,
+                          class_labels=class_labels, clip_output=codec is None)
+    return samples if codec is None else codec.decode(samples)
 
 
 def image_grid(images: torch.Tensor, scale: int = 4) -> Image.Image:
@@ -104,6 +118,7 @@ class SampleConfig:
     seed: int = 0
     teacher: str = "digits"
     scheduler: str = ""  # a scheduler folder, for a bare UNet folder
+    vae: str = ""  # latent teachers: the autoencoder folder (default: the teacher pipeline's vae/ or vqvae/)
     label: int = -1  # class-conditional teachers: the label of every sample (-1: cycle through classes)
 
 
@@ -118,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --n and --steps must be positive (got n={cfg.n}, steps={cfg.steps})")
     try:
         unet, scheduler = load_teacher(cfg.teacher, cfg.scheduler or None)
+        codec = teacher_autoencoder(cfg.teacher, cfg.vae or None)
+        if codec is not None:
+            check_latent_teacher(codec, unet)
     except TeacherError as err:
         raise SystemExit(f"error: {err}") from None
     labels = None
@@ -131,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("error: this teacher's labels are not bounded by num_class_embeds: pass --label N")
         else:
             labels = torch.arange(cfg.n) % classes
-    samples = ddim_sample(unet, scheduler.config, cfg.n, steps=cfg.steps, seed=cfg.seed, class_labels=labels)
+    samples = sample_images(unet, scheduler.config, cfg.n, steps=cfg.steps, seed=cfg.seed, codec=codec,
+                            class_labels=labels)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(samples).save(out)

@@ -26,26 +26,24 @@ class TeacherError(ValueError):
 
 
 SUPPORTED_UNETS = ("UNet2DModel",)
-BUILT_IN_TEACHERS = ("digits",)
+BUILT_IN_TEACHERS = ("digits", "latent-digits")
 # class_embed_type values whose class_labels are integer labels (None: an nn.Embedding table).
 LABEL_EMBEDDINGS = (None, "timestep")
 
 
 def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
-    """The one teacher loader: a built-in teacher (``"digits"``) or a local folder, in eval mode.
+    """The one teacher loader: a built-in teacher (``"digits"``, ``"latent-digits"``) or a local
+    folder, in eval mode. A latent teacher's autoencoder is loaded beside it by
+    :func:`pyevo.autoencoder.teacher_autoencoder`.
 
-    The folder is a diffusers pipeline folder (``unet/`` and ``scheduler/``; ``vae/`` and
-    ``model_index.json`` optional) or a bare UNet folder (``config.json`` + weights). ``scheduler``
+    The folder is a diffusers pipeline folder (``unet/`` and ``scheduler/``; ``vae/`` or ``vqvae/``
+    and ``model_index.json`` optional) or a bare UNet folder (``config.json`` + weights). ``scheduler``
     names a scheduler folder (``scheduler_config.json``, or a pipeline folder with ``scheduler/``)
     and overrides the pipeline's own; a bare UNet folder needs it: no schedule is ever assumed.
     The schedule is read into a ``DDPMScheduler`` (the forward process every stage trains on); its
     ``prediction_type`` is the teacher's. Raises ``TeacherError`` with a one-line reason.
     """
-    if spec in BUILT_IN_TEACHERS:
-        from pyevo.teachers import DIGITS_TEACHER_DIR
-
-        spec = str(DIGITS_TEACHER_DIR)
-    folder = Path(spec).expanduser()
+    folder = resolve_teacher_folder(spec)
     if not folder.is_dir():
         raise TeacherError(f"teacher folder not found: {folder}")
     unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
@@ -63,6 +61,15 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, 
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise TeacherError(f"cannot load the UNet in {unet_folder}: {_first_line(error)}") from None
     return unet.eval().requires_grad_(False), _load_scheduler(folder, unet_folder, scheduler)
+
+
+def resolve_teacher_folder(spec: str) -> Path:
+    """The folder a teacher spec names: a built-in teacher's shipped folder, or the path itself."""
+    if spec in BUILT_IN_TEACHERS:
+        from pyevo.teachers import DIGITS_TEACHER_DIR, LATENT_DIGITS_TEACHER_DIR
+
+        return DIGITS_TEACHER_DIR if spec == "digits" else LATENT_DIGITS_TEACHER_DIR
+    return Path(spec).expanduser()
 
 
 def _load_scheduler(folder: Path, unet_folder: Path, override: str | None) -> DDPMScheduler:

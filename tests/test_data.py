@@ -57,6 +57,21 @@ def test_digits_matches_sklearn_up_to_resizing():
     assert np.corrcoef(pooled.ravel(), original.ravel())[0, 1] > 0.95
 
 
+def test_digits_at_32_keep_the_split_and_resize_back_to_the_16x16_digits():
+    big_x, big_y = digits("heldout", size=32)
+    small_x, small_y = digits("heldout")
+    assert big_x.shape == (500, 1, 32, 32) and torch.equal(big_y, small_y)
+    # The same 8x8 scans, upsampled twice as far; seen at 16x16 again they are the 16x16 digits.
+    back = data.at_digits_size(big_x)
+    assert back.shape == small_x.shape and (back - small_x).abs().mean() < 0.05
+    assert data.at_digits_size(small_x) is small_x
+    assert data.is_digits_shape((1, 32, 32)) and not data.is_digits_shape((3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(N, 1, S, S\)"):
+        data.at_digits_size(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="positive"):
+        digits("train", size=0)
+
+
 def test_digits_bad_split():
     with pytest.raises(ValueError, match="unknown digits split 'test'"):
         digits("test")

@@ -18,6 +18,8 @@ FLAGS = {
                            "UNet2DModel folder (then --scheduler too)"),
     "scheduler": ("scheduler", "scheduler folder (scheduler_config.json): the teacher's noise schedule and "
                                "prediction type; needed with a bare UNet folder"),
+    "vae": ("vae", "latent teachers: an AutoencoderKL or VQModel folder (or a pipeline folder with vae/ or "
+                   "vqvae/) that encodes the data and decodes samples; default: the teacher pipeline's own"),
     "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class), "
                      "or 'data-free' (inputs sampled from the teacher)"),
     "rule": ("search.rule", "selection rule: diffnas | block-budget | budget"),
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.pipeline import RunError, run
     from pyevo.search.select import BudgetError
     from pyevo.space import UnsupportedBlockError
-    from pyevo.teacher import TeacherError
+    from pyevo.teacher import TeacherError  # AutoencoderError is one
 
     try:
         config = load_config(args.config, overrides, args.preset)
