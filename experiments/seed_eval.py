@@ -3,8 +3,9 @@ and the student/teacher ratio of the means (quality figures move with the seed).
 
     python experiments/seed_eval.py RUN_FOLDER [--seeds 0 1 2] [--n 1000] [--steps 50]
 
-Reads the run's config.yaml (teacher, scheduler, data) and student/; prints a markdown table.
-Digits-like runs only (the FD is in the digits classifier's features, against the held-out digits).
+Reads the run's config.yaml (teacher, scheduler, vae, data) and student/; prints a markdown table.
+Digits-like runs only (the FD is in the digits classifier's features, against the held-out digits at
+the teacher's image size); a latent teacher's samples are decoded by its autoencoder first.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from pyevo import StudentUNet2DModel
 from pyevo.config import load_config
 from pyevo.data import digits
 from pyevo.metrics import class_agreement, frechet_distance, psnr, ssim
-from pyevo.sample import ddim_sample
-from pyevo.teacher import load_teacher
+from pyevo.autoencoder import teacher_autoencoder
+from pyevo.sample import sample_images
+from pyevo.teacher import load_teacher, sample_shape
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(run / "config.yaml")
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
     student = StudentUNet2DModel.from_pretrained(run / "student", low_cpu_mem_usage=False).eval()
-    reference = digits("heldout")[0]
+    codec = teacher_autoencoder(config.teacher, config.vae or None)
+    shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
+    reference = digits("heldout", size=shape[-1])[0]
     rows = []
     for seed in args.seeds:
-        samples = {name: ddim_sample(model, scheduler.config, args.n, args.steps, seed, progress=False)
+        samples = {name: sample_images(model, scheduler.config, args.n, args.steps, seed, codec, progress=False)
                    for name, model in (("teacher", teacher), ("student", student))}
         rows.append({"seed": seed, "teacher_fd": frechet_distance(reference, samples["teacher"]),
                      "student_fd": frechet_distance(reference, samples["student"]),
