@@ -244,6 +244,9 @@ def prepare(config: RunConfig, resume: bool):
     if codec is not None:
         check_latent_teacher(codec, teacher)
         codec.vae.to(config.device)
+        if scheduler.config.get("clip_sample", False):
+            log.warning("the teacher's schedule clips samples to [-1, 1] (clip_sample: true), as a pixel "
+                        "schedule does; latents are not bounded so, and sampling follows the schedule as it is")
     teacher.to(config.device)  # every stage runs on the run's device, data-free sampling included
     weights = config.evaluate.inception_weights
     if weights and not Path(weights).expanduser().is_file():

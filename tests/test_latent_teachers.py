@@ -98,6 +98,24 @@ def test_data_free_latent_teacher_trains_without_the_vae_and_decodes_for_evaluat
     assert safetensors.torch.load_file(out / "samples.safetensors")["student"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
 
 
+def test_sample_cli_decodes_a_latent_teachers_samples(latent_teacher, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.test_real_teachers import ENV
+
+    grid = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "-m", "pyevo.sample", "--teacher", str(latent_teacher / "pipeline"),
+                             "--n", "4", "--steps", "2", "--out", str(grid)], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 2x2 tiles of decoded 16x16 RGB images, 1-pixel gaps, each pixel drawn 4x4.
+    with Image.open(grid) as image:
+        assert image.mode == "RGB" and image.size == (4 * (2 * (IMAGE_SIZE + 1) + 1),) * 2
+
+
 def test_codec_matches_diffusers_encode_and_decode_with_scaling_and_shift(tmp_path):
     tiny_kl(shift_factor=0.25).save_pretrained(tmp_path / "kl")
     codec = load_autoencoder(tmp_path / "kl")
