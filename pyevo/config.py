@@ -105,6 +105,7 @@ class RunConfig:
     vae: str = ""
     vae_posterior: str = "mode"  # AutoencoderKL latents of the images: the posterior's mode, or one draw
     data: str = "digits"  # "digits", an image folder (class sub-folders for labels), or "data-free"
+    data_skip_bad: bool = False  # image folders: leave unreadable files out (logged) instead of refusing the run
     device: str = "cpu"  # where every stage runs: distill, search, latency, retrain, evaluate
     train_dtype: str = "auto"  # autocast dtype of distill and retrain: auto = bfloat16 on CUDA, float32 on CPU
     dtype: str = "float32"  # deployment dtype for latency: float32 | float16 | bfloat16

@@ -99,12 +99,18 @@ def at_digits_size(images: torch.Tensor) -> torch.Tensor:
                          align_corners=False).clamp(-1.0, 1.0)
 
 
+class UnreadableImage(ValueError):
+    """An image file PIL cannot open or decode (truncated, corrupt, not an image)."""
+
+
 class ImageFolder(Dataset):
     """Every image file under ``root`` (recursively, sorted by path) as a [-1, 1] tensor.
 
-    Images are converted to grayscale (``channels=1``) or RGB (``channels=3``) and resized to
-    ``size`` x ``size`` with bicubic filtering (PIL applies antialiasing when shrinking).
-    Items are tensors (channels, size, size).
+    Images are converted to grayscale (``channels=1``) or RGB (``channels=3``), centre-cropped to a
+    square (the shorter side) when they are not square, and resized to ``size`` x ``size`` with
+    bicubic filtering (PIL applies antialiasing when shrinking). Items are tensors (channels, size,
+    size). A file that cannot be read raises :class:`UnreadableImage` naming it; :meth:`load` reads
+    them all, skipping such files if asked, and logs how many were converted, cropped, resized.
 
     With ``labelled=True`` every image must sit in a class sub-folder of ``root`` (one level
     down, as torchvision's ``ImageFolder`` lays it out), and ``labels`` holds one label per image:
@@ -149,13 +155,54 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        with Image.open(path) as image:
-            image = image.convert("L" if self.channels == 1 else "RGB")
-            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+        return self._read(self.paths[index])[0]
+
+    def load(self, skip_unreadable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All images (N, C, size, size) and their labels (None unless labelled). An unreadable file
+        raises :class:`UnreadableImage`, or with ``skip_unreadable`` is left out (and counted)."""
+        images, keep, skipped = [], [], []
+        changes = {"converted": 0, "cropped": 0, "resized": 0}
+        for index, path in enumerate(self.paths):
+            try:
+                image, done = self._read(path)
+            except UnreadableImage as error:
+                if not skip_unreadable:
+                    raise
+                skipped.append(path)
+                log.warning("skipped: %s", error)
+                continue
+            images.append(image)
+            keep.append(index)
+            for key in done:
+                changes[key] += 1
+        if not images:
+            raise ValueError(f"image folder {str(self.root)!r}: none of its {len(self.paths)} images could be read")
+        log.info("image folder %s: %d images read (%s)%s", self.root, len(images),
+                 ", ".join(f"{count} {key}" for key, count in changes.items()),
+                 f", {len(skipped)} unreadable skipped" if skipped else "")
+        labels = None if self.labels is None else self.labels[torch.tensor(keep, dtype=torch.long)]
+        return torch.stack(images), labels
+
+    def _read(self, path: Path) -> tuple[torch.Tensor, list[str]]:
+        """One image as a tensor, and what was done to it (converted, cropped, resized)."""
+        done = []
+        try:
+            with Image.open(path) as image:
+                mode = "L" if self.channels == 1 else "RGB"
+                if image.mode != mode:
+                    image, _ = image.convert(mode), done.append("converted")
+                if image.width != image.height:
+                    side = min(image.width, image.height)
+                    left, top = (image.width - side) // 2, (image.height - side) // 2
+                    image, _ = image.crop((left, top, left + side, top + side)), done.append("cropped")
+                if image.size != (self.size, self.size):
+                    image, _ = image.resize((self.size, self.size), Image.Resampling.BICUBIC), done.append("resized")
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for truncated / corrupt files
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise UnreadableImage(f"cannot read image {path}: {reason}") from None
         if array.ndim == 2:
             array = array[None]
         else:
             array = array.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(array)) * 2.0 - 1.0
+        return torch.from_numpy(np.ascontiguousarray(array)) * 2.0 - 1.0, done

@@ -95,7 +95,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
         generated = ImageSet(images, labels)
         split = count - config.search.heldout_size
         return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None
-    from pyevo.data import ImageFolder
+    from pyevo.data import ImageFolder, UnreadableImage
 
     folder = Path(config.data).expanduser()
     if not folder.is_dir():
@@ -104,9 +104,11 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
         raise RunError(f"{what} {size[0]}x{size[1]} images; image folders are read as square images")
     try:
         dataset = ImageFolder(folder, size=size[0], channels=channels, labelled=conditional)
+        data = ImageSet(*dataset.load(skip_unreadable=config.data_skip_bad))
+    except UnreadableImage as error:
+        raise RunError(f"{error}; remove it, or pass --data-skip-bad to leave unreadable files out") from None
     except ValueError as error:
         raise RunError(str(error)) from None
-    data = ImageSet(torch.stack([dataset[i] for i in range(len(dataset))]), dataset.labels)
     if len(data) < 2:
         raise RunError(f"data folder {folder} holds {len(data)} image(s); pyevo needs at least 2")
     _check_labels(data, classes, f"data folder {folder}")

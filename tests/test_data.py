@@ -105,6 +105,43 @@ def test_image_folder_rgb(image_dir):
     assert torch.allclose(red[0], torch.ones(8, 8)) and torch.allclose(red[1:], -torch.ones(2, 8, 8))
 
 
+def test_image_folder_centre_crops_and_counts_what_it_changed(tmp_path, caplog):
+    # A 12x4 image: left third black, middle third white, right third black. The centre square is
+    # the white middle; squashing the whole image instead would keep the black thirds.
+    pixels = np.zeros((4, 12), dtype=np.uint8)
+    pixels[:, 4:8] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    Image.new("L", (8, 8), 0).save(tmp_path / "square.png")
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "rgb.png")
+    ds = ImageFolder(tmp_path, size=8, channels=1)
+    with caplog.at_level("INFO", logger="pyevo.data"):
+        images, labels = ds.load()
+    assert labels is None and images.shape == (3, 1, 8, 8)
+    wide = images[[p.name for p in ds.paths].index("wide.png")]
+    assert torch.allclose(wide, torch.ones(1, 8, 8), atol=1e-6)
+    assert "3 images read (1 converted, 1 cropped, 1 resized)" in caplog.text
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+    from pyevo.data import UnreadableImage
+
+    for i in range(2):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / f"{i}.png")
+    good = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.png").write_text("not a png")
+    ds = ImageFolder(tmp_path, size=8, channels=1)
+    with pytest.raises(UnreadableImage, match=r"cannot read image .*text\.png"):
+        ds.load()
+    with caplog.at_level("INFO", logger="pyevo.data"):
+        images, _ = ds.load(skip_unreadable=True)
+    assert len(images) == 2 and "2 unreadable skipped" in caplog.text
+    for name in ("0.png", "1.png"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match="none of its 2 images could be read"):
+        ImageFolder(tmp_path, size=8, channels=1).load(skip_unreadable=True)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         ImageFolder(tmp_path, size=16)

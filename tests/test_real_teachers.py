@@ -183,3 +183,17 @@ def test_help_lists_every_config_key_and_show_config_resolves_the_preset():
     resolved = yaml.safe_load(shown.stdout)
     assert resolved["retrain"]["steps"] == 3  # --set comes after the preset
     assert resolved["distill"]["steps"] == PRESETS["quick"]["distill.steps"]
+
+
+def test_unreadable_image_in_data_is_one_line_or_skipped_with_data_skip_bad(v_teacher, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 12, channels=3)
+    (images / "005.png").write_bytes((images / "005.png").read_bytes()[:40])  # truncated
+    args = ["--teacher", str(v_teacher / "unet"), "--scheduler", str(v_teacher / "schedule"), "--data", str(images),
+            "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}"]
+    refused = cli(*args, "--out", str(tmp_path / "refused"))
+    _assert_one_line_refusal(refused, tmp_path / "refused", "cannot read image")
+    assert "005.png" in refused.stderr and "--data-skip-bad" in refused.stderr
+    skipped = cli(*args, "--out", str(tmp_path / "run"), "--data-skip-bad")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert (tmp_path / "run" / "report.json").is_file()

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "(quick: the whole pipeline in about a minute, to check a teacher and its data)")
     for dest, (key, text) in FLAGS.items():
         parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, help=f"{text} [config: {key}]")
+    parser.add_argument("--data-skip-bad", action="store_true",
+                        help="image folders: leave out files that cannot be read (counted in the log) instead of "
+                             "refusing the run [config: data_skip_bad]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set distill.steps=200 (repeatable)")
     parser.add_argument("--resume", action="store_true",
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overrides = {key: getattr(args, dest) for dest, (key, _) in FLAGS.items() if getattr(args, dest) is not None}
+    if args.data_skip_bad:
+        overrides["data_skip_bad"] = True
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
