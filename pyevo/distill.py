@@ -26,7 +26,7 @@ from pyevo.config import DistillConfig
 from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.teacher import (BlockCall, at_least_float32, model_device, noise_to_signal, output_tensors,
                            record_blocks)
-from pyevo.training import MixedPrecision
+from pyevo.training import MixedPrecision, check_finite, check_teacher_finite
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     for step in bar:
         batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
         with precision.autocast():
-            calls, _ = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
+            calls, teacher_prediction = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
+        check_teacher_finite(teacher_prediction, batch.timesteps, "distill", step)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step}
         for name, block in supernet.items():
@@ -130,9 +131,12 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
                     loss = block_mse(output, calls[name].output)
                 # One backward per path keeps only one path's graph alive at a time. A path that
                 # skips every layer of a block without a sampler is the identity: nothing to train.
+                value = check_finite(float(loss.detach()), f"distill step {step}, block {name}, path "
+                                     f"{space.encode(genome)}: the block loss", "lower distill.lr (or use "
+                                     "--train-dtype float32) and run again; finished stages are kept")
                 if loss.requires_grad:
                     precision.backward(loss / len(paths))
-                total += float(loss.detach())
+                total += value
             record[name] = total / len(paths)
         precision.step(optimizer)
         schedule.step()

@@ -45,7 +45,7 @@ from pyevo.student import StudentUNet2DModel, build_static_block
 from pyevo.supernet import build_supernet
 from pyevo.teacher import (BlockCall, is_class_conditional, load_teacher, model_device, num_class_embeds,
                            probe_labels, record_blocks, sample_shape)
-from pyevo.training import resolve_train_dtype
+from pyevo.training import NonFiniteError, resolve_train_dtype
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +468,11 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
         samples[name] = sample_images(model, scheduler.config, config.evaluate.num_samples,
                                       config.evaluate.ddim_steps, config.seed, codec, progress=progress,
                                       class_labels=labels)
+        finite = torch.isfinite(samples[name].flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            raise NonFiniteError(f"evaluate: {int((~finite).sum())} of the {name}'s {len(finite)} samples are not "
+                                 "finite" + (": the teacher cannot sample with this schedule" if name == "teacher"
+                                             else ": retrain the student again (lower retrain.lr) with --resume"))
         out[name] = {**asdict(network_cost(model)),
                      **sample_quality(samples[name], None if reference is None else reference.images, extractor)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))

@@ -33,7 +33,7 @@ from pyevo.config import RetrainConfig
 from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.space import searchable_blocks
 from pyevo.teacher import at_least_float32, model_device, noise_to_signal, record_blocks
-from pyevo.training import MixedPrecision
+from pyevo.training import MixedPrecision, check_finite, check_teacher_finite
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
         with precision.autocast():
             calls, teacher_prediction = (record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
                                          if weight > 0 or to_teacher else ({}, None))
+            if teacher_prediction is not None:
+                check_teacher_finite(teacher_prediction, batch.timesteps, "retrain", step)
             target = teacher_prediction if to_teacher else batch.target
             prediction = student(batch.noisy, batch.timesteps, class_labels=batch.labels).sample
             end_loss = F.mse_loss(at_least_float32(prediction), at_least_float32(target))
@@ -86,6 +88,9 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
                 block_loss = torch.stack(nsr).mean()
                 loss = loss + weight * block_loss
                 record["block_nsr"] = float(block_loss.detach())
+        check_finite(float(loss.detach()), f"retrain step {step} (timesteps {int(batch.timesteps.min())}-"
+                     f"{int(batch.timesteps.max())}): the loss", "lower retrain.lr (or use --train-dtype float32) "
+                     "and run again with --resume; finished stages are kept")
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.step(optimizer)

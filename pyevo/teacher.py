@@ -56,6 +56,11 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, 
         raise TeacherError(f"{unet_folder}: class_embed_type {config.get('class_embed_type')!r} takes embedding "
                            "vectors, not class labels; pyevo supports integer class labels "
                            "(num_class_embeds, or class_embed_type 'timestep')")
+    if config.get("time_embedding_type") == "fourier":
+        # GaussianFourierProjection embeds log(t): score-SDE teachers take continuous noise levels
+        # (ScoreSdeVeScheduler), not the integer DDPM timesteps, 0 included, that pyevo trains on.
+        raise TeacherError(f"{unet_folder}: time_embedding_type 'fourier' takes continuous noise levels "
+                           "(score-SDE, log t); pyevo trains on DDPM timesteps: use a 'positional' teacher")
     try:
         unet = UNet2DModel.from_pretrained(unet_folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:

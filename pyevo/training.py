@@ -7,6 +7,7 @@ state stay float32 whatever the autocast dtype. The latency stage has its own de
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -40,3 +41,24 @@ class MixedPrecision:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, NSR, output or sample became NaN or infinite; the message says where and what to do."""
+
+
+def check_finite(value: float, what: str, advice: str) -> float:
+    """``value``, or a :class:`NonFiniteError` naming ``what`` (stage, block, step, timesteps) and ``advice``."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} is {value}: {advice}")
+    return value
+
+
+def check_teacher_finite(prediction: torch.Tensor, timesteps: torch.Tensor, stage: str, step: int) -> None:
+    """The teacher's own prediction is finite: a non-finite target is the teacher's fault, not training's."""
+    bad = ~torch.isfinite(prediction.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        steps = sorted({int(t) for t in timesteps[bad].tolist()})
+        raise NonFiniteError(f"{stage} step {step}: the teacher's own prediction is not finite at timestep(s) "
+                             f"{', '.join(map(str, steps[:8]))}: the teacher cannot take these timesteps "
+                             "(check its time embedding and schedule)")

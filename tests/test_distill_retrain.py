@@ -225,3 +225,34 @@ def test_bfloat16_autocast_trains_close_to_float32(setup):
     for name in spaces:
         full, half = histories[torch.float32][0][name], histories[torch.bfloat16][0][name]
         assert math.isfinite(half) and half != full and half == pytest.approx(full, rel=0.1)
+
+
+def test_a_teacher_that_outputs_nan_stops_distillation_and_retraining_naming_its_timesteps(setup):
+    import copy
+
+    from pyevo.training import NonFiniteError
+
+    unet, scheduler, spaces, images = setup
+    broken = copy.deepcopy(unet)
+    with torch.no_grad():
+        broken.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"distill step 0: the teacher's own prediction is not finite at timestep"):
+        distill_supernet(broken, build_supernet(unet), spaces, ImageSet(images), scheduler,
+                         DistillConfig(steps=2, batch_size=4), seed=0, progress=False)
+    student = StudentUNet2DModel.from_supernet(unet, build_supernet(unet), {n: s.teacher_genome() for n, s in spaces.items()})
+    with pytest.raises(NonFiniteError, match=r"retrain step 0: the teacher's own prediction"):
+        retrain_student(broken, student, ImageSet(images), scheduler, RetrainConfig(steps=2, batch_size=4), seed=0,
+                        progress=False)
+
+
+def test_a_diverged_block_stops_distillation_naming_the_block_and_step(setup):
+    from pyevo.training import NonFiniteError
+
+    unet, scheduler, spaces, images = setup
+    supernet = build_supernet(unet)
+    name = next(iter(supernet))
+    with torch.no_grad():
+        next(supernet[name].parameters()).fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=rf"distill step 0, block {name}, path .*: the block loss is (nan|inf)"):
+        distill_supernet(unet, supernet, spaces, ImageSet(images), scheduler, DistillConfig(steps=2, batch_size=4),
+                         seed=0, progress=False)

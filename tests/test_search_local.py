@@ -61,3 +61,13 @@ def test_population_must_suit_the_tournament(space):
     evaluate, _ = synthetic_objectives(space)
     with pytest.raises(ValueError, match="multiple of 4"):
         search_block(space, evaluate, SearchConfig(population=6), seed=0, progress=False)
+
+
+def test_a_non_finite_nsr_stops_the_search_naming_block_and_genome(space):
+    from pyevo.training import NonFiniteError
+
+    def evaluate(genome):
+        return (float("nan") if genome[0] == 0 else 0.1), 1.0
+
+    with pytest.raises(NonFiniteError, match=r"search: block down_blocks\.1, genome .*: its NSR is nan"):
+        search_block(space, evaluate, SearchConfig(population=16, generations=2), seed=0, progress=False)

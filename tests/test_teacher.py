@@ -134,3 +134,16 @@ def test_iid_reference_draws_are_multinomial_draws_without_repeats():
     assert all(int(c.sum()) == 300 for c in counts)
     balanced = _balanced_index(labels, 7, seed=0)
     assert torch.equal(torch.bincount(labels[balanced], minlength=10), torch.full((10,), 7))
+
+
+def test_a_fourier_time_embedding_teacher_is_refused_up_front(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from pyevo.teacher import TeacherError, load_teacher
+
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, time_embedding_type="fourier", down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "unet")
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(TeacherError, match="time_embedding_type 'fourier' takes continuous noise levels"):
+        load_teacher(str(tmp_path))

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.search.select import BudgetError
     from pyevo.space import UnsupportedBlockError
     from pyevo.teacher import TeacherError  # AutoencoderError is one
+    from pyevo.training import NonFiniteError
 
     try:
         config = load_config(args.config, overrides, args.preset)
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TeacherError, RunError, BudgetError, UnsupportedBlockError) as error:
         print(f"pyevo.search: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"pyevo.search: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pyevo.search: interrupted; finished stages are kept, continue with --resume", file=sys.stderr)
         return 130

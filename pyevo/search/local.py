@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pyevo.config import SearchConfig
 from pyevo.runfolder import atomic_write_json, read_json
+from pyevo.training import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
     cache: dict[str, tuple[float, float]] = {}
     logbook: list[dict] = []
 
+    def scored(genome, values) -> tuple[float, float]:
+        nsr, latency = map(float, values)
+        where = f"search: block {getattr(space, 'name', '?')}, genome {space.encode(genome)}"
+        check_finite(nsr, f"{where}: its NSR", "the supernet's distillation diverged: lower distill.lr and "
+                     "re-run (with --resume, distillation and what follows run again)")
+        check_finite(latency, f"{where}: its latency", "re-run the search with --resume")
+        return nsr, latency
+
     def assess(individuals) -> int:
         fresh = 0
         # --- batched evaluation: an evaluator with a `many` method (pyevo.search.population.
@@ -96,14 +105,14 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
                 code = space.encode(tuple(individual))
                 if code not in cache:
                     new.setdefault(code, tuple(individual))
-            for code, values in zip(new, evaluate.many(list(new.values())) if new else []):
-                cache[code] = tuple(map(float, values))
+            for (code, genome), values in zip(new.items(), evaluate.many(list(new.values())) if new else []):
+                cache[code] = scored(genome, values)
             fresh = len(new)
         # --- end of batched evaluation
         for individual in individuals:
             code = space.encode(tuple(individual))
             if code not in cache:
-                cache[code] = tuple(map(float, evaluate(tuple(individual))))
+                cache[code] = scored(tuple(individual), evaluate(tuple(individual)))
                 fresh += 1
             individual.fitness.values = cache[code]
         return fresh
