@@ -47,12 +47,15 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[t
 
 def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
                     device: str, config: LatencyConfig) -> dict[str, dict]:
-    """Each network whole and block by block, all timed in turn (:func:`pyevo.latency.time_calls`).
+    """Each network whole, block by block, and its stem alone, all timed in turn
+    (:func:`pyevo.latency.time_calls`).
 
-    ``calls`` are the searched blocks' recorded inputs at the deployment batch, on ``device`` in
-    ``dtype``. Per network: ``latency_ms`` (the whole forward), ``blocks_ms`` (each searched block
-    on its recorded inputs) and ``stem_ms``, the whole minus its blocks: conv_in, the time
-    embedding, the head and what passes between blocks, which no block search changes.
+    ``calls`` are the searched blocks' recorded inputs and outputs at the deployment batch, on
+    ``device`` in ``dtype``. Per network: ``latency_ms`` (the whole forward), ``blocks_ms`` (each
+    searched block on its recorded inputs), ``stem_ms`` (the forward with every searched block
+    replaced by a replay of its recorded output: conv_in, the time embedding, the head and what
+    passes between blocks, which no block search changes; measured, not a difference, so it is
+    never negative) and ``unaccounted_ms``, the whole minus stem and blocks (caches, allocator).
     """
     with contextlib.ExitStack() as stack:
         fns = {}
@@ -61,13 +64,50 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
             for name, call in calls.items():
                 block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
+            fns[(network, "stem")] = lambda fn=fns[network], model=model: _with_replayed_blocks(model, calls, fn)
         times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, config.cuda_graph)
     result = {}
     for network in networks:
         blocks = {name: times[(network, name)] for name in calls}
-        result[network] = {"latency_ms": times[network], "blocks_ms": blocks,
-                           "stem_ms": times[network] - sum(blocks.values())}
+        stem = times[(network, "stem")]
+        result[network] = {"latency_ms": times[network], "blocks_ms": blocks, "stem_ms": stem,
+                           "unaccounted_ms": times[network] - stem - sum(blocks.values())}
     return result
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns the block's recorded output at no cost."""
+
+    def __init__(self, block: nn.Module, output: Any):
+        super().__init__()
+        self.output = output
+        # UNet2DModel's forward hands each up block as many skip tensors as it has resnets.
+        self.resnets = [None] * len(getattr(block, "resnets", ()))
+
+    def forward(self, *args, **kwargs) -> Any:
+        return self.output
+
+
+def _with_replayed_blocks(model: nn.Module, calls: Mapping[str, BlockCall], forward: Callable[[], Any]) -> Any:
+    """``forward()`` with the searched blocks of ``model`` swapped for replays of their outputs, then
+    swapped back (the blocks themselves, and any hooks on them, are not called)."""
+    originals = {name: model.get_submodule(name) for name in calls}
+    try:
+        for name in calls:
+            _set_submodule(model, name, _Replay(originals[name], calls[name].output))
+        return forward()
+    finally:
+        for name, block in originals.items():
+            _set_submodule(model, name, block)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if isinstance(owner, nn.ModuleList):
+        owner[int(child)] = module
+    else:
+        setattr(owner, child, module)
 
 
 def decode_latency(codec, latent_shape: tuple[int, int, int], batch: int, dtype: str, device: str,

@@ -290,14 +290,14 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     supernet = build_supernet(teacher)
     timer = BlockTimer(config, teacher, supernet, spaces, table)
 
-    # The teacher and its blocks are timed afresh every run, in turn, so its stem (the whole minus
-    # the blocks) and the candidates' milliseconds (ratios to the teacher's blocks) describe one
+    # The teacher and its blocks are timed afresh every run, in turn, so its stem (the network with
+    # its blocks replayed) and the candidates' milliseconds (ratios to the teacher's blocks) describe one
     # machine state. The latency budget is checked before anything is written: the fastest genome
     # of each block (everything skipped) bounds what any selection can reach.
     timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
                             config.latency)["teacher"]
     teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
-    stem_ms = max(timed["stem_ms"], 0.0)
+    stem_ms = timed["stem_ms"]
     if config.search.rule in ("budget", "block-budget"):
         fastest = {n: timer(n, s.minimal_genome()) for n, s in spaces.items()}
         if config.search.rule == "budget":
@@ -479,13 +479,13 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     if labels is not None:
         out["student"]["per_class"] = per_class_similarity(samples["student"], samples["teacher"], labels)
     out["features"] = {"kind": features_kind, "note": features_note}
-    # Teacher and student timed in turn, whole and block by block: the per-block estimate (the
-    # teacher's stem plus the student's blocks) is checked against timings of one machine state.
+    # Teacher and student timed in turn, whole, block by block and stem alone: the per-block
+    # estimate (the student's own stem plus its blocks) is checked against one machine state.
     timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
                             config.device, config.latency)
     for name, latency in timed.items():
         out[name].update(latency)
-    out["student"]["latency_estimate_ms"] = timed["teacher"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())
+    out["student"]["latency_estimate_ms"] = timed["student"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())
     if codec is not None:
         # One decode per batch of images, beside the UNet's ddim_steps calls: what a user's
         # pipeline runs, so that the saving per image is stated with the decoder counted.

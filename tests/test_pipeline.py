@@ -79,9 +79,10 @@ def test_latency_estimates_are_reported_against_the_same_timings(finished_run):
     blocks = set(report["blocks"])
     assert set(teacher["blocks_ms"]) == set(student["blocks_ms"]) == blocks
     for side in (teacher, student):
-        assert side["stem_ms"] == pytest.approx(side["latency_ms"] - sum(side["blocks_ms"].values()))
-    # The per-block estimate: the teacher's stem plus the student's blocks, from one timing session.
-    assert student["latency_estimate_ms"] == pytest.approx(teacher["stem_ms"] + sum(student["blocks_ms"].values()))
+        assert side["stem_ms"] > 0 and side["unaccounted_ms"] == pytest.approx(
+            side["latency_ms"] - side["stem_ms"] - sum(side["blocks_ms"].values()))
+    # The per-block estimate: the student's own stem plus its blocks, from one timing session.
+    assert student["latency_estimate_ms"] == pytest.approx(student["stem_ms"] + sum(student["blocks_ms"].values()))
     assert student["latency_estimate_error"] == pytest.approx(
         student["latency_estimate_ms"] / student["latency_ms"] - 1)
     selected = json.loads((root / "a" / "select.json").read_text())
