@@ -34,7 +34,7 @@ from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, 
                             sample_quality)
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
 from pyevo.retrain import retrain_student
-from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from pyevo.runfolder import atomic_write_bytes, atomic_write_json, file_digest, read_json, tensor_digest
 from pyevo.sample import ddim_sample, sample_images
 from pyevo.search.local import BlockSearchResult, search_block
 from pyevo.search.population import block_evaluator
@@ -208,31 +208,60 @@ class BlockCoster:
 
 # -------------------------------------------------------------------------------------- stages
 class Stages:
-    """Runs stages in order with resume-by-key and per-stage timing."""
+    """Runs stages in order with resume-by-key and per-stage timing.
+
+    A stage's result records the digests of the files it wrote (its *artifacts*); on resume a result
+    whose JSON cannot be read, or whose artifacts are missing or differ from their digests, is not
+    trusted: the stage runs again, and the log says why.
+    """
 
     def __init__(self, folder: Path, resume: bool):
         self.folder, self.resume = folder, resume
         self.key = ""
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, inputs: Any, compute: Callable[[], dict], result_file: str | None = None) -> dict:
+    def run(self, name: str, inputs: Any, compute: Callable[[], dict], result_file: str | None = None,
+            artifacts: tuple[Path, ...] = ()) -> dict:
         """``compute()`` returns a JSON-able dict; it is stored in ``<name>.json`` with its key."""
         self.key = hashlib.sha256(json.dumps([self.key, name, inputs], sort_keys=True, default=str)
                                   .encode()).hexdigest()[:16]
         path = self.folder / (result_file or f"{name}.json")
         if self.resume and path.is_file():
-            stored = read_json(path)
-            if stored.get("key") == self.key:
+            stored = self._stored(name, path)
+            if stored is not None and stored.get("key") == self.key:
                 log.info("stage %s: done already, read from %s", name, path)
                 self.seconds[name] = stored["seconds"]
                 return stored
         start = time.perf_counter()
         result = compute()
-        result.update(key=self.key, seconds=round(time.perf_counter() - start, 2))
+        result.update(key=self.key, seconds=round(time.perf_counter() - start, 2),
+                      artifacts=self._digests(artifacts))
         atomic_write_json(path, result)
         self.seconds[name] = result["seconds"]
         log.info("stage %s: %.1f s", name, result["seconds"])
         return result
+
+    def _stored(self, name: str, path: Path) -> dict | None:
+        try:
+            stored = read_json(path)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            log.warning("stage %s: %s is damaged; running the stage again", name, path)
+            return None
+        if not isinstance(stored, dict):
+            return None
+        recorded = stored.get("artifacts", {})
+        current = self._digests(tuple(self.folder / relative for relative in recorded))
+        for relative, digest in recorded.items():
+            if current.get(relative) != digest:
+                log.warning("stage %s: %s is missing or damaged; running the stage again", name, relative)
+                return None
+        return stored
+
+    def _digests(self, artifacts: tuple[Path, ...]) -> dict[str, str]:
+        files = []
+        for artifact in artifacts:
+            files += sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
+        return {str(p.relative_to(self.folder)): file_digest(p) for p in files if p.is_file()}
 
 
 def prepare(config: RunConfig, resume: bool):
@@ -339,7 +368,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             return {"vae": str(codec.folder), "kind": codec.kind, "scaling_factor": codec.scaling_factor,
                     "latent_std": float(encoded["train"].images.std())}
 
-        stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed], encode)
+        stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed,
+                              tensor_digest(codec.vae.state_dict().values()),
+                              tensor_digest([train.images, heldout.images])], encode, artifacts=(latents_file,))
         latents = read_latents(latents_file, ("train", "heldout"))
         train, heldout = latents["train"], latents["heldout"]
 
@@ -353,8 +384,13 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             {k: v.contiguous() for k, v in supernet.state_dict().items()}))
         return {"history": result.history}
 
+    # The teacher's weights and the data themselves are in the key, not only their names: a teacher
+    # retrained in place, or other images in the same folder, re-run what depends on them.
+    data_digest = tensor_digest([t for part in (train, heldout) for t in (part.images, part.labels) if t is not None])
     stages.run("distill", [asdict(config.distill), config.teacher, config.scheduler, config.data, config.seed,
-                           config.device, config.train_dtype], distill)
+                           config.device, config.train_dtype, tensor_digest(teacher.state_dict().values()),
+                           data_digest, {k: v for k, v in scheduler.config.items() if not k.startswith("_")}],
+               distill, artifacts=(supernet_file,))
     supernet.load_state_dict(safetensors.torch.load_file(supernet_file, device=str(model_device(teacher))))
     supernet.eval()
 
@@ -423,7 +459,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         _save_pretrained_atomic(student, student_folder)
         return {"history": history}
 
-    stages.run("retrain", asdict(config.retrain), retrain)
+    stages.run("retrain", asdict(config.retrain), retrain, artifacts=(student_folder,))
     student = StudentUNet2DModel.from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
 
     # --- evaluation
@@ -431,8 +467,11 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
         return _evaluate(config, teacher, student, scheduler, codec, reference, train, timer.calls, folder,
                          progress)
 
+    reference_digest = None if reference is None else tensor_digest([reference.images])
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
-                                        config.dtype, config.device, config.vae], evaluate)
+                                        config.dtype, config.device, config.vae, reference_digest,
+                                        None if codec is None else tensor_digest(codec.vae.state_dict().values())],
+                           evaluate, artifacts=(folder / "samples.safetensors",))
 
     from pyevo.report import write_report
 

@@ -1,16 +1,27 @@
 """The run folder: every stage writes its result atomically, and a resumed run skips finished ones.
 
-A stage is finished when its result file exists; results are written to a temporary name and
-renamed, so an interrupted run never leaves a half-written result behind.
+A stage is finished when its result file exists; results are written to a temporary name, synced
+to disk and renamed, so an interrupted run (or a machine that loses power) never leaves a
+half-written result behind. Files get the user's usual mode (0666 less the umask), not the 0600 of
+a temporary file. Digests let a resumed run tell a damaged artifact from a good one.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -21,6 +32,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -38,3 +52,23 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A short sha256 of tensors' shapes, dtypes and bytes: what a stage key needs to notice a teacher
+    changed in place, or other data under the same name."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]

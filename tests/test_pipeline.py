@@ -222,3 +222,48 @@ def test_run_folder_errors_end_in_one_line_before_anything_is_written(tmp_path):
         assert out.returncode == 2 and last.startswith("pyevo.search: error: ") and message in last, out.stderr
         assert "Traceback" not in out.stderr
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_resume_re_runs_a_stage_whose_artifact_or_result_is_damaged_and_ends_the_same(finished_run, tmp_path,
+                                                                                      caplog):
+    import shutil
+
+    root, config, report = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "a", copy)
+    copied = load_config(None, {**config.to_dict(), "out": str(copy)} | {})
+    supernet = copy / "supernet.safetensors"
+    supernet.write_bytes(supernet.read_bytes()[: supernet.stat().st_size // 2])  # half a file
+    (copy / "evaluate.json").write_text((copy / "evaluate.json").read_text()[:50])  # half a JSON
+    with caplog.at_level("WARNING", logger="pyevo.pipeline"):
+        resumed = run(copied, resume=True, progress=False)
+    assert "stage distill: supernet.safetensors is missing or damaged; running the stage again" in caplog.text
+    assert f"stage evaluate: {copy / 'evaluate.json'} is damaged" in caplog.text
+    assert resumed["student"]["genome"] == report["student"]["genome"]
+    assert resumed["student"]["macs"] == report["student"]["macs"]
+    # Results are written with the user's usual mode, not a temporary file's 0600.
+    assert (copy / "evaluate.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_a_teacher_changed_in_place_re_runs_what_depends_on_it(teacher_folder, tmp_path, caplog):
+    import shutil
+
+    import torch
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_folder, teacher)
+    config = toy_config(teacher, tmp_path / "run", tmp_path / "latency.json")
+    run(config, progress=False)
+    unet = UNet2DModel.from_pretrained(teacher / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.01)
+    unet.save_pretrained(teacher / "unet")
+    with caplog.at_level("INFO", logger="pyevo.pipeline"):
+        run(config, resume=True, progress=False)
+    assert "stage distill: done already" not in caplog.text  # same name, other weights: not reused
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
