@@ -1,4 +1,4 @@
-"""The search space: per-block genomes over the teacher's ResnetBlock2D and Attention layers.
+"""The search space: per-block genomes over the teacher's ResnetBlock2D, Attention and Transformer2DModel layers.
 
 A block genome is a tuple of integer choice indices, one per gene, each gene with a fixed number of
 choices (so mutation and crossover are plain integer operations). Genes, in this order:
@@ -10,30 +10,47 @@ choices (so mutation and crossover are plain integer operations). Genes, in this
   width are merged, so every choice is a distinct architecture);
 * per ``attentions[j]`` that is not ``None`` (diffusers ``Attention``): ``a{j}.heads`` —
   0 = *drop* (identity), then the kept head counts (half the teacher's heads, rounded up, and all
-  of them; only "all" where the teacher has one head).
+  of them; only "all" where the teacher has one head);
+* per ``attentions[j]`` that is a ``Transformer2DModel`` (the blocks of a ``UNet2DConditionModel``:
+  continuous input, ``BasicTransformerBlock`` layers of self-attention ``attn1``, cross-attention
+  ``attn2`` and a GEGLU feed-forward ``ff``), five genes: ``t{j}.keep`` — 0 = *drop* (the whole
+  transformer becomes the identity), 1 = keep; ``t{j}.self_heads`` and ``t{j}.cross_heads`` — the
+  heads kept in every layer's attn1 / attn2 (half the teacher's, rounded up, and all; only "all"
+  where the teacher has one head); ``t{j}.ff`` — the GEGLU inner width for ratios 0.5, 0.75, 1.0
+  of the teacher's; ``t{j}.layers`` — how many of the teacher's layers are kept (a prefix, 1..L;
+  one choice where the teacher has one layer). Single-choice genes stay in the genome so that
+  every transformer has the same five genes and every string the same fields.
 
-When ``r{i}.width`` is skip, the kernel genes of that resnet do not matter; the *canonical* genome
-sets them to the teacher's kernel, so each architecture has one genome and one string.
+When ``r{i}.width`` is skip, the kernel genes of that resnet do not matter, nor the shape genes of
+a dropped transformer; the *canonical* genome sets them to the teacher's, so each architecture has
+one genome and one string.
 
-String form (stable, human-readable): ``"r0:k3k3w1.0,r1:skip,a0:h4"``; a network genome (one per
-block) is ``"down_blocks.0=r0:k3k3w1.0,r1:k1k3w0.5;mid_block=...;up_blocks.0=..."``.
+String form (stable, human-readable): ``"r0:k3k3w1.0,r1:skip,a0:h4"``, with transformers
+``"t0:h8x4f0.75l1"`` (8 self-attention heads, 4 cross-attention heads, feed-forward ratio 0.75,
+1 layer) or ``"t0:drop"``; a network genome (one per block) is
+``"down_blocks.0=r0:k3k3w1.0,r1:k1k3w0.5;mid_block=...;up_blocks.0=..."``.
 """
 from __future__ import annotations
 
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator, Mapping, Sequence
 
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 KERNEL_SIZES = (1, 3, 5)
 WIDTH_RATIOS = (0.5, 0.75, 1.0)
 HEAD_RATIOS = (0.5, 1.0)
+FF_RATIOS = (0.5, 0.75, 1.0)
+TRANSFORMER_GENES = 5  # keep, self_heads, cross_heads, ff, layers
 MAX_KERNEL_SIZE = max(KERNEL_SIZES)
 
 Genome = tuple[int, ...]
@@ -82,6 +99,27 @@ class AttentionChoices:
 
 
 @dataclass(frozen=True)
+class TransformerChoices:
+    """What one ``attentions[index]`` that is a ``Transformer2DModel`` may become.
+
+    The genes apply to every kept layer alike (the teacher's layers all have one shape)."""
+
+    index: int
+    channels: int  # the transformer's input and output channels
+    inner_dim: int  # proj_in's width (the teacher's heads * head_dim), which genomes do not change
+    head_dim: int
+    cross_attention_dim: int  # the width of encoder_hidden_states
+    self_heads: tuple[int, ...]  # attn1 head counts, ascending; the last is the teacher's
+    cross_heads: tuple[int, ...]  # attn2 head counts, ascending; the last is the teacher's
+    ff_widths: tuple[int, ...]  # GEGLU inner widths, ascending; the last is the teacher's
+    ff_labels: tuple[str, ...]  # the ratio each width stands for ("0.5", "0.75", "1.0")
+    layers: int  # the teacher's number of BasicTransformerBlocks
+
+    def teacher_genes(self) -> tuple[int, ...]:
+        return (1, len(self.self_heads) - 1, len(self.cross_heads) - 1, len(self.ff_widths) - 1, self.layers - 1)
+
+
+@dataclass(frozen=True)
 class ResnetArch:
     """One resnet as a genome fixes it. ``hidden == 0`` means skip."""
 
@@ -107,11 +145,28 @@ class AttentionArch:
 
 
 @dataclass(frozen=True)
+class TransformerArch:
+    """One Transformer2DModel as a genome fixes it. ``layers == 0`` means drop (the other fields are
+    then the teacher's)."""
+
+    layers: int
+    self_heads: int
+    cross_heads: int
+    head_dim: int
+    ff_inner: int
+
+    @property
+    def dropped(self) -> bool:
+        return self.layers == 0
+
+
+@dataclass(frozen=True)
 class BlockArch:
     """A decoded block genome: per searchable layer, its concrete shape (keyed by list index)."""
 
     resnets: dict[int, ResnetArch]
     attentions: dict[int, AttentionArch]
+    transformers: dict[int, TransformerArch] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,6 +177,7 @@ class BlockSpace:
     block_type: str
     resnets: tuple[ResnetChoices, ...]
     attentions: tuple[AttentionChoices, ...]
+    transformers: tuple[TransformerChoices, ...] = ()
 
     # ----------------------------------------------------------------- genes
     @cached_property  # read on every validate; a frozen dataclass may still cache in its __dict__
@@ -134,6 +190,12 @@ class BlockSpace:
             genes.append(Gene(f"r{r.index}.width", ("skip",) + tuple(f"w{label}" for label in r.width_labels)))
         for a in self.attentions:
             genes.append(Gene(f"a{a.index}.heads", ("drop",) + tuple(f"h{h}" for h in a.heads)))
+        for t in self.transformers:
+            genes.append(Gene(f"t{t.index}.keep", ("drop", "keep")))
+            genes.append(Gene(f"t{t.index}.self_heads", tuple(f"h{h}" for h in t.self_heads)))
+            genes.append(Gene(f"t{t.index}.cross_heads", tuple(f"x{h}" for h in t.cross_heads)))
+            genes.append(Gene(f"t{t.index}.ff", tuple(f"f{label}" for label in t.ff_labels)))
+            genes.append(Gene(f"t{t.index}.layers", tuple(f"l{n}" for n in range(1, t.layers + 1))))
         return tuple(genes)
 
     @property
@@ -142,7 +204,7 @@ class BlockSpace:
         return tuple(g.num_choices for g in self.genes)
 
     def __len__(self) -> int:
-        return 3 * len(self.resnets) + len(self.attentions)
+        return 3 * len(self.resnets) + len(self.attentions) + TRANSFORMER_GENES * len(self.transformers)
 
     def _resnet_genes(self, genome: Genome) -> Iterator[tuple[ResnetChoices, int, int, int]]:
         for n, r in enumerate(self.resnets):
@@ -153,12 +215,22 @@ class BlockSpace:
         for n, a in enumerate(self.attentions):
             yield a, genome[offset + n]
 
+    def _transformer_offset(self, n: int) -> int:
+        return 3 * len(self.resnets) + len(self.attentions) + TRANSFORMER_GENES * n
+
+    def _transformer_genes(self, genome: Genome) -> Iterator[tuple[TransformerChoices, tuple[int, ...]]]:
+        for n, t in enumerate(self.transformers):
+            offset = self._transformer_offset(n)
+            yield t, tuple(genome[offset:offset + TRANSFORMER_GENES])
+
     # ------------------------------------------------------- special genomes
     def teacher_genome(self) -> Genome:
         genes: list[int] = []
         for r in self.resnets:
             genes += [KERNEL_SIZES.index(r.teacher_kernel1), KERNEL_SIZES.index(r.teacher_kernel2), len(r.widths)]
         genes += [len(a.heads) for a in self.attentions]
+        for t in self.transformers:
+            genes += t.teacher_genes()
         return tuple(genes)
 
     def largest_genome(self) -> Genome:
@@ -166,6 +238,8 @@ class BlockSpace:
         for r in self.resnets:
             genes += [len(KERNEL_SIZES) - 1, len(KERNEL_SIZES) - 1, len(r.widths)]
         genes += [len(a.heads) for a in self.attentions]
+        for t in self.transformers:
+            genes += t.teacher_genes()
         return tuple(genes)
 
     def smallest_genome(self) -> Genome:
@@ -174,17 +248,23 @@ class BlockSpace:
         for _ in self.resnets:
             genes += [0, 0, 1]
         genes += [1 for _ in self.attentions]
+        for _ in self.transformers:
+            genes += [1, 0, 0, 0, 0]
         return tuple(genes)
 
     def narrow_genome(self) -> Genome:
-        """The teacher's kernels and attention at the narrowest hidden width: the natural cheap candidate."""
+        """The teacher's kernels, heads and layers at the narrowest hidden widths (resnets' hidden
+        channels, transformers' feed-forward): the natural cheap candidate."""
         genes = list(self.teacher_genome())
         for n in range(len(self.resnets)):
             genes[3 * n + 2] = 1
+        for n in range(len(self.transformers)):
+            genes[self._transformer_offset(n) + 3] = 0
         return tuple(genes)
 
     def minimal_genome(self) -> Genome:
-        """Every resnet skipped and every attention dropped: the least a block can do (and cost)."""
+        """Every resnet skipped and every attention and transformer dropped: the least a block can do
+        (and cost)."""
         return self.canonical(tuple(0 for _ in self.num_choices))
 
     def random_genome(self, rng: random.Random) -> Genome:
@@ -198,6 +278,8 @@ class BlockSpace:
             total *= 1 + len(r.widths) * len(KERNEL_SIZES) ** 2
         for a in self.attentions:
             total *= 1 + len(a.heads)
+        for t in self.transformers:
+            total *= 1 + len(t.self_heads) * len(t.cross_heads) * len(t.ff_widths) * t.layers
         return total
 
     # ------------------------------------------------------------ validation
@@ -215,12 +297,17 @@ class BlockSpace:
         return genome
 
     def canonical(self, genome: Sequence[int]) -> Genome:
-        """The same architecture with the kernel genes of skipped resnets set to the teacher's."""
+        """The same architecture with the kernel genes of skipped resnets and the shape genes of dropped
+        transformers set to the teacher's."""
         genes = list(self.validate(genome))
         for n, (r, _, _, width) in enumerate(self._resnet_genes(tuple(genes))):
             if width == 0:
                 genes[3 * n] = KERNEL_SIZES.index(r.teacher_kernel1)
                 genes[3 * n + 1] = KERNEL_SIZES.index(r.teacher_kernel2)
+        for n, (t, values) in enumerate(self._transformer_genes(tuple(genes))):
+            if values[0] == 0:
+                offset = self._transformer_offset(n)
+                genes[offset:offset + TRANSFORMER_GENES] = (0,) + t.teacher_genes()[1:]
         return tuple(genes)
 
     # ---------------------------------------------------------------- decode
@@ -236,7 +323,13 @@ class BlockSpace:
         attentions = {}
         for a, heads in self._attention_genes(genome):
             attentions[a.index] = AttentionArch(0 if heads == 0 else a.heads[heads - 1], a.head_dim)
-        return BlockArch(resnets, attentions)
+        transformers = {}
+        for t, (keep, self_heads, cross_heads, ff, layers) in self._transformer_genes(genome):
+            if keep == 0:  # the teacher's shape genes, whatever the genome holds
+                _, self_heads, cross_heads, ff, layers = t.teacher_genes()
+            transformers[t.index] = TransformerArch(layers + 1 if keep else 0, t.self_heads[self_heads],
+                                                    t.cross_heads[cross_heads], t.head_dim, t.ff_widths[ff])
+        return BlockArch(resnets, attentions, transformers)
 
     # --------------------------------------------------------------- strings
     def encode(self, genome: Sequence[int]) -> str:
@@ -250,18 +343,26 @@ class BlockSpace:
                 parts.append(f"r{r.index}:k{KERNEL_SIZES[k1]}k{KERNEL_SIZES[k2]}w{r.width_labels[width - 1]}")
         for a, heads in self._attention_genes(genome):
             parts.append(f"a{a.index}:drop" if heads == 0 else f"a{a.index}:h{a.heads[heads - 1]}")
+        for t, (keep, self_heads, cross_heads, ff, layers) in self._transformer_genes(genome):
+            if keep == 0:
+                parts.append(f"t{t.index}:drop")
+            else:
+                parts.append(f"t{t.index}:h{t.self_heads[self_heads]}x{t.cross_heads[cross_heads]}"
+                             f"f{t.ff_labels[ff]}l{layers + 1}")
         return ",".join(parts)
 
     def decode(self, text: str) -> Genome:
         """The canonical genome of an ``encode`` string; ValueError naming what does not parse."""
         resnets = {r.index: r for r in self.resnets}
         attentions = {a.index: a for a in self.attentions}
+        transformers = {t.index: t for t in self.transformers}
         values: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             match = _LAYER_RE.fullmatch(part)
             if match is None:
                 raise ValueError(f"{self.name}: cannot parse {part!r} in {text!r} "
-                                 "(expected e.g. 'r0:k3k3w1.0', 'r1:skip', 'a0:h4', 'a0:drop')")
+                                 "(expected e.g. 'r0:k3k3w1.0', 'r1:skip', 'a0:h4', 'a0:drop', 't0:h8x8f1.0l1', "
+                                 "'t0:drop')")
             kind, index, value = match.group(1), int(match.group(2)), match.group(3)
             key = f"{kind}{index}"
             if key in values:
@@ -270,11 +371,16 @@ class BlockSpace:
                 if index not in resnets:
                     raise ValueError(f"{self.name}: no searchable resnet {index} (has {sorted(resnets)})")
                 values[key] = _decode_resnet(self.name, resnets[index], value)
+            elif kind == "t":
+                if index not in transformers:
+                    raise ValueError(f"{self.name}: no searchable transformer {index} (has {sorted(transformers)})")
+                values[key] = _decode_transformer(self.name, transformers[index], value)
             else:
                 if index not in attentions:
                     raise ValueError(f"{self.name}: no searchable attention {index} (has {sorted(attentions)})")
                 values[key] = _decode_attention(self.name, attentions[index], value)
-        expected = [f"r{r.index}" for r in self.resnets] + [f"a{a.index}" for a in self.attentions]
+        expected = ([f"r{r.index}" for r in self.resnets] + [f"a{a.index}" for a in self.attentions]
+                    + [f"t{t.index}" for t in self.transformers])
         missing = [key for key in expected if key not in values]
         if missing:
             raise ValueError(f"{self.name}: {text!r} does not give {', '.join(missing)}")
@@ -282,11 +388,14 @@ class BlockSpace:
         for r in self.resnets:
             genes += values[f"r{r.index}"]
         genes += [values[f"a{a.index}"] for a in self.attentions]
+        for t in self.transformers:
+            genes += values[f"t{t.index}"]
         return self.canonical(genes)
 
 
-_LAYER_RE = re.compile(r"([ra])(\d+):(\S+)")
+_LAYER_RE = re.compile(r"([rat])(\d+):(\S+)")
 _RESNET_RE = re.compile(r"k(\d+)k(\d+)w([0-9.]+)")
+_TRANSFORMER_RE = re.compile(r"h(\d+)x(\d+)f([0-9.]+)l(\d+)")
 
 
 def _decode_resnet(block: str, choices: ResnetChoices, value: str) -> tuple[int, int, int]:
@@ -311,6 +420,29 @@ def _decode_attention(block: str, choices: AttentionChoices, value: str) -> int:
         return 1 + choices.heads.index(int(value[1:]))
     raise ValueError(f"{block}: a{choices.index} must be 'drop' or one of "
                      f"{', '.join(f'h{h}' for h in choices.heads)}, got {value!r}")
+
+
+def _decode_transformer(block: str, choices: TransformerChoices, value: str) -> tuple[int, ...]:
+    if value == "drop":
+        return (0,) + choices.teacher_genes()[1:]
+    where = f"{block}: t{choices.index}"
+    match = _TRANSFORMER_RE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{where} must be 'drop' or 'h<self heads>x<cross heads>f<ratio>l<layers>' "
+                         f"(e.g. 'h{choices.self_heads[-1]}x{choices.cross_heads[-1]}f{choices.ff_labels[-1]}"
+                         f"l{choices.layers}'), got {value!r}")
+    self_heads, cross_heads, layers = int(match.group(1)), int(match.group(2)), int(match.group(4))
+    ratio = match.group(3)
+    if self_heads not in choices.self_heads:
+        raise ValueError(f"{where} self-attention heads {self_heads} is not one of {choices.self_heads}")
+    if cross_heads not in choices.cross_heads:
+        raise ValueError(f"{where} cross-attention heads {cross_heads} is not one of {choices.cross_heads}")
+    if ratio not in choices.ff_labels:
+        raise ValueError(f"{where} feed-forward ratio {ratio} is not one of {choices.ff_labels}")
+    if not 1 <= layers <= choices.layers:
+        raise ValueError(f"{where} keeps 1..{choices.layers} layers, got {layers}")
+    return (1, choices.self_heads.index(self_heads), choices.cross_heads.index(cross_heads),
+            choices.ff_labels.index(ratio), layers - 1)
 
 
 # ---------------------------------------------------------------- the teacher
@@ -339,11 +471,13 @@ def block_space(name: str, block: nn.Module) -> BlockSpace:
         raise UnsupportedBlockError(f"{name} ({block_type}): pyevo searches blocks made of "
                                     "ResnetBlock2D layers in `resnets`; this block has none")
     resnet_choices = tuple(_resnet_choices(name, block_type, i, r) for i, r in enumerate(resnets))
-    attention_choices = []
+    attention_choices, transformer_choices = [], []
     for j, attention in enumerate(getattr(block, "attentions", None) or []):
-        if attention is not None:
+        if isinstance(attention, Transformer2DModel):
+            transformer_choices.append(_transformer_choices(name, block_type, j, attention))
+        elif attention is not None:
             attention_choices.append(_attention_choices(name, block_type, j, attention))
-    return BlockSpace(name, block_type, resnet_choices, tuple(attention_choices))
+    return BlockSpace(name, block_type, resnet_choices, tuple(attention_choices), tuple(transformer_choices))
 
 
 def _resnet_choices(name: str, block_type: str, index: int, resnet: nn.Module) -> ResnetChoices:
@@ -375,13 +509,10 @@ def _resnet_choices(name: str, block_type: str, index: int, resnet: nn.Module) -
                          teacher_kernel1=resnet.conv1.kernel_size[0], teacher_kernel2=resnet.conv2.kernel_size[0])
 
 
-def _attention_choices(name: str, block_type: str, index: int, attention: nn.Module) -> AttentionChoices:
-    where = f"{name} ({block_type}) attentions[{index}]"
-    if type(attention) is not Attention:
-        raise UnsupportedBlockError(f"{where} is a {type(attention).__name__}; pyevo searches only "
-                                    "diffusers Attention (self-attention) layers")
-    unsupported = {
-        "cross-attention": attention.is_cross_attention,
+def _attention_problems(attention: Attention) -> dict[str, bool]:
+    """What in a diffusers Attention the shared-projection attention (pyevo::shared_attention) does not
+    compute, by name, whatever the attention is used for."""
+    return {
         "added key/value projections": attention.added_kv_proj_dim is not None,
         "spatial norm": attention.spatial_norm is not None,
         "q/k norm": attention.norm_q is not None,
@@ -393,13 +524,98 @@ def _attention_choices(name: str, block_type: str, index: int, attention: nn.Mod
         "an output width other than its input": attention.out_dim != attention.query_dim,
         "a non-default scale": attention.scale != (attention.inner_dim // attention.heads) ** -0.5,
     }
-    for what, present in unsupported.items():
+
+
+def _refuse(where: str, problems: Mapping[str, bool]) -> None:
+    for what, present in problems.items():
         if present:
             raise UnsupportedBlockError(f"{where} has {what}; pyevo cannot search it")
-    heads = attention.heads
-    kept = sorted({max(1, math.ceil(ratio * heads)) for ratio in HEAD_RATIOS})
+
+
+def _kept_heads(heads: int) -> tuple[int, ...]:
+    """Head counts a head gene offers: half the teacher's (rounded up) and all, merged when equal."""
+    return tuple(sorted({max(1, math.ceil(ratio * heads)) for ratio in HEAD_RATIOS}))
+
+
+def _attention_choices(name: str, block_type: str, index: int, attention: nn.Module) -> AttentionChoices:
+    where = f"{name} ({block_type}) attentions[{index}]"
+    if type(attention) is not Attention:
+        raise UnsupportedBlockError(f"{where} is a {type(attention).__name__}; pyevo searches only "
+                                    "diffusers Attention (self-attention) and Transformer2DModel layers")
+    _refuse(where, {"cross-attention": attention.is_cross_attention, **_attention_problems(attention)})
     return AttentionChoices(index=index, channels=attention.query_dim,
-                            head_dim=attention.inner_dim // heads, heads=tuple(kept))
+                            head_dim=attention.inner_dim // attention.heads, heads=_kept_heads(attention.heads))
+
+
+def _transformer_choices(name: str, block_type: str, index: int, transformer: Transformer2DModel) -> TransformerChoices:
+    """The genes of a Transformer2DModel of continuous input whose layers are BasicTransformerBlocks of
+    layer-normed self-attention, cross-attention and GEGLU feed-forward, all of one shape (what
+    UNet2DConditionModel builds); every other variant is refused by name."""
+    where = f"{name} ({block_type}) attentions[{index}]"
+    if type(transformer) is not Transformer2DModel:
+        raise UnsupportedBlockError(f"{where} is a {type(transformer).__name__}; pyevo searches only "
+                                    "diffusers Transformer2DModel transformers")
+    config = transformer.config
+    where = f"{where} (Transformer2DModel)"
+    _refuse(where, {
+        "discrete (vectorized) or patched input": not transformer.is_input_continuous,
+        "num_embeds_ada_norm (an ada-norm)": config.num_embeds_ada_norm is not None,
+        f"norm_type={config.norm_type!r}": config.norm_type != "layer_norm",
+        "only_cross_attention": bool(config.only_cross_attention),
+        "double_self_attention": bool(config.double_self_attention),
+        f"attention_type={config.attention_type!r}": config.attention_type != "default",
+        f"activation_fn={config.activation_fn!r} (pyevo searches GEGLU feed-forwards)": config.activation_fn != "geglu",
+        "no cross-attention (cross_attention_dim=None)": config.cross_attention_dim is None,
+        "an output width other than its input": transformer.out_channels != transformer.in_channels,
+        "no transformer layers": len(transformer.transformer_blocks) == 0,
+    })
+    shapes = set()
+    for n, layer in enumerate(transformer.transformer_blocks):
+        layer_where = f"{where} transformer_blocks[{n}]"
+        if type(layer) is not BasicTransformerBlock:
+            raise UnsupportedBlockError(f"{layer_where} is a {type(layer).__name__}; pyevo searches only "
+                                        "diffusers BasicTransformerBlock layers")
+        ff = layer.ff
+        _refuse(layer_where, {
+            f"norm_type={layer.norm_type!r}": layer.norm_type != "layer_norm",
+            "positional embeddings": layer.pos_embed is not None,
+            "a gated (GLIGEN) fuser": hasattr(layer, "fuser"),
+            "no cross-attention": layer.attn2 is None,
+            "a feed-forward other than diffusers FeedForward(GEGLU, Dropout, Linear)":
+                type(ff) is not FeedForward or len(ff.net) != 3 or type(ff.net[0]) is not GEGLU,
+        })
+        for attention_name, cross in (("attn1", False), ("attn2", True)):
+            attention = getattr(layer, attention_name)
+            attention_where = f"{layer_where}.{attention_name}"
+            if type(attention) is not Attention:
+                raise UnsupportedBlockError(f"{attention_where} is a {type(attention).__name__}; pyevo searches "
+                                            "only diffusers Attention layers")
+            _refuse(attention_where, {
+                "cross-attention (expected self-attention)" if not cross else "self-attention (expected "
+                "cross-attention)": attention.is_cross_attention != cross,
+                "a group norm": attention.group_norm is not None,
+                "a residual connection": attention.residual_connection,
+                "a rescaled output": attention.rescale_output_factor != 1.0,
+                **_attention_problems(attention),
+            })
+        shapes.add((layer.attn1.heads, layer.attn1.inner_dim, layer.attn2.heads, layer.attn2.inner_dim,
+                    layer.attn2.cross_attention_dim, ff.net[2].in_features))
+    if len(shapes) != 1:
+        raise UnsupportedBlockError(f"{where} has layers of different shapes; pyevo cannot search it")
+    self_heads, self_inner, cross_heads, cross_inner, cross_dim, ff_inner = shapes.pop()
+    head_dim = self_inner // self_heads
+    if cross_inner // cross_heads != head_dim:
+        raise UnsupportedBlockError(f"{where} has self- and cross-attention heads of different sizes; "
+                                    "pyevo cannot search it")
+    widths: dict[int, str] = {}
+    for ratio in sorted(FF_RATIOS, reverse=True):  # the largest ratio names a shared width
+        widths.setdefault(max(1, math.floor(ratio * ff_inner + 0.5)), str(ratio))
+    ordered = sorted(widths)
+    return TransformerChoices(index=index, channels=transformer.in_channels, inner_dim=transformer.inner_dim,
+                              head_dim=head_dim, cross_attention_dim=cross_dim, self_heads=_kept_heads(self_heads),
+                              cross_heads=_kept_heads(cross_heads), ff_widths=tuple(ordered),
+                              ff_labels=tuple(widths[w] for w in ordered),
+                              layers=len(transformer.transformer_blocks))
 
 
 # ----------------------------------------------------------- network genomes

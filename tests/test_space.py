@@ -141,9 +141,11 @@ def test_single_head_attention_keeps_or_drops():
 
 
 def test_unsupported_blocks_name_their_type():
+    # Transformer2DModel blocks are searched (tests/test_transformer_space.py); this variant is not
     cross = CrossAttnDownBlock2D(in_channels=32, out_channels=32, temb_channels=64, num_layers=1, resnet_groups=8,
-                                 cross_attention_dim=16, num_attention_heads=2, add_downsample=False)
-    with pytest.raises(UnsupportedBlockError, match="CrossAttnDownBlock2D.*Transformer2DModel"):
+                                 cross_attention_dim=16, num_attention_heads=2, add_downsample=False,
+                                 only_cross_attention=True)
+    with pytest.raises(UnsupportedBlockError, match="CrossAttnDownBlock2D.*Transformer2DModel.*only_cross_attention"):
         block_space("down_blocks.0", cross)
     k_block = KDownBlock2D(in_channels=32, out_channels=32, temb_channels=64, num_layers=1, add_downsample=False)
     with pytest.raises(UnsupportedBlockError, match="KDownBlock2D.*ResnetBlockCondNorm2D"):
