@@ -4,9 +4,11 @@
 string, see ``pyevo.space``). Its constructor builds the teacher-shaped network from the config and
 then swaps every searched layer for a plain static one: ``SlimResnetBlock2D`` (nn.Conv2d, GroupNorm,
 Linear, SiLU), ``ShortcutOnly`` for a skipped resnet, a diffusers ``Attention`` with fewer heads,
-or ``DroppedAttention``. So ``save_pretrained`` / ``from_pretrained`` round-trip through the config
-alone, and the model is a drop-in ``unet`` for ``DDPMPipeline`` / ``DDIMPipeline``. Inference uses
-no supernet op.
+or ``DroppedAttention``. (The transformers of conditional UNets likewise become a diffusers
+``Transformer2DModel`` of fewer layers whose attentions have fewer heads and whose feed-forwards a
+smaller inner width, or ``DroppedTransformer2D``: see ``static_transformer``.) So
+``save_pretrained`` / ``from_pretrained`` round-trip through the config alone, and the model is a
+drop-in ``unet`` for ``DDPMPipeline`` / ``DDIMPipeline``. Inference uses no supernet op.
 
 ``build_static_block`` turns one super-block and a genome into such a stand-alone block (for
 per-block latency and cost); ``StudentUNet2DModel.from_supernet`` assembles the whole student
@@ -22,12 +24,16 @@ from typing import Callable, Mapping
 import torch
 from diffusers import UNet2DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from pyevo.space import (AttentionArch, BlockSpace, NetworkGenome, ResnetArch, decode_network, encode_network,
-                         teacher_network, unet_space)
-from pyevo.supernet import AttentionConfig, ResnetConfig, SuperAttention, SuperBlock, SuperResnetBlock2D, Supernet
+from pyevo.space import (AttentionArch, BlockSpace, NetworkGenome, ResnetArch, TransformerArch, decode_network,
+                         encode_network, teacher_network, unet_space)
+from pyevo.supernet import (AttentionConfig, ResnetConfig, SuperAttention, SuperBlock, SuperFeedForward,
+                            SuperResnetBlock2D, Supernet, SuperTransformer2D, TransformerConfig)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +130,14 @@ class DroppedAttention(nn.Module):
         return hidden_states
 
 
+class DroppedTransformer2D(nn.Module):
+    """A dropped Transformer2DModel: the identity, returned as a Transformer2DModel returns its output
+    (``(hidden_states,)`` with ``return_dict=False``, which the cross-attention blocks index)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, return_dict: bool = True, **kwargs):
+        return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
+
+
 def static_resnet(config: ResnetConfig, arch: ResnetArch, upsample: Callable | None = None,
                   downsample: Callable | None = None) -> nn.Module:
     """An initialised-at-random static resnet of the given shape."""
@@ -142,6 +156,37 @@ def static_attention(config: AttentionConfig, arch: AttentionArch) -> nn.Module:
                      rescale_output_factor=config.rescale_output_factor,
                      residual_connection=config.residual_connection,
                      _from_deprecated_attn_block=config.from_deprecated_attn_block)
+
+
+def static_transformer(config: TransformerConfig, arch: TransformerArch) -> nn.Module:
+    """An initialised-at-random diffusers Transformer2DModel of ``arch.layers`` layers, or
+    DroppedTransformer2D.
+
+    The Transformer2DModel is built with the teacher's config but ``num_layers=arch.layers``; in
+    every layer, attn1 / attn2 are then diffusers Attentions of ``arch.self_heads`` /
+    ``arch.cross_heads`` heads of the teacher's size (projecting to and from the teacher's inner
+    width, which proj_in/proj_out keep), and ff a diffusers GEGLU FeedForward of ``arch.ff_inner``
+    units: Transformer2DModel's own arguments cannot give its attentions and feed-forward their own
+    widths. (Its config's ``num_attention_heads`` thus stays the teacher's.)"""
+    if arch.dropped:
+        return DroppedTransformer2D()
+    transformer = Transformer2DModel(
+        num_attention_heads=config.heads, attention_head_dim=config.head_dim, in_channels=config.channels,
+        num_layers=arch.layers, dropout=config.dropout, norm_num_groups=config.norm_groups,
+        cross_attention_dim=config.cross_attention_dim, attention_bias=config.attention_bias,
+        use_linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention,
+        norm_elementwise_affine=config.norm_elementwise_affine, norm_eps=config.norm_eps)
+    inner = config.heads * config.head_dim
+    for layer in transformer.transformer_blocks:
+        for name, heads, cross_attention_dim in (("attn1", arch.self_heads, None),
+                                                 ("attn2", arch.cross_heads, config.cross_attention_dim)):
+            setattr(layer, name, Attention(inner, cross_attention_dim=cross_attention_dim, heads=heads,
+                                           dim_head=config.head_dim, dropout=config.dropout,
+                                           bias=config.attention_bias, upcast_attention=config.upcast_attention,
+                                           out_bias=config.out_bias))
+        layer.ff = FeedForward(inner, dropout=config.dropout, activation_fn="geglu", inner_dim=arch.ff_inner,
+                               bias=config.ff_bias)
+    return transformer
 
 
 # -------------------------------------------------- export from the supernet
@@ -185,18 +230,55 @@ def export_attention(super_attention: SuperAttention, arch: AttentionArch) -> nn
         return static
     reference = super_attention.to_q.weight
     static.to(device=reference.device, dtype=reference.dtype)
-    inner = arch.heads * arch.head_dim
     with torch.no_grad():
         if super_attention.group_norm is not None:
             static.group_norm.load_state_dict(super_attention.group_norm.state_dict())
-        for name in ("to_q", "to_k", "to_v"):
-            source, target = getattr(super_attention, name), getattr(static, name)
-            target.weight.copy_(source.weight[:inner])
-            if source.bias is not None:
-                target.bias.copy_(source.bias[:inner])
-        static.to_out[0].weight.copy_(super_attention.to_out[0].weight[:, :inner])
-        if super_attention.to_out[0].bias is not None:
-            static.to_out[0].bias.copy_(super_attention.to_out[0].bias)
+        _copy_head_prefix(super_attention, static, arch.heads * arch.head_dim)
+    return static
+
+
+def _copy_head_prefix(source: nn.Module, target: Attention, inner: int) -> None:
+    """The first ``inner`` rows of the source's to_q/to_k/to_v and columns of its to_out into ``target``."""
+    for name in ("to_q", "to_k", "to_v"):
+        source_linear, target_linear = getattr(source, name), getattr(target, name)
+        target_linear.weight.copy_(source_linear.weight[:inner])
+        if source_linear.bias is not None:
+            target_linear.bias.copy_(source_linear.bias[:inner])
+    target.to_out[0].weight.copy_(source.to_out[0].weight[:, :inner])
+    if source.to_out[0].bias is not None:
+        target.to_out[0].bias.copy_(source.to_out[0].bias)
+
+
+def _copy_ff_prefix(source: SuperFeedForward, target: FeedForward, inner: int) -> None:
+    """The first ``inner`` units of a super feed-forward into a GEGLU FeedForward of that inner width:
+    its projection's value rows then the paired gate rows, and the output projection's columns."""
+    value_weight, value_bias, gate_weight, gate_bias = source.value_gate_rows(inner)
+    target.net[0].proj.weight.copy_(torch.cat([value_weight, gate_weight]))
+    if value_bias is not None:
+        target.net[0].proj.bias.copy_(torch.cat([value_bias, gate_bias]))
+    target.net[2].weight.copy_(source.out.weight[:, :inner])
+    if source.out.bias is not None:
+        target.net[2].bias.copy_(source.out.bias)
+
+
+def export_transformer(super_transformer: SuperTransformer2D, arch: TransformerArch) -> nn.Module:
+    """The static transformer computing what ``super_transformer`` computes for ``arch`` (weights copied)."""
+    static = static_transformer(super_transformer.config, arch)
+    if arch.dropped:
+        return static
+    reference = super_transformer.proj_in.weight
+    static.to(device=reference.device, dtype=reference.dtype)
+    head_dim = super_transformer.config.head_dim
+    with torch.no_grad():
+        for name in ("norm", "proj_in", "proj_out"):
+            getattr(static, name).load_state_dict(getattr(super_transformer, name).state_dict())
+        for source, target in zip(super_transformer.transformer_blocks[:arch.layers], static.transformer_blocks,
+                                  strict=True):
+            for name in ("norm1", "norm2", "norm3"):
+                getattr(target, name).load_state_dict(getattr(source, name).state_dict())
+            _copy_head_prefix(source.attn1, target.attn1, arch.self_heads * head_dim)
+            _copy_head_prefix(source.attn2, target.attn2, arch.cross_heads * head_dim)
+            _copy_ff_prefix(source.ff, target.ff, arch.ff_inner)
     return static
 
 
@@ -211,6 +293,9 @@ def build_static_block(super_block: SuperBlock, genome) -> nn.Module:
     for index, attention_arch in arch.attentions.items():
         super_attention = super_block.block.attentions[index]
         replacements[id(super_attention)] = export_attention(super_attention, attention_arch)
+    for index, transformer_arch in arch.transformers.items():
+        super_transformer = super_block.block.attentions[index]
+        replacements[id(super_transformer)] = export_transformer(super_transformer, transformer_arch)
     # deepcopy consults its memo before copying: seeding it with id(super-layer) -> static layer
     # copies everything else in the block and puts the static layers where the super-layers were.
     return copy.deepcopy(super_block.block, memo=dict(replacements))
@@ -227,6 +312,9 @@ def make_block_static(block: nn.Module, space: BlockSpace, genome) -> None:
     for index, attention_arch in arch.attentions.items():
         block.attentions[index] = static_attention(AttentionConfig.from_attention(block.attentions[index]),
                                                    attention_arch)
+    for index, transformer_arch in arch.transformers.items():
+        block.attentions[index] = static_transformer(TransformerConfig.from_transformer(block.attentions[index]),
+                                                     transformer_arch)
 
 
 # --------------------------------------------------------------- the model

@@ -1,10 +1,11 @@
 """The weight-shared supernet: one super-block per searchable teacher block.
 
 A super-block is a deep copy of the teacher's diffusers block in which every searched
-``ResnetBlock2D`` became a ``SuperResnetBlock2D`` and every searched ``Attention`` a
-``SuperAttention``. The block's own forward (samplers, skip tensors, residual tuples, the up-block
-signature) stays diffusers'; only the searched layers change, and they follow the genome last
-given to ``SuperBlock.set_genome``.
+``ResnetBlock2D`` became a ``SuperResnetBlock2D``, every searched ``Attention`` a
+``SuperAttention`` and every searched ``Transformer2DModel`` a ``SuperTransformer2D``. The block's
+own forward (samplers, skip tensors, residual tuples, the up-block signature, the text states it
+hands its transformers) stays diffusers'; only the searched layers change, and they follow the
+genome last given to ``SuperBlock.set_genome``.
 
 Initialised from the teacher so that the teacher-shaped path computes the teacher block:
 
@@ -14,7 +15,11 @@ Initialised from the teacher so that the teacher-shaped path computes the teache
   important first, so a width prefix keeps the most important groups; norm2 keeps its
   channels-per-group, so a prefix of whole groups normalises exactly as those groups did;
 * attention heads are re-ordered by importance the same way, so a head prefix keeps the
-  most important heads.
+  most important heads (in transformers too, per layer, for attn1 and attn2 each);
+* a transformer's GEGLU feed-forward units (a row of the value half and the paired row of the gate
+  half of its projection, and the matching column of the output projection) are re-ordered by
+  importance, so an inner-width prefix keeps the most important units; a layers prefix keeps the
+  first layers.
 
 Both re-orderings are permutations applied consistently to every tensor that touches the
 permuted channels, so they do not change the full-width function.
@@ -28,13 +33,16 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 import pyevo  # noqa: F401  (loads pyevo._C, which registers torch.ops.pyevo.*)
 from pyevo.space import (MAX_KERNEL_SIZE, AttentionArch, AttentionChoices, BlockSpace, Genome, ResnetArch,
-                         ResnetChoices, searchable_blocks, unet_space)
+                         ResnetChoices, TransformerArch, TransformerChoices, searchable_blocks, unet_space)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,40 @@ class AttentionConfig:
                    rescale_output_factor=attention.rescale_output_factor,
                    upcast_softmax=attention.upcast_softmax, dropout=attention.to_out[1].p,
                    from_deprecated_attn_block=attention._from_deprecated_attn_block)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The fixed hyper-parameters of a teacher Transformer2DModel (what a genome does not change)."""
+
+    channels: int
+    heads: int  # of attn1 and attn2 alike
+    head_dim: int
+    layers: int
+    cross_attention_dim: int
+    norm_groups: int
+    use_linear_projection: bool
+    attention_bias: bool  # q/k/v projections
+    out_bias: bool  # attention output projections
+    ff_inner: int
+    ff_bias: bool
+    upcast_attention: bool
+    dropout: float
+    norm_eps: float  # the layers' LayerNorms
+    norm_elementwise_affine: bool
+
+    @classmethod
+    def from_transformer(cls, transformer: Transformer2DModel) -> "TransformerConfig":
+        layer = transformer.transformer_blocks[0]
+        config = transformer.config
+        return cls(channels=transformer.in_channels, heads=layer.attn1.heads,
+                   head_dim=layer.attn1.inner_dim // layer.attn1.heads, layers=len(transformer.transformer_blocks),
+                   cross_attention_dim=layer.attn2.cross_attention_dim, norm_groups=transformer.norm.num_groups,
+                   use_linear_projection=transformer.use_linear_projection,
+                   attention_bias=layer.attn1.to_q.bias is not None, out_bias=layer.attn1.to_out[0].bias is not None,
+                   ff_inner=layer.ff.net[2].in_features, ff_bias=layer.ff.net[2].bias is not None,
+                   upcast_attention=config.upcast_attention, dropout=config.dropout, norm_eps=config.norm_eps,
+                   norm_elementwise_affine=config.norm_elementwise_affine)
 
 
 # ------------------------------------------------------------ shared layers
@@ -208,6 +250,43 @@ def head_order(attention: Attention) -> torch.Tensor:
         return torch.sort(-score, stable=True).indices
 
 
+def ff_unit_order(ff: FeedForward, norm: nn.LayerNorm) -> torch.Tensor:
+    """A permutation of a GEGLU feed-forward's inner units, most important first.
+
+    Unit i computes value_i * gelu(gate_i) from rows i and I + i of the GEGLU projection (I the
+    inner width) and is read by column i of the output projection. The feed-forward's input is
+    ``norm``'s output, gamma * z + beta with z of zero mean and unit variance over the channels, so
+    a row w (bias b) has the pre-activation (w * gamma) . z + (w . beta + b): scored
+    sqrt(||w * gamma||^2 + (w . beta + b)^2), whatever came before the norm. A unit is scored by the
+    product of its value and gate scores and the norm of its output column. Ties keep teacher order.
+    """
+    proj, out = ff.net[0].proj, ff.net[2]
+    inner = out.in_features
+    with torch.no_grad():
+        weight = proj.weight.double()
+        bias = proj.bias.double() if proj.bias is not None else weight.new_zeros(weight.shape[0])
+        if norm.weight is not None:
+            gain = norm.weight.double()
+            shift = norm.bias.double() if norm.bias is not None else torch.zeros_like(gain)
+            bias = bias + weight @ shift
+            weight = weight * gain
+        row_score = torch.sqrt(weight.pow(2).sum(dim=1) + bias ** 2)
+        score = row_score[:inner] * row_score[inner:] * out.weight.double().norm(dim=0)
+        return torch.sort(-score, stable=True).indices
+
+
+def _head_projections(attention: Attention) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.ModuleList]:
+    """Copies of an attention's to_q, to_k, to_v (rows) and to_out ([Linear, Dropout]; columns) with
+    the heads in ``head_order``: a head prefix of them is the most important heads."""
+    head_dim = attention.inner_dim // attention.heads
+    rows = (head_order(attention)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    to_out = copy.deepcopy(attention.to_out)
+    with torch.no_grad():
+        to_out[0].weight.copy_(attention.to_out[0].weight[:, rows])
+    return (_linear_rows(attention.to_q, rows), _linear_rows(attention.to_k, rows),
+            _linear_rows(attention.to_v, rows), to_out)
+
+
 # ------------------------------------------------------------ super-layers
 class SuperResnetBlock2D(nn.Module):
     """A ResnetBlock2D whose kernels and hidden width (or skip) follow ``arch``."""
@@ -291,17 +370,9 @@ class SuperAttention(nn.Module):
         super().__init__()
         self.config = AttentionConfig.from_attention(attention)
         self.choices = choices
-        heads, head_dim = self.config.heads, self.config.head_dim
-        order = head_order(attention)
-        rows = (order[:, None] * head_dim + torch.arange(head_dim)).flatten()
         self.group_norm = copy.deepcopy(attention.group_norm)
-        self.to_q = _linear_rows(attention.to_q, rows)
-        self.to_k = _linear_rows(attention.to_k, rows)
-        self.to_v = _linear_rows(attention.to_v, rows)
-        self.to_out = copy.deepcopy(attention.to_out)  # [Linear, Dropout]; columns re-ordered below
-        with torch.no_grad():
-            self.to_out[0].weight.copy_(attention.to_out[0].weight[:, rows])
-        self.arch = AttentionArch(heads, head_dim)
+        self.to_q, self.to_k, self.to_v, self.to_out = _head_projections(attention)
+        self.arch = AttentionArch(self.config.heads, self.config.head_dim)
 
     def set_arch(self, arch: AttentionArch) -> None:
         self.arch = arch
@@ -344,6 +415,142 @@ class SuperAttention(nn.Module):
         return hidden_states / self.config.rescale_output_factor
 
 
+class SuperTransformerAttention(nn.Module):
+    """A transformer layer's attn1 (self-attention) or attn2 (cross-attention) with its heads in
+    importance order; computes a head prefix.
+
+    ``pyevo::shared_attention`` takes keys and values from encoder states of their own width, so
+    cross-attention runs through it like self-attention (the K/V projections' row prefixes read the
+    text states)."""
+
+    def __init__(self, attention: Attention):
+        super().__init__()
+        self.head_dim = attention.inner_dim // attention.heads
+        self.to_q, self.to_k, self.to_v, self.to_out = _head_projections(attention)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                heads: int) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.contiguous()
+        out_linear = self.to_out[0]
+        attended = torch.ops.pyevo.shared_attention(
+            hidden_states.contiguous(), encoder_hidden_states, self.to_q.weight, self.to_q.bias, self.to_k.weight,
+            self.to_k.bias, self.to_v.weight, self.to_v.bias, out_linear.weight, out_linear.bias, heads,
+            self.head_dim)
+        return self.to_out[1](attended)
+
+
+class SuperFeedForward(nn.Module):
+    """A GEGLU FeedForward with its inner units in ``ff_unit_order``; computes an inner-width prefix.
+
+    GEGLU's projection holds [value | gate] halves of one Linear: the prefix reads the first rows of
+    each half (the paired rows), and the first columns of the output projection."""
+
+    def __init__(self, ff: FeedForward, norm: nn.LayerNorm):
+        super().__init__()
+        self.inner = ff.net[2].in_features
+        order = ff_unit_order(ff, norm)
+        self.proj = _linear_rows(ff.net[0].proj, torch.cat([order, order + self.inner]))
+        self.dropout = copy.deepcopy(ff.net[1])
+        self.out = copy.deepcopy(ff.net[2])
+        with torch.no_grad():
+            self.out.weight.copy_(ff.net[2].weight[:, order])
+
+    def value_gate_rows(self, inner: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                   torch.Tensor, torch.Tensor | None]:
+        """The value and gate weights (and biases) of the first ``inner`` units: views, not copies."""
+        weight, bias, full = self.proj.weight, self.proj.bias, self.inner
+        return (weight[:inner], None if bias is None else bias[:inner],
+                weight[full:full + inner], None if bias is None else bias[full:full + inner])
+
+    def forward(self, hidden_states: torch.Tensor, inner: int) -> torch.Tensor:
+        value_weight, value_bias, gate_weight, gate_bias = self.value_gate_rows(inner)
+        hidden = F.linear(hidden_states, value_weight, value_bias) * F.gelu(F.linear(hidden_states, gate_weight,
+                                                                                      gate_bias))
+        return F.linear(self.dropout(hidden), self.out.weight[:, :inner], self.out.bias)
+
+
+class SuperTransformerLayer(nn.Module):
+    """A BasicTransformerBlock (layer norms; self-attention, cross-attention, GEGLU feed-forward, each
+    residual) whose heads and feed-forward width follow the transformer's arch."""
+
+    def __init__(self, layer: BasicTransformerBlock):
+        super().__init__()
+        self.norm1 = copy.deepcopy(layer.norm1)
+        self.attn1 = SuperTransformerAttention(layer.attn1)
+        self.norm2 = copy.deepcopy(layer.norm2)
+        self.attn2 = SuperTransformerAttention(layer.attn2)
+        self.norm3 = copy.deepcopy(layer.norm3)
+        self.ff = SuperFeedForward(layer.ff, layer.norm3)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                arch: TransformerArch) -> torch.Tensor:
+        hidden_states = self.attn1(self.norm1(hidden_states), None, arch.self_heads) + hidden_states
+        hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, arch.cross_heads) + hidden_states
+        return self.ff(self.norm3(hidden_states), arch.ff_inner) + hidden_states
+
+
+class SuperTransformer2D(nn.Module):
+    """A diffusers Transformer2DModel (continuous input) whose layers prefix, heads and feed-forward width,
+    or drop, follow ``arch``.
+
+    Called as the cross-attention blocks call a Transformer2DModel and returns what it returns
+    (``(sample,)`` with ``return_dict=False``), so the block's own forward stays diffusers'. Dropped,
+    it returns its input unchanged."""
+
+    def __init__(self, transformer: Transformer2DModel, choices: TransformerChoices):
+        super().__init__()
+        self.config = TransformerConfig.from_transformer(transformer)
+        self.choices = choices
+        self.norm = copy.deepcopy(transformer.norm)
+        self.proj_in = copy.deepcopy(transformer.proj_in)
+        self.transformer_blocks = nn.ModuleList(SuperTransformerLayer(layer)
+                                                for layer in transformer.transformer_blocks)
+        self.proj_out = copy.deepcopy(transformer.proj_out)
+        config = self.config
+        self.arch = TransformerArch(config.layers, config.heads, config.heads, config.head_dim, config.ff_inner)
+
+    def set_arch(self, arch: TransformerArch) -> None:
+        self.arch = arch
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                timestep: torch.Tensor | None = None, added_cond_kwargs: dict | None = None,
+                class_labels: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                attention_mask: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                return_dict: bool = True):
+        # timestep, class_labels and added_cond_kwargs condition only ada-norm transformers, which the
+        # space refuses; a layer-norm Transformer2DModel ignores them too.
+        if not self.arch.dropped:
+            if attention_mask is not None or encoder_attention_mask is not None:
+                raise ValueError("SuperTransformer2D takes no attention_mask / encoder_attention_mask "
+                                 "(pyevo::shared_attention has no mask)")
+            if cross_attention_kwargs:
+                raise ValueError("SuperTransformer2D takes no cross_attention_kwargs, got "
+                                 f"{sorted(cross_attention_kwargs)}")
+            hidden_states = self._transform(hidden_states, encoder_hidden_states)
+        return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
+
+    def _transform(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        """Transformer2DModel's continuous-input path (norm, proj_in, layers, proj_out, residual)."""
+        batch, channels, height, width = hidden_states.shape
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        if not self.config.use_linear_projection:
+            hidden_states = self.proj_in(hidden_states)
+        inner = hidden_states.shape[1]
+        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, inner)
+        if self.config.use_linear_projection:
+            hidden_states = self.proj_in(hidden_states)
+        for layer in self.transformer_blocks[:self.arch.layers]:
+            hidden_states = layer(hidden_states, encoder_hidden_states, self.arch)
+        if self.config.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch, height, width, hidden_states.shape[-1]).permute(0, 3, 1, 2)
+        if not self.config.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states.contiguous())
+        return hidden_states.contiguous() + residual
+
+
 def _linear_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     copied = copy.deepcopy(linear)
     with torch.no_grad():
@@ -370,6 +577,8 @@ class SuperBlock(nn.Module):
             self.block.resnets[choices.index] = SuperResnetBlock2D(self.block.resnets[choices.index], choices)
         for choices in space.attentions:
             self.block.attentions[choices.index] = SuperAttention(self.block.attentions[choices.index], choices)
+        for choices in space.transformers:
+            self.block.attentions[choices.index] = SuperTransformer2D(self.block.attentions[choices.index], choices)
         self.requires_grad_(True)  # the teacher may be frozen; the super-block is what gets trained
         self.genome: Genome = space.teacher_genome()
         self.set_genome(self.genome)
@@ -380,6 +589,8 @@ class SuperBlock(nn.Module):
             self.block.resnets[index].set_arch(resnet_arch)
         for index, attention_arch in arch.attentions.items():
             self.block.attentions[index].set_arch(attention_arch)
+        for index, transformer_arch in arch.transformers.items():
+            self.block.attentions[index].set_arch(transformer_arch)
         self.genome = self.space.canonical(genome)
 
     def super_resnets(self) -> Iterator[SuperResnetBlock2D]:
@@ -387,6 +598,9 @@ class SuperBlock(nn.Module):
 
     def super_attentions(self) -> Iterator[SuperAttention]:
         return (self.block.attentions[c.index] for c in self.space.attentions)
+
+    def super_transformers(self) -> Iterator[SuperTransformer2D]:
+        return (self.block.attentions[c.index] for c in self.space.transformers)
 
     def forward(self, *args, **kwargs):
         return self.block(*args, **kwargs)

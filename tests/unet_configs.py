@@ -13,3 +13,20 @@ DDPM_CIFAR10_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, block_
                            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                            attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
                            norm_eps=1e-6, norm_num_groups=32)
+
+# Stable Diffusion v1.5's UNet2DConditionModel (runwayml/stable-diffusion-v1-5, unet/config.json): 859.52 M
+# parameters. diffusers' `attention_head_dim` here is the number of heads (8 per transformer; head sizes
+# 40, 80, 160, 160); text states are CLIP ViT-L/14's, 77 x 768. Tests build it only on the meta device.
+SD15_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   layers_per_block=2,
+                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                     "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                   attention_head_dim=8, cross_attention_dim=768, act_fn="silu", center_input_sample=False,
+                   downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+                   norm_eps=1e-5, norm_num_groups=32)
+
+# SD-v1.5's shape at reduced width (random init, CPU tests): the same block types, 2 layers per block, 8 heads,
+# 4x4 / 8x8 heads' sizes, text states of width 32.
+SD15_SMALL_CONFIG = {**SD15_CONFIG, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
+                     "norm_num_groups": 8}
