@@ -363,3 +363,21 @@ def test_unsupported_variants_are_refused_in_one_line(make, match):
     with pytest.raises(UnsupportedBlockError, match=r"^down_blocks\.0 \(CrossAttnDownBlock2D\) .*" + match) as error:
         block_space("down_blocks.0", make())
     assert "\n" not in str(error.value)
+
+
+def test_transformer_blocks_are_scored_candidate_by_candidate_not_through_the_population_ops():
+    """The population forward covers resnets and self-attention only: a transformer block must not
+    go through it (every candidate would run at the block's current genome)."""
+    from diffusers import UNet2DConditionModel
+
+    from pyevo.search.population import PopulationEvaluator, block_evaluator
+    from pyevo.supernet import build_supernet
+    from unet_configs import SD15_SMALL_CONFIG
+
+    torch.manual_seed(0)
+    supernet = build_supernet(UNet2DConditionModel(**SD15_SMALL_CONFIG).eval())
+    block = supernet["down_blocks.0"]
+    assert block.space.transformers
+    with pytest.raises(ValueError, match="no transformer"):
+        PopulationEvaluator(block, None, lambda genome: 1.0)
+    assert not isinstance(block_evaluator(block, None, lambda genome: 1.0, "cpu"), PopulationEvaluator)

@@ -208,6 +208,9 @@ class PopulationEvaluator:
 
     def __init__(self, block: SuperBlock, call: BlockCall, latency: Callable[[Genome], float],
                  device: torch.device | str | None = None, chunk: int = 256, max_rows: int = 4096):
+        if block.space.transformers:
+            raise ValueError(f"{block.space.name}: the population ops have no transformer (cross-attention) "
+                             "forward; score this block candidate by candidate (block_evaluator does)")
         here = next(block.parameters()).device
         target = torch.device(device) if device is not None else here
         if target != here:
@@ -240,10 +243,12 @@ def block_evaluator(block: SuperBlock, call: BlockCall, latency: Callable[[Genom
 
     On CUDA: a :class:`PopulationEvaluator` on the GPU (the block and its held-out call are copied
     there once), so each generation's new genomes are scored together through the population
-    ops. Elsewhere: the per-candidate path (``set_genome`` + ``block_nsr``) on the block's own
+    ops. Elsewhere, and for blocks with transformers: the per-candidate path (``set_genome`` + ``block_nsr``) on the block's own
     device, as before.
     """
-    if torch.device(device).type == "cuda":
+    # The population ops cover resnets and self-attention; a block with transformers (cross-attention)
+    # is scored candidate by candidate, so each candidate runs at its own genome.
+    if torch.device(device).type == "cuda" and not block.space.transformers:
         return PopulationEvaluator(block, call, latency, device=device)
 
     def evaluate(genome: Genome) -> tuple[float, float]:
