@@ -13,11 +13,12 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from pyevo.classifier import accuracy, load_digits_classifier
-from pyevo.data import digits
+from pyevo.data import DIGITS_SIZE, at_digits_size, digits
 from pyevo.metrics import class_coverage, frechet_distance
 from pyevo.sample import ddim_sample
 from pyevo.teacher import load_teacher
@@ -58,25 +59,31 @@ class TeacherEvalResult:
 def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalConfig()) -> TeacherEvalResult:
     start = time.perf_counter()
     unet, scheduler = load_teacher(str(folder))
-    scheduler_config = scheduler.config
+    sample_start = time.perf_counter()
+    samples = ddim_sample(unet, scheduler.config, cfg.n_samples, steps=cfg.steps, seed=cfg.seed)
+    return evaluate_samples(samples, time.perf_counter() - sample_start, cfg, start=start)
+
+
+def evaluate_samples(samples: torch.Tensor, sample_seconds: float, cfg: TeacherEvalConfig = TeacherEvalConfig(),
+                     image_size: int = DIGITS_SIZE, start: float | None = None) -> TeacherEvalResult:
+    """The quality check of a teacher's digit samples (N, 1, S, S), against the digits drawn at
+    ``image_size`` (the teacher's own size; the feature space resizes both to 16x16), so pixel and
+    latent teachers are judged alike. ``start``: when the evaluation began (for total_seconds)."""
+    start = time.perf_counter() if start is None else start
     classifier = load_digits_classifier()
-    train_images, _ = digits("train")
-    heldout_images, heldout_labels = digits("heldout")
+    train_images, train_labels = digits("train", size=image_size)
+    heldout_images, heldout_labels = digits("heldout", size=image_size)
 
     if cfg.n_samples > len(train_images):
         raise ValueError(f"n_samples {cfg.n_samples} exceeds the {len(train_images)} training images the floor draws from")
     floor_draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.floor_seed))
     fd_floor = frechet_distance(train_images[floor_draw[:cfg.n_samples]], heldout_images, classifier)
 
-    sample_start = time.perf_counter()
-    samples = ddim_sample(unet, scheduler_config, cfg.n_samples, steps=cfg.steps, seed=cfg.seed)
-    sample_seconds = time.perf_counter() - sample_start
     fd_samples = frechet_distance(samples, heldout_images, classifier)
     shares = class_coverage(samples, classifier)
-    train_labels = digits("train")[1]
     iid = sorted(frechet_distance(draw, heldout_images, classifier)
                  for draw in iid_reference_draws(train_images, train_labels, heldout_labels, cfg))
-    sample_labels = classifier.predict(samples)
+    sample_labels = classifier.predict(at_digits_size(samples))
     fd_balanced_samples = frechet_distance(
         samples[_balanced_index(sample_labels, cfg.balanced_per_class, cfg.seed)], heldout_images, classifier)
     fd_balanced_train = frechet_distance(
@@ -88,7 +95,7 @@ def evaluate_teacher(folder: str | Path, cfg: TeacherEvalConfig = TeacherEvalCon
         fd_floor=fd_floor,
         fd_ratio=ratio,
         class_shares=shares,
-        classifier_heldout_accuracy=accuracy(classifier, heldout_images, heldout_labels),
+        classifier_heldout_accuracy=accuracy(classifier, at_digits_size(heldout_images), heldout_labels),
         fd_iid_reference=iid,
         fd_balanced_samples=fd_balanced_samples,
         fd_balanced_train=fd_balanced_train,
@@ -126,7 +133,8 @@ def _balanced_index(labels: torch.Tensor, per_class: int, seed: int) -> torch.Te
     return torch.cat(picks)
 
 
-def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig) -> str:
+def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig, extra_rows: Sequence[tuple[str, str]] = ()) -> str:
+    """The results table; ``extra_rows`` (metric, value) go just before the verdict."""
     rows = [
         ("FD samples vs held-out", f"{result.fd_samples:.3f}"),
         ("FD floor (train draw vs held-out)", f"{result.fd_floor:.3f}"),
@@ -143,14 +151,30 @@ def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig) -> str:
         ("classifier held-out accuracy", f"{100 * result.classifier_heldout_accuracy:.2f}%"),
         (f"sampling seconds ({cfg.n_samples} x {cfg.steps} DDIM steps)", f"{result.sample_seconds:.1f}"),
         ("evaluation seconds", f"{result.total_seconds:.1f}"),
+        *extra_rows,
         ("bar met", "yes" if result.passed else "NO"),
     ]
     lines = ["| metric | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines)
 
 
-def write_report(path: Path, folder: Path, result: TeacherEvalResult, cfg: TeacherEvalConfig) -> None:
-    """Write the markdown results page (atomically), with the training facts the teacher folder records."""
+DIGITS_COMMANDS = (
+    "python -m pyevo.classifier             # digits classifier (feature extractor)",
+    "python -m pyevo.teachers.digits        # train the teacher -> pyevo/assets/digits_teacher/",
+    "python -m pyevo.teachers.digits --evaluate",
+)
+
+
+def write_report(path: Path, folder: Path, result: TeacherEvalResult, cfg: TeacherEvalConfig, *,
+                 title: str = "Digits teacher: quality check", commands: Sequence[str] = DIGITS_COMMANDS,
+                 training: Sequence[str] | None = None, evaluation: str | None = None,
+                 extra_rows: Sequence[tuple[str, str]] = (), extra_raw: dict | None = None) -> None:
+    """Write the markdown results page (atomically), with the training facts the teacher folder records.
+
+    The defaults write the pixel digits teacher's page; another built-in teacher (latent-digits)
+    passes its own title, commands, training lines, evaluation sentence, extra table rows and raw
+    figures, so both pages keep one shape.
+    """
     info_path = folder / "training_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     train_cfg = info.get("config", {})
@@ -161,17 +185,22 @@ def write_report(path: Path, folder: Path, result: TeacherEvalResult, cfg: Teach
         f"- wall time {info.get('seconds')} s on the shared 2-core development CPU; "
         f"final mean loss {last_loss if last_loss is None else round(last_loss, 4)}; torch {info.get('torch')}",
     ] if info else ["- (no training_info.json in the teacher folder)"]
+    if training is not None:
+        training_lines = list(training)
+    if evaluation is None:
+        evaluation = (
+            f"Evaluation: {cfg.n_samples} DDIM samples ({cfg.steps} steps, eta 0, seed {cfg.seed}) vs the 500 "
+            f"held-out digits, in the digits classifier's 64-d feature space (float64). The floor is "
+            f"{cfg.n_samples} training images (draw seed {cfg.floor_seed}) vs the same held-out set.")
     text = "\n".join([
-        "# Digits teacher: quality check",
+        f"# {title}",
         "",
         f"Date: {datetime.date.today().isoformat()}",
         "",
         "Commands:",
         "",
         "```",
-        "python -m pyevo.classifier             # digits classifier (feature extractor)",
-        "python -m pyevo.teachers.digits        # train the teacher -> pyevo/assets/digits_teacher/",
-        "python -m pyevo.teachers.digits --evaluate",
+        *commands,
         "```",
         "",
         f"Teacher: `{folder.name}`",
@@ -180,16 +209,14 @@ def write_report(path: Path, folder: Path, result: TeacherEvalResult, cfg: Teach
         "",
         *training_lines,
         "",
-        f"Evaluation: {cfg.n_samples} DDIM samples ({cfg.steps} steps, eta 0, seed {cfg.seed}) vs the 500 "
-        f"held-out digits, in the digits classifier's 64-d feature space (float64). The floor is "
-        f"{cfg.n_samples} training images (draw seed {cfg.floor_seed}) vs the same held-out set.",
+        evaluation,
         "",
-        format_table(result, cfg),
+        format_table(result, cfg, extra_rows),
         "",
         "Raw:",
         "",
         "```json",
-        json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=2),
+        json.dumps({"config": asdict(cfg), "result": asdict(result), **(extra_raw or {})}, indent=2),
         "```",
         "",
     ])
