@@ -39,7 +39,7 @@ class LatentCodec:
     """An autoencoder with its latent scaling: images in [-1, 1] <-> the UNet's latents."""
 
     vae: nn.Module
-    folder: Path
+    folder: Path | None = None  # where it was loaded from (None: built in memory, e.g. while training)
 
     @property
     def kind(self) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pyevo.data import digits
 from pyevo.teachers import LATENT_DIGITS_TEACHER_DIR
 from pyevo.teachers.evaluate import TeacherEvalConfig, evaluate_samples
-from pyevo.teachers.latent_digits import (LatentTeacherTrainConfig, decode_latents, encode_latents,
+from pyevo.teachers.latent_digits import (LatentTeacherTrainConfig,
                                           evaluate_cli, load_latent_teacher, sample_latent_digits,
                                           train)
 
@@ -52,8 +52,8 @@ def test_ldm_pipeline_loads_offline_and_generates_32x32_digits():
 
 
 def test_latents_are_4x8x8_and_match_the_unet(shipped):
-    vae, unet, scheduler = shipped
-    latents = encode_latents(vae, digits("heldout", size=32)[0][:5])
+    codec, unet, scheduler = shipped
+    latents = codec.encode(digits("heldout", size=32)[0][:5])
     assert latents.shape == (5, 4, 8, 8)
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (4, 4, 8)
     assert unet(latents, torch.tensor([10, 200, 500, 800, 999])).sample.shape == latents.shape
@@ -61,9 +61,9 @@ def test_latents_are_4x8x8_and_match_the_unet(shipped):
 
 
 def test_scaling_factor_gives_unit_variance_held_out_latents(shipped):
-    vae = shipped[0]
-    assert vae.config.scaling_factor != 0.18215  # set from the data, not diffusers' default
-    latents = encode_latents(vae, digits("heldout", size=32)[0])
+    codec = shipped[0]
+    assert codec.scaling_factor != 0.18215  # set from the data, not diffusers' default
+    latents = codec.encode(digits("heldout", size=32)[0])
     assert 0.7 < latents.std().item() < 1.4
     assert abs(latents.mean().item()) < 0.5
 
@@ -71,9 +71,9 @@ def test_scaling_factor_gives_unit_variance_held_out_latents(shipped):
 def test_autoencoder_reconstructs_held_out_digits(shipped):
     from pyevo.metrics import psnr
 
-    vae = shipped[0]
+    codec = shipped[0]
     heldout = digits("heldout", size=32)[0][:50]
-    reconstructions = decode_latents(vae, encode_latents(vae, heldout))
+    reconstructions = codec.decode(codec.encode(heldout))
     assert psnr(reconstructions, heldout) > 20.0
     # and it is the images' own reconstruction: pairing them with other images is far worse
     assert psnr(reconstructions, heldout.roll(1, dims=0)) < psnr(reconstructions, heldout) - 5
@@ -82,11 +82,11 @@ def test_autoencoder_reconstructs_held_out_digits(shipped):
 def test_pyevo_sampler_and_decoder_match_diffusers_ldm_pipeline(shipped):
     """pyevo's path (ddim_sample in latent space, unclamped, then decode) is what LDMPipeline draws
     from the same seed: the teacher pyevo evaluates is the teacher diffusers users get."""
-    vae, unet, scheduler = shipped
-    ours, latents = sample_latent_digits(vae, unet, scheduler.config, n=3, steps=4, seed=5, progress=False)
+    codec, unet, scheduler = shipped
+    ours, latents = sample_latent_digits(codec, unet, scheduler.config, n=3, steps=4, seed=5, progress=False)
     assert ours.shape == (3, 1, 32, 32) and latents.shape == (3, 4, 8, 8)
     assert latents.abs().max() > 1.0  # latents are not clamped like images
-    pipe = LDMPipeline(vqvae=vae, unet=unet,
+    pipe = LDMPipeline(vqvae=codec.vae, unet=unet,
                        scheduler=DDIMScheduler.from_pretrained(LATENT_DIGITS_TEACHER_DIR / "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(5),
@@ -106,8 +106,9 @@ def test_tiny_training_run_writes_a_loadable_ldm_folder(tmp_path):
     assert info["config"]["steps"] == 3 and len(info["unet"]["loss_history"]) == 3
     assert pipe.vqvae.config.scaling_factor == pytest.approx(info["vae"]["scaling_factor"])
     # the scaling factor is 1 / std of the training latents (posterior mode)
-    vae = pipe.vqvae
-    assert encode_latents(vae, digits("train", size=32)[0]).std().item() == pytest.approx(1.0, abs=1e-3)
+    from pyevo.autoencoder import LatentCodec
+
+    assert LatentCodec(pipe.vqvae).encode(digits("train", size=32)[0]).std().item() == pytest.approx(1.0, abs=1e-3)
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 1)
 

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel
 from tqdm import tqdm
 
+from pyevo.autoencoder import LatentCodec, teacher_autoencoder
+
 from pyevo.data import digits
 from pyevo.teachers import LATENT_DIGITS_TEACHER_DIR
 from pyevo.teachers.digits import TeacherTrainConfig, _ema_update, _lr_factor, timestep_weights
@@ -197,7 +199,7 @@ def _train(cfg: LatentTeacherTrainConfig) -> Path:
         torch.manual_seed(cfg.seed)
         vae, info["vae"] = train_vae(images, cfg, torch.Generator().manual_seed(cfg.seed))
     vae.eval().requires_grad_(False)
-    latents = encode_latents(vae, images)
+    latents = LatentCodec(vae).encode(images)
     info["latents"] = {"shape": list(latents.shape[1:]), "mean": round(latents.mean().item(), 4),
                        "std": round(latents.std().item(), 4)}
 
@@ -250,23 +252,11 @@ def train_vae(images: torch.Tensor, cfg: LatentTeacherTrainConfig, gen: torch.Ge
     seconds = time.perf_counter() - start
     vae.eval()
     vae.register_to_config(scaling_factor=1.0)
-    std = encode_latents(vae, images).std().item()
+    std = LatentCodec(vae).encode(images).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     log.info("autoencoder: latent std %.4f -> scaling factor %.4f", std, 1.0 / std)
     return vae, {"seconds": round(seconds, 1), "loss_history": history, "scaling_factor": 1.0 / std,
                  "params": sum(p.numel() for p in vae.parameters())}
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """The diffusion's latents of ``images``: posterior mode x scaling_factor."""
-    return torch.cat([vae.encode(x).latent_dist.mode() for x in images.split(batch_size)]) * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """Images in [-1, 1] from diffusion latents (divided by scaling_factor first, as LDMPipeline does)."""
-    return torch.cat([vae.decode(z / vae.config.scaling_factor).sample for z in latents.split(batch_size)]).clamp(-1, 1)
 
 
 def train_unet(latents: torch.Tensor, cfg: LatentTeacherTrainConfig, gen: torch.Generator) -> tuple[UNet2DModel, dict]:
@@ -358,26 +348,25 @@ class LatentTeacherEvalResult:
     total_seconds: float
 
 
-def load_latent_teacher(folder: str | Path) -> tuple[AutoencoderKL, UNet2DModel, object]:
-    """The autoencoder, and the UNet and schedule as ``pyevo.teacher.load_teacher`` reads them."""
+def load_latent_teacher(folder: str | Path) -> tuple[LatentCodec, UNet2DModel, object]:
+    """The autoencoder, the UNet and the schedule, through pyevo's own loaders."""
     from pyevo.teacher import load_teacher
 
     folder = Path(folder)
     if not (folder / "vqvae" / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a latent-digits teacher folder (no vqvae/config.json)")
     unet, scheduler = load_teacher(str(folder))
-    vae = AutoencoderKL.from_pretrained(folder / "vqvae", local_files_only=True).eval().requires_grad_(False)
-    return vae, unet, scheduler
+    return teacher_autoencoder(str(folder)), unet, scheduler
 
 
-def sample_latent_digits(vae: AutoencoderKL, unet: UNet2DModel, scheduler_config, n: int, steps: int = 50,
+def sample_latent_digits(codec: LatentCodec, unet: UNet2DModel, scheduler_config, n: int, steps: int = 50,
                          seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` decoded digits (N, 1, 32, 32) in [-1, 1] and their latents: pyevo's DDIM sampler in latent
     space (unclamped: latents of unit variance are not images), then the autoencoder."""
     from pyevo.sample import ddim_sample
 
     latents = ddim_sample(unet, scheduler_config, n, steps=steps, seed=seed, progress=progress, clip_output=False)
-    return decode_latents(vae, latents), latents
+    return codec.decode(latents), latents
 
 
 def evaluate_latent_teacher(folder: str | Path, cfg: TeacherEvalConfig | None = None) -> LatentTeacherEvalResult:
@@ -388,13 +377,13 @@ def evaluate_latent_teacher(folder: str | Path, cfg: TeacherEvalConfig | None = 
 
     cfg = cfg or TeacherEvalConfig()
     start = time.perf_counter()
-    vae, unet, scheduler = load_latent_teacher(folder)
+    codec, unet, scheduler = load_latent_teacher(folder)
     heldout, _ = digits("heldout", size=IMAGE_SIZE)
-    heldout_latents = encode_latents(vae, heldout)
-    reconstructions = decode_latents(vae, heldout_latents)
+    heldout_latents = codec.encode(heldout)
+    reconstructions = codec.decode(heldout_latents)
 
     sample_start = time.perf_counter()
-    samples, latents = sample_latent_digits(vae, unet, scheduler.config, cfg.n_samples, cfg.steps, cfg.seed)
+    samples, latents = sample_latent_digits(codec, unet, scheduler.config, cfg.n_samples, cfg.steps, cfg.seed)
     result = evaluate_samples(samples, time.perf_counter() - sample_start, cfg, image_size=IMAGE_SIZE, start=start)
     return LatentTeacherEvalResult(
         samples=result,
