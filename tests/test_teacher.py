@@ -116,7 +116,7 @@ def test_training_script_writes_a_loadable_teacher(tmp_path):
 
 
 def test_iid_reference_draws_are_multinomial_draws_without_repeats():
-    from pyevo.teachers.evaluate import TeacherEvalConfig, _balanced_index, iid_reference_draws
+    from pyevo.teachers.evaluate import TeacherEvalConfig, balanced_index, iid_reference_draws
 
     images, labels = digits("train")
     heldout_labels = digits("heldout")[1]
@@ -132,7 +132,7 @@ def test_iid_reference_draws_are_multinomial_draws_without_repeats():
     # Independent class draws: the counts vary between draws (a stratified draw would not).
     assert not torch.equal(counts[0], counts[1]) or not torch.equal(counts[1], counts[2])
     assert all(int(c.sum()) == 300 for c in counts)
-    balanced = _balanced_index(labels, 7, seed=0)
+    balanced = balanced_index(labels, 7, seed=0)
     assert torch.equal(torch.bincount(labels[balanced], minlength=10), torch.full((10,), 7))
 
 

@@ -85,9 +85,9 @@ def evaluate_samples(samples: torch.Tensor, sample_seconds: float, cfg: TeacherE
                  for draw in iid_reference_draws(train_images, train_labels, heldout_labels, cfg))
     sample_labels = classifier.predict(at_digits_size(samples))
     fd_balanced_samples = frechet_distance(
-        samples[_balanced_index(sample_labels, cfg.balanced_per_class, cfg.seed)], heldout_images, classifier)
+        samples[balanced_index(sample_labels, cfg.balanced_per_class, cfg.seed)], heldout_images, classifier)
     fd_balanced_train = frechet_distance(
-        train_images[_balanced_index(train_labels, cfg.balanced_per_class, cfg.floor_seed)], heldout_images, classifier)
+        train_images[balanced_index(train_labels, cfg.balanced_per_class, cfg.floor_seed)], heldout_images, classifier)
     ratio = fd_samples / fd_floor
     passed = ratio <= cfg.max_fd_ratio and all(cfg.min_class_share <= s <= cfg.max_class_share for s in shares)
     return TeacherEvalResult(
@@ -123,7 +123,7 @@ def iid_reference_draws(train_images: torch.Tensor, train_labels: torch.Tensor, 
         yield train_images[torch.cat(picks)]
 
 
-def _balanced_index(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+def balanced_index(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """``per_class`` indices of each label (fewer where a class has fewer), in a seeded order."""
     gen = torch.Generator().manual_seed(seed)
     picks = []
