@@ -287,6 +287,34 @@ def prepare(config: RunConfig, resume: bool):
     return teacher, scheduler, codec, spaces, train, heldout, reference
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every key whose value differs."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append((prefix + key, old, new))
+    return changes
+
+
+def log_config_changes(saved_path: Path, config: RunConfig) -> None:
+    """Name, on --resume, what differs from the run's saved config: the stages that depend on those
+    keys (and the ones after them) run again; the others are read back."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        log.warning("--resume: the saved %s cannot be read; its stages are checked by their keys alone", saved_path)
+        return
+    for key, old, new in config_changes(saved, config.to_dict()):
+        if key == "out":  # where the run lives (a moved folder), not what it computes
+            continue
+        log.warning("--resume: %s was %r, now %r: the stages that depend on it run again", key, old, new)
+
+
 def check_run_folder(out: str, resume: bool) -> None:
     """The run folder can be written and holds what ``resume`` says: a run to continue, or nothing."""
     folder = Path(out).expanduser()
@@ -355,6 +383,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     table.save()
+    if resume:
+        log_config_changes(folder / "config.yaml", config)
     save_config(config, folder / "config.yaml")
     stages = Stages(folder, resume)
 

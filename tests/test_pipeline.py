@@ -267,3 +267,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_resume_names_the_config_keys_that_differ_from_the_saved_run(finished_run, tmp_path, caplog):
+    import shutil
+
+    from pyevo.pipeline import config_changes
+
+    root, config, report = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "a", copy)
+    changed = load_config(None, {**config.to_dict(), "out": str(copy), "search.slack": 3.0})
+    with caplog.at_level("INFO", logger="pyevo.pipeline"):
+        run(changed, resume=True, progress=False)
+    assert "--resume: search.slack was 2.0, now 3.0" in caplog.text
+    assert "--resume: out was" not in caplog.text  # a moved folder changes no stage
+    assert "stage search: done already" in caplog.text and "stage select: done already" not in caplog.text
+    assert config_changes({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "c": 2}) == [("a.b", 1, 2)]
