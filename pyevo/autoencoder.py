@@ -11,7 +11,6 @@ folder holding one in ``vae/`` or ``vqvae/``), or from the teacher's own pipelin
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
-from pyevo.teacher import TeacherError, model_device, resolve_teacher_folder, sample_shape
+from pyevo.teacher import (TeacherError, first_line, model_device, read_config_json, resolve_teacher_folder,
+                           sample_shape)
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,14 @@ def load_autoencoder(path: str | Path) -> LatentCodec:
     found = _autoencoder_folder(folder)
     if found is None:
         raise AutoencoderError(f"{folder} holds no autoencoder (no config.json, vae/ or vqvae/)")
-    config = _read_config(found / "config.json")
+    config = read_config_json(found / "config.json", f"{found} holds no config.json")
     class_name = config.get("_class_name")
     if class_name not in AUTOENCODERS:
         raise AutoencoderError(f"{found} holds a {class_name}, not a VAE; pyevo takes {' or '.join(AUTOENCODERS)}")
     try:
         vae = AUTOENCODERS[class_name].from_pretrained(found, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
-        text = str(error).strip()
-        raise AutoencoderError(f"cannot load the {class_name} in {found}: "
-                               f"{text.splitlines()[0] if text else type(error).__name__}") from None
+        raise AutoencoderError(f"cannot load the {class_name} in {found}: {first_line(error)}") from None
     return LatentCodec(vae.eval().requires_grad_(False), found)
 
 
@@ -170,13 +168,3 @@ def _autoencoder_folder(folder: Path) -> Path | None:
         if (folder / sub / "config.json").is_file():
             return folder / sub
     return None
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AutoencoderError(f"{path} is not valid JSON ({getattr(error, 'msg', error)})") from None
-    if not isinstance(data, dict):
-        raise AutoencoderError(f"{path} must hold a JSON object, not a {type(data).__name__}")
-    return data

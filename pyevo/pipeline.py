@@ -127,11 +127,15 @@ def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str,
         if data.labels is not None:
             tensors[f"{name}.labels"] = data.labels.contiguous()
     atomic_write_bytes(path, safetensors.torch.save(tensors))
-    return read_latents(path, sets)
+    return _latent_sets(tensors, sets)
 
 
 def read_latents(path: Path, names) -> dict[str, ImageSet]:
-    tensors = safetensors.torch.load_file(path)
+    """The sets :func:`encode_images` wrote to ``path``."""
+    return _latent_sets(safetensors.torch.load_file(path), names)
+
+
+def _latent_sets(tensors: dict[str, torch.Tensor], names) -> dict[str, ImageSet]:
     return {name: ImageSet(tensors[f"{name}.latents"], tensors.get(f"{name}.labels")) for name in names}
 
 
@@ -389,19 +393,21 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     stages = Stages(folder, resume)
 
     # --- latents: a latent teacher trains, searches and retrains on the encoded images
+    vae_digest = None if codec is None else tensor_digest(codec.vae.state_dict().values())
     if codec is not None and config.data != "data-free":
         latents_file = folder / "latents.safetensors"
+        encoded: dict[str, ImageSet] = {}  # filled when the stage runs now; read back when it ran before
 
         def encode() -> dict:
-            encoded = encode_images(codec, {"train": train, "heldout": heldout}, config.vae_posterior, config.seed,
-                                    latents_file)
+            encoded.update(encode_images(codec, {"train": train, "heldout": heldout}, config.vae_posterior,
+                                         config.seed, latents_file))
             return {"vae": str(codec.folder), "kind": codec.kind, "scaling_factor": codec.scaling_factor,
                     "latent_std": float(encoded["train"].images.std())}
 
         stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed,
-                              tensor_digest(codec.vae.state_dict().values()),
-                              tensor_digest([train.images, heldout.images])], encode, artifacts=(latents_file,))
-        latents = read_latents(latents_file, ("train", "heldout"))
+                              vae_digest, tensor_digest([train.images, heldout.images])], encode,
+                   artifacts=(latents_file,))
+        latents = encoded or read_latents(latents_file, ("train", "heldout"))
         train, heldout = latents["train"], latents["heldout"]
 
     # --- distillation
@@ -499,8 +505,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
     reference_digest = None if reference is None else tensor_digest([reference.images])
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
-                                        config.dtype, config.device, config.vae, reference_digest,
-                                        None if codec is None else tensor_digest(codec.vae.state_dict().values())],
+                                        config.dtype, config.device, config.vae, reference_digest, vae_digest],
                            evaluate, artifacts=(folder / "samples.safetensors",))
 
     from pyevo.report import write_report

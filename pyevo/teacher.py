@@ -47,7 +47,7 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, 
     if not folder.is_dir():
         raise TeacherError(f"teacher folder not found: {folder}")
     unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    config = _read_json(unet_folder / "config.json", f"{folder} is not a diffusers UNet folder "
+    config = read_config_json(unet_folder / "config.json", f"{folder} is not a diffusers UNet folder "
                                                      "(no config.json or unet/config.json)")
     class_name = config.get("_class_name")
     if class_name not in SUPPORTED_UNETS:
@@ -64,7 +64,7 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, 
     try:
         unet = UNet2DModel.from_pretrained(unet_folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise TeacherError(f"cannot load the UNet in {unet_folder}: {_first_line(error)}") from None
+        raise TeacherError(f"cannot load the UNet in {unet_folder}: {first_line(error)}") from None
     return unet.eval().requires_grad_(False), _load_scheduler(folder, unet_folder, scheduler)
 
 
@@ -90,16 +90,17 @@ def _load_scheduler(folder: Path, unet_folder: Path, override: str | None) -> DD
         kind = "pipeline folder" if unet_folder != folder else "bare UNet folder"
         raise TeacherError(f"{folder} is a {kind} without scheduler/: pass --scheduler DIR "
                            "(the noise schedule the teacher was trained with)")
-    _read_json(where / "scheduler_config.json", f"{where} holds no scheduler config")
+    read_config_json(where / "scheduler_config.json", f"{where} holds no scheduler config")
     try:
         scheduler = DDPMScheduler.from_pretrained(where, local_files_only=True)
         prediction_type(scheduler)
     except (OSError, ValueError, TypeError, KeyError, NotImplementedError) as error:
-        raise TeacherError(f"cannot use the scheduler in {where}: {_first_line(error)}") from None
+        raise TeacherError(f"cannot use the scheduler in {where}: {first_line(error)}") from None
     return scheduler
 
 
-def _read_json(path: Path, missing: str) -> dict:
+def read_config_json(path: Path, missing: str) -> dict:
+    """A model folder's JSON config as a dict, or a TeacherError in one line (missing, not JSON, not an object)."""
     if not path.is_file():
         raise TeacherError(missing)
     try:
@@ -111,7 +112,8 @@ def _read_json(path: Path, missing: str) -> dict:
     return data
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing), for one-line errors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

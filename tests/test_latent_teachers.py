@@ -72,6 +72,14 @@ def test_latent_teacher_runs_end_to_end_and_its_student_generates_through_ldm_pi
     distance = torch.cdist(every.flatten(1), expected.flatten(1))
     assert distance.min(dim=1).values.max() < 1e-4
 
+    # Resumed, every stage (the latents included) is read back and the run ends the same.
+    resumed = cli("--teacher", str(latent_teacher / "pipeline"), "--data", str(latent_teacher / "images"),
+                  "--out", str(out), "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}",
+                  "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["stages"] == report["stages"] and again["student"]["genome"] == report["student"]["genome"]
+
     fresh_process(f"""
         import torch, pyevo
         from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline

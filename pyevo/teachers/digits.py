@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm import tqdm
 
 from pyevo.data import DIGITS_SIZE, digits
@@ -112,15 +112,20 @@ def _ema_update(ema: UNet2DModel, model: UNet2DModel, step: int, max_decay: floa
         ema_p.lerp_(p, 1.0 - decay)
 
 
-def _save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path, info: dict) -> None:
-    """Write the pipeline folder atomically: build it next to ``out``, then swap it in."""
+def save_pipeline(pipeline: DiffusionPipeline, out: Path, info: dict) -> None:
+    """Write a built-in teacher's pipeline folder atomically (built next to ``out``, then swapped in),
+    with its ``training_info.json``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    # mkdtemp and the safetensors writer create owner-only files; the shipped asset is world-readable.
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        # mkdtemp and the safetensors writer create owner-only files; the shipped asset is world-readable.
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -197,7 +202,8 @@ def _train(cfg: TeacherTrainConfig) -> Path:
             running = 0.0
         if cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpoint = Path(cfg.checkpoint_dir or cfg.out + ".checkpoints") / f"step_{step + 1}"
-            _save_pipeline(ema, scheduler, checkpoint, {"config": dataclasses.asdict(cfg), "step": step + 1})
+            save_pipeline(DDPMPipeline(unet=ema, scheduler=scheduler), checkpoint,
+                          {"config": dataclasses.asdict(cfg), "step": step + 1})
             log.info("checkpoint %s", checkpoint)
 
     seconds = time.perf_counter() - start
@@ -210,7 +216,7 @@ def _train(cfg: TeacherTrainConfig) -> Path:
     }
     out = Path(cfg.out)
     ema.eval()
-    _save_pipeline(ema, scheduler, out, info)
+    save_pipeline(DDPMPipeline(unet=ema, scheduler=scheduler), out, info)
     log.info("wrote digits teacher (EMA weights) to %s after %.0f s", out, seconds)
     return out
 

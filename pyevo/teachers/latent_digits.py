@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from pyevo.autoencoder import LatentCodec, teacher_autoencoder
 
 from pyevo.data import digits
 from pyevo.teachers import LATENT_DIGITS_TEACHER_DIR
-from pyevo.teachers.digits import TeacherTrainConfig, _ema_update, _lr_factor, timestep_weights
+from pyevo.teachers.digits import TeacherTrainConfig, _ema_update, _lr_factor, save_pipeline, timestep_weights
 
 if TYPE_CHECKING:
     from pyevo.teachers.evaluate import TeacherEvalConfig, TeacherEvalResult
@@ -210,7 +208,9 @@ def _train(cfg: LatentTeacherTrainConfig) -> Path:
     # Both stages' training time, also when the autoencoder was trained by an earlier run (vae_from).
     info["seconds"] = round(info["vae"].get("seconds", 0.0) + info["unet"]["seconds"], 1)
     out = Path(cfg.out)
-    save_ldm_pipeline(vae, unet, build_latent_scheduler(), out, info)
+    # LDMPipeline's component is named vqvae; it only calls decode(latents / scaling_factor), which
+    # an AutoencoderKL has.
+    save_pipeline(LDMPipeline(vqvae=vae, unet=unet, scheduler=build_latent_scheduler()), out, info)
     log.info("wrote latent-digits teacher (EMA UNet weights) to %s after %.0f s of training", out, info["seconds"])
     return out
 
@@ -307,29 +307,6 @@ def train_unet(latents: torch.Tensor, cfg: LatentTeacherTrainConfig, gen: torch.
     ema.eval()
     return ema, {"seconds": round(time.perf_counter() - start, 1), "loss_history": history,
                  "params": sum(p.numel() for p in unet.parameters())}
-
-
-def save_ldm_pipeline(vae: AutoencoderKL, unet: UNet2DModel, scheduler: DDIMScheduler, out: Path, info: dict) -> None:
-    """Write the LDMPipeline folder atomically (built next to ``out``, then swapped in), world-readable,
-    as ``pyevo.teachers.digits`` writes its DDPMPipeline folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
