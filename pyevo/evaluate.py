@@ -64,7 +64,10 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
             for name, call in calls.items():
                 block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
-            fns[(network, "stem")] = lambda fn=fns[network], model=model: _with_replayed_blocks(model, calls, fn)
+            # The replays are built once, outside the timed call; only the swaps are inside it.
+            replays = {name: _Replay(model.get_submodule(name), call.output) for name, call in calls.items()}
+            fns[(network, "stem")] = lambda fn=fns[network], model=model, replays=replays: _with_replayed_blocks(
+                model, replays, fn)
         times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, config.cuda_graph)
     result = {}
     for network in networks:
@@ -88,13 +91,13 @@ class _Replay(nn.Module):
         return self.output
 
 
-def _with_replayed_blocks(model: nn.Module, calls: Mapping[str, BlockCall], forward: Callable[[], Any]) -> Any:
-    """``forward()`` with the searched blocks of ``model`` swapped for replays of their outputs, then
-    swapped back (the blocks themselves, and any hooks on them, are not called)."""
-    originals = {name: model.get_submodule(name) for name in calls}
+def _with_replayed_blocks(model: nn.Module, replays: Mapping[str, "_Replay"], forward: Callable[[], Any]) -> Any:
+    """``forward()`` with the searched blocks of ``model`` swapped for ``replays`` of their outputs,
+    then swapped back (the blocks themselves, and any hooks on them, are not called)."""
+    originals = {name: model.get_submodule(name) for name in replays}
     try:
-        for name in calls:
-            _set_submodule(model, name, _Replay(originals[name], calls[name].output))
+        for name, replay in replays.items():
+            _set_submodule(model, name, replay)
         return forward()
     finally:
         for name, block in originals.items():
