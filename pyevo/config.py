@@ -106,6 +106,13 @@ class RunConfig:
     vae_posterior: str = "mode"  # AutoencoderKL latents of the images: the posterior's mode, or one draw
     data: str = "digits"  # "digits", an image folder (class sub-folders for labels), or "data-free"
     data_skip_bad: bool = False  # image folders: leave unreadable files out (logged) instead of refusing the run
+    # Text-conditional teachers (UNet2DConditionModel): a safetensors file of pre-computed text states,
+    # tensor encoder_hidden_states [N, L, D] (and optionally negative_encoder_hidden_states [1, L, D], the
+    # unconditional states for classifier-free guidance; zeros when absent). See pyevo/conditions.py.
+    conditions: str = ""
+    # Classifier-free guidance of text-conditional sampling (data-free trajectories and the evaluation's
+    # samples); <= 1 samples the conditional prediction alone. 7.5 is StableDiffusionPipeline's default.
+    guidance_scale: float = 7.5
     device: str = "cpu"  # where every stage runs: distill, search, latency, retrain, evaluate
     train_dtype: str = "auto"  # autocast dtype of distill and retrain: auto = bfloat16 on CUDA, float32 on CPU
     dtype: str = "float32"  # deployment dtype for latency: float32 | float16 | bfloat16
@@ -166,7 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = Bounds(1)
 BOUNDS: dict[str, Bounds] = {
-    "batch": POSITIVE,
+    "batch": POSITIVE, "guidance_scale": Bounds(0),
     "distill.steps": POSITIVE, "distill.batch_size": POSITIVE, "distill.lr": Bounds(0, low_closed=False),
     "distill.random_paths": Bounds(0),
     "latency.warmup": Bounds(0), "latency.repeats": POSITIVE, "latency.network_repeats": POSITIVE,
