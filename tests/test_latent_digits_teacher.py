@@ -159,3 +159,26 @@ def test_evaluate_samples_at_32x32_uses_the_32x32_floor_draw():
     # and not by construction: the next 300 training images score another FD
     other = evaluate_samples(train_images[floor_draw[300:600]], 0.0, cfg, image_size=32)
     assert other.fd_floor == result.fd_floor and other.fd_ratio != pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_balanced_bar_judges_the_class_balanced_fd_not_the_mixture():
+    """Training images with a skewed class mixture: a worse FD than the balanced FD, so a bar between
+    the two ratios fails under ``bar: fd`` and passes under ``bar: balanced``."""
+    images, labels = digits("train", size=32)
+    gen = torch.Generator().manual_seed(3)
+    counts = [30, 30, 30, 18, 30, 30, 30, 30, 30, 42]  # 6% threes, 14% nines: inside the class bar
+    picks = [torch.nonzero(labels == k).flatten() for k in range(10)]
+    index = torch.cat([p[torch.randperm(len(p), generator=gen)[:n]] for p, n in zip(picks, counts)])
+    samples = images[index]
+    probe = evaluate_samples(samples, 0.0, TeacherEvalConfig(n_samples=300, reference_draws=1, balanced_per_class=15),
+                             image_size=32)
+    balanced_ratio = probe.fd_balanced_samples / probe.fd_balanced_train
+    assert probe.fd_ratio > balanced_ratio
+    between = (probe.fd_ratio + balanced_ratio) / 2
+    verdicts = {bar: evaluate_samples(samples, 0.0, TeacherEvalConfig(n_samples=300, reference_draws=1,
+                                                                       balanced_per_class=15, max_fd_ratio=between,
+                                                                       bar=bar), image_size=32).passed
+                for bar in ("fd", "balanced")}
+    assert verdicts == {"fd": False, "balanced": True}
+    with pytest.raises(ValueError, match="bar must be"):
+        TeacherEvalConfig(bar="kid")

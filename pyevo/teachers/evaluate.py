@@ -2,7 +2,10 @@
 
 The bar: 1,000 DDIM samples (50 steps, eta 0, seed 0) must have a Fréchet distance to the
 held-out digits of at most 1.5x the real-vs-real floor (1,000 training images drawn with a fixed
-seed vs the same held-out set), and every class must hold 5%-15% of the samples.
+seed vs the same held-out set), and every class must hold 5%-15% of the samples. With ``bar:
+balanced`` the FD on each side is of a class-balanced subset (``balanced_per_class`` images of each
+class, by the classifier's labels for samples): the FD without the class mixture, which otherwise
+dominates this 64-d feature space (the latent-digits teacher's bar).
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ class TeacherEvalConfig:
     max_class_share: float = 0.15
     reference_draws: int = 16  # i.i.d. reference draws
     balanced_per_class: int = 70  # class-balanced FD: images per class
+    bar: str = "fd"  # which FD ratio the bar applies to: "fd" (all samples) or "balanced"
+
+    def __post_init__(self) -> None:
+        if self.bar not in ("fd", "balanced"):
+            raise ValueError(f"bar must be 'fd' or 'balanced', got {self.bar!r}")
 
 
 @dataclass
@@ -89,7 +97,8 @@ def evaluate_samples(samples: torch.Tensor, sample_seconds: float, cfg: TeacherE
     fd_balanced_train = frechet_distance(
         train_images[balanced_index(train_labels, cfg.balanced_per_class, cfg.floor_seed)], heldout_images, classifier)
     ratio = fd_samples / fd_floor
-    passed = ratio <= cfg.max_fd_ratio and all(cfg.min_class_share <= s <= cfg.max_class_share for s in shares)
+    bar_ratio = ratio if cfg.bar == "fd" else fd_balanced_samples / fd_balanced_train
+    passed = bar_ratio <= cfg.max_fd_ratio and all(cfg.min_class_share <= s <= cfg.max_class_share for s in shares)
     return TeacherEvalResult(
         fd_samples=fd_samples,
         fd_floor=fd_floor,
@@ -138,7 +147,7 @@ def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig, extra_rows: 
     rows = [
         ("FD samples vs held-out", f"{result.fd_samples:.3f}"),
         ("FD floor (train draw vs held-out)", f"{result.fd_floor:.3f}"),
-        ("ratio (bar <= %.2f)" % cfg.max_fd_ratio, f"{result.fd_ratio:.3f}"),
+        ("ratio" + (" (bar <= %.2f)" % cfg.max_fd_ratio if cfg.bar == "fd" else ""), f"{result.fd_ratio:.3f}"),
         ("class shares 0..9 (bar %.0f%%-%.0f%%)" % (100 * cfg.min_class_share, 100 * cfg.max_class_share),
          " ".join(f"{100 * s:.1f}" for s in result.class_shares)),
         (f"i.i.d. reference FD, {len(result.fd_iid_reference)} draws: median (min-max)",
@@ -148,6 +157,8 @@ def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig, extra_rows: 
          f"{sum(fd <= cfg.max_fd_ratio * result.fd_floor for fd in result.fd_iid_reference)}/{len(result.fd_iid_reference)}"),
         (f"class-balanced FD ({cfg.balanced_per_class} per class): samples / training images",
          f"{result.fd_balanced_samples:.3f} / {result.fd_balanced_train:.3f}"),
+        ("class-balanced ratio" + (" (bar <= %.2f)" % cfg.max_fd_ratio if cfg.bar == "balanced" else ""),
+         f"{result.fd_balanced_samples / result.fd_balanced_train:.3f}"),
         ("classifier held-out accuracy", f"{100 * result.classifier_heldout_accuracy:.2f}%"),
         (f"sampling seconds ({cfg.n_samples} x {cfg.steps} DDIM steps)", f"{result.sample_seconds:.1f}"),
         ("evaluation seconds", f"{result.total_seconds:.1f}"),

@@ -352,7 +352,8 @@ def evaluate_latent_teacher(folder: str | Path, cfg: TeacherEvalConfig | None = 
     from pyevo.metrics import frechet_distance, psnr
     from pyevo.teachers.evaluate import TeacherEvalConfig, evaluate_samples
 
-    cfg = cfg or TeacherEvalConfig()
+    # The bar for this teacher is on the class-balanced FD (the class mixture aside).
+    cfg = cfg or TeacherEvalConfig(bar="balanced")
     start = time.perf_counter()
     codec, unet, scheduler = load_latent_teacher(folder)
     heldout, _ = digits("heldout", size=IMAGE_SIZE)
@@ -407,7 +408,7 @@ def evaluate_cli(folder: str, report: str | None, num_threads: int, cfg: Teacher
     from pyevo.teachers.evaluate import TeacherEvalConfig, format_table, write_report
 
     torch.set_num_threads(num_threads)
-    cfg = cfg or TeacherEvalConfig()
+    cfg = cfg or TeacherEvalConfig(bar="balanced")
     try:
         result = evaluate_latent_teacher(folder, cfg)
     except (ValueError, FileNotFoundError) as err:
