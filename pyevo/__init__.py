@@ -15,11 +15,14 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-def __getattr__(name: str):
-    # The diffusers model class is imported on first use, so `import pyevo` stays light for code
-    # that only wants the ops.
-    if name == "StudentUNet2DModel":
-        from pyevo.student import StudentUNet2DModel
+STUDENT_EXPORTS = ("StudentUNet2DModel", "StudentUNet2DConditionModel", "load_student")
 
-        return StudentUNet2DModel
+
+def __getattr__(name: str):
+    # The diffusers model classes are imported on first use, so `import pyevo` stays light for code
+    # that only wants the ops.
+    if name in STUDENT_EXPORTS:
+        from pyevo import student
+
+        return getattr(student, name)
     raise AttributeError(f"module 'pyevo' has no attribute {name!r}")

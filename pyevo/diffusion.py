@@ -1,4 +1,4 @@
-"""The forward process as pyevo trains on it: noised batches, the teacher's prediction type, labels.
+"""The forward process as pyevo trains on it: noised batches, the teacher's prediction type, conditions.
 
 Every loss and sampler follows the teacher's own ``prediction_type`` (read from its scheduler):
 ``epsilon`` predicts the noise, ``v_prediction`` the velocity ``alpha_t * noise - sigma_t * x0``,
@@ -16,20 +16,30 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 @dataclass
 class ImageSet:
-    """Images in [-1, 1] (N, C, H, W) and, for class-conditional teachers, their labels (N,)."""
+    """Images in [-1, 1] (N, C, H, W) (or a latent teacher's latents) and their conditions: for
+    class-conditional teachers their labels (N,), for text-conditional ones the encoder states each
+    image was drawn for (N, L, D)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.labels is not None and len(self.labels) != len(self.images):
-            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+        for name in ("labels", "encoder_hidden_states"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.images):
+                raise ValueError(f"{len(value)} {name} for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, index: torch.Tensor | slice) -> "ImageSet":
-        return ImageSet(self.images[index], None if self.labels is None else self.labels[index])
+        return ImageSet(self.images[index], None if self.labels is None else self.labels[index],
+                        None if self.encoder_hidden_states is None else self.encoder_hidden_states[index])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The images and whichever conditions the set has (for digests)."""
+        return [t for t in (self.images, self.labels, self.encoder_hidden_states) if t is not None]
 
 
 @dataclass
@@ -41,6 +51,7 @@ class NoisyBatch:
     noise: torch.Tensor
     target: torch.Tensor  # the true target of the teacher's prediction type
     labels: torch.Tensor | None
+    encoder_hidden_states: torch.Tensor | None = None
 
 
 def prediction_type(scheduler) -> str:
@@ -69,9 +80,10 @@ def noisy_batch(data: ImageSet, scheduler, batch_size: int, generator: torch.Gen
     noise = torch.randn(clean.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     labels = None if data.labels is None else data.labels[index].to(device)
+    states = None if data.encoder_hidden_states is None else data.encoder_hidden_states[index].to(device)
     clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
     return NoisyBatch(scheduler.add_noise(clean, noise, timesteps), timesteps, noise,
-                      training_target(scheduler, clean, noise, timesteps), labels)
+                      training_target(scheduler, clean, noise, timesteps), labels, states)
 
 
 def uniform_labels(count: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 def heldout_calls(teacher: nn.Module, data: ImageSet, scheduler, size: int, seed: int,
                   chunk: int = 256) -> dict[str, BlockCall]:
-    """The fixed held-out set every candidate is scored on: the same images, labels, timesteps and
-    noise for every candidate (a paired comparison), recorded at each block of the teacher, on the
+    """The fixed held-out set every candidate is scored on: the same images, conditions (labels or
+    text states), timesteps and noise for every candidate (a paired comparison), recorded at each block of the teacher, on the
     teacher's device (noise drawn on the CPU, so every device scores the same set)."""
     generator = torch.Generator().manual_seed(seed)
     device = model_device(teacher)
@@ -45,8 +45,10 @@ def heldout_calls(teacher: nn.Module, data: ImageSet, scheduler, size: int, seed
     noisy = scheduler.add_noise(clean, noise, timesteps).to(device)
     timesteps = timesteps.to(device)
     labels = None if held.labels is None else held.labels.to(device)
+    states = None if held.encoder_hidden_states is None else held.encoder_hidden_states.to(device)
     parts = [record_blocks(teacher, noisy[i:i + chunk], timesteps[i:i + chunk],
-                           None if labels is None else labels[i:i + chunk])[0]
+                           None if labels is None else labels[i:i + chunk],
+                           None if states is None else states[i:i + chunk])[0]
              for i in range(0, len(noisy), chunk)]
     return {name: _concat_calls([part[name] for part in parts]) for name in parts[0]}
 
@@ -115,7 +117,8 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     for step in bar:
         batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
         with precision.autocast():
-            calls, teacher_prediction = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
+            calls, teacher_prediction = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels,
+                                                      batch.encoder_hidden_states)
         check_teacher_finite(teacher_prediction, batch.timesteps, "distill", step)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step}

@@ -18,15 +18,17 @@ from torch import nn
 from pyevo.config import EvaluateConfig, LatencyConfig
 from pyevo.data import is_digits_shape
 from pyevo.latency import DTYPES, time_calls
-from pyevo.teacher import BlockCall, probe_labels, sample_shape
+from pyevo.teacher import BlockCall, conditioning, probe_labels, sample_shape
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[tuple[Callable[[], Any], nn.Module]]:
+def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidden_states: torch.Tensor | None = None
+             ) -> Iterator[tuple[Callable[[], Any], nn.Module]]:
     """One forward of ``unet`` at the deployment batch, dtype and device, as a call to time, and
-    the model that call runs (whose blocks are the ones to time alone).
+    the model that call runs (whose blocks are the ones to time alone). A text-conditional UNet
+    attends to ``encoder_hidden_states`` (batch, L, D), cast likewise.
 
     A model not already in the deployment dtype and device is timed as a cast copy, so the caller's
     model keeps its weights exactly (a float16 round trip would round them) and stays where it is.
@@ -38,15 +40,17 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str) -> Iterator[t
     model.eval()
     sample = torch.randn(batch, *sample_shape(unet), device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
-    labels = probe_labels(unet, batch, device)
+    states = None if encoder_hidden_states is None else encoder_hidden_states.to(device, DTYPES[dtype])
+    kwargs = conditioning(unet, probe_labels(unet, batch, device), states)
     try:
-        yield (lambda: model(sample, timesteps, class_labels=labels)), model
+        yield (lambda: model(sample, timesteps, **kwargs)), model
     finally:
         unet.train(was_training)
 
 
 def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
-                    device: str, config: LatencyConfig) -> dict[str, dict]:
+                    device: str, config: LatencyConfig, encoder_hidden_states: torch.Tensor | None = None
+                    ) -> dict[str, dict]:
     """Each network whole, block by block, and its stem alone, all timed in turn
     (:func:`pyevo.latency.time_calls`).
 
@@ -56,11 +60,12 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     replaced by a replay of its recorded output: conv_in, the time embedding, the head and what
     passes between blocks, which no block search changes; measured, not a difference, so it is
     never negative) and ``unaccounted_ms``, the whole minus stem and blocks (caches, allocator).
+    Text-conditional networks attend to ``encoder_hidden_states`` (batch, L, D), as their blocks' calls do.
     """
     with contextlib.ExitStack() as stack:
         fns = {}
         for network, unet in networks.items():
-            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device))
+            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states))
             for name, call in calls.items():
                 block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)

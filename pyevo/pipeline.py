@@ -25,6 +25,7 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
+from pyevo.conditions import Conditions, condition_rows, guidance, load_conditions
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
@@ -41,10 +42,10 @@ from pyevo.search.population import block_evaluator
 from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
                                  select_diffnas)
 from pyevo.space import BlockSpace, encode_network, unet_space
-from pyevo.student import StudentUNet2DModel, build_static_block
+from pyevo.student import build_static_block, student_class
 from pyevo.supernet import build_supernet
-from pyevo.teacher import (BlockCall, is_class_conditional, load_teacher, model_device, num_class_embeds,
-                           probe_labels, record_blocks, sample_shape)
+from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, load_teacher, model_device,
+                           num_class_embeds, probe_labels, record_blocks, sample_shape)
 from pyevo.training import NonFiniteError, resolve_train_dtype
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ class RunError(ValueError):
 
 
 # -------------------------------------------------------------------------------------- inputs
-def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None = None
-                ) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None = None,
+                conditions: Conditions | None = None) -> tuple[ImageSet, ImageSet, ImageSet | None]:
     """Training images, held-out images (for NSR), and the reference set for FD/KID, with labels
-    where the teacher is class-conditional.
+    where the teacher is class-conditional, and text states where it is text-conditional.
 
     For a latent teacher (``codec``) the images are at the autoencoder's image size, to be encoded
     by :func:`encode_images`, and the reference stays in image space; data-free sets are the
@@ -69,6 +70,10 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     conditional = is_class_conditional(teacher)
     classes = num_class_embeds(teacher)
     what = "the teacher takes" if codec is None else f"the teacher's {codec.kind} takes"
+    if conditions is not None and config.data != "data-free":
+        raise RunError(f"data {config.data!r}: a text-conditional teacher trains data-free, from the teacher's "
+                       "trajectories for the --conditions states (pass --data data-free); image/caption "
+                       "folders are not supported yet")
     if config.data == "digits":
         from pyevo.data import digits
 
@@ -89,10 +94,14 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
                 raise RunError("data-free needs the teacher's number of classes (num_class_embeds) to draw "
                                "labels; this teacher's class_embed_type has none: pass --data FOLDER")
             labels = uniform_labels(count, classes, torch.Generator().manual_seed(config.seed + 7919))
+        # A text-conditional teacher is sampled at its prompts' states, each prompt as often as the others,
+        # guided as the evaluation (and a Stable Diffusion pipeline) guides it.
+        states = condition_rows(conditions, count)
         log.info("data-free: sampling %d %s from the teacher", count, "images" if codec is None else "latents")
         images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False,
-                             class_labels=labels, clip_output=codec is None)
-        generated = ImageSet(images, labels)
+                             class_labels=labels, clip_output=codec is None, encoder_hidden_states=states,
+                             **guidance(conditions, config.guidance_scale))
+        generated = ImageSet(images, labels, states)
         split = count - config.search.heldout_size
         return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None
     from pyevo.data import ImageFolder, UnreadableImage
@@ -145,13 +154,16 @@ def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
                        f"({classes}: labels 0..{classes - 1})")
 
 
-def timing_call(teacher, batch: int, seed: int) -> dict[str, BlockCall]:
-    """Every block's inputs at the deployment batch, for timing candidate blocks stand-alone."""
+def timing_call(teacher, batch: int, seed: int, conditions: Conditions | None = None) -> dict[str, BlockCall]:
+    """Every block's inputs at the deployment batch, for timing candidate blocks stand-alone (the
+    cross-attention blocks of a text-conditional teacher attend to states of the conditions' length)."""
     generator = torch.Generator().manual_seed(seed)
     device = model_device(teacher)
     sample = torch.randn(batch, *sample_shape(teacher), generator=generator).to(device)
     timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
-    return record_blocks(teacher, sample, timesteps, probe_labels(teacher, batch, device))[0]
+    states = condition_rows(conditions, batch)
+    return record_blocks(teacher, sample, timesteps, probe_labels(teacher, batch, device),
+                         None if states is None else states.to(device))[0]
 
 
 class BlockTimer:
@@ -164,10 +176,11 @@ class BlockTimer:
     blocks, the teacher's stem and the teacher's latency all describe one machine state.
     """
 
-    def __init__(self, config: RunConfig, teacher, supernet, spaces: dict[str, BlockSpace], table: LatencyTable):
+    def __init__(self, config: RunConfig, teacher, supernet, spaces: dict[str, BlockSpace], table: LatencyTable,
+                 conditions: Conditions | None = None):
         self.config, self.supernet, self.spaces, self.table = config, supernet, spaces, table
         self.calls = {name: call.to(config.device, DTYPES[config.dtype])
-                      for name, call in timing_call(teacher, config.batch, config.seed).items()}
+                      for name, call in timing_call(teacher, config.batch, config.seed, conditions).items()}
         self.reference_ms: dict[str, float] = {}
         self._teacher_blocks: dict[str, torch.nn.Module] = {}
 
@@ -197,8 +210,8 @@ class BlockTimer:
 class BlockCoster:
     """MACs (batch 1) and parameters of stand-alone static blocks, cached by genome."""
 
-    def __init__(self, teacher, seed: int):
-        self.calls = timing_call(teacher, 1, seed)
+    def __init__(self, teacher, seed: int, conditions: Conditions | None = None):
+        self.calls = timing_call(teacher, 1, seed, conditions)
         self.cache: dict[tuple[str, str], Cost] = {}
 
     def __call__(self, name: str, super_block, space: BlockSpace, genome) -> Cost:
@@ -287,8 +300,9 @@ def prepare(config: RunConfig, resume: bool):
     if weights and not Path(weights).expanduser().is_file():
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
-    train, heldout, reference = load_images(config, teacher, scheduler, codec)
-    return teacher, scheduler, codec, spaces, train, heldout, reference
+    conditions = load_conditions(config.conditions, teacher)
+    train, heldout, reference = load_images(config, teacher, scheduler, codec, conditions)
+    return teacher, scheduler, codec, spaces, train, heldout, reference, conditions
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -342,21 +356,24 @@ def check_run_folder(out: str, resume: bool) -> None:
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """The whole pipeline; returns the report (also written to ``<out>/report.json``)."""
-    teacher, scheduler, codec, spaces, train, heldout, reference = prepare(config, resume)
+    teacher, scheduler, codec, spaces, train, heldout, reference, conditions = prepare(config, resume)
     torch.manual_seed(config.seed)
     train_dtype = resolve_train_dtype(config.train_dtype, config.device)
-    teacher_id = fingerprint(dict(teacher.config))
+    # Cross-attention blocks take as long as their text states are long: the table keeps them apart.
+    teacher_id = fingerprint(dict(teacher.config) | ({} if conditions is None else
+                                                     {"encoder_sequence_length": conditions.sequence_length}))
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
     table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
     supernet = build_supernet(teacher)
-    timer = BlockTimer(config, teacher, supernet, spaces, table)
+    timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
+    deployment_states = condition_rows(conditions, config.batch)
 
     # The teacher and its blocks are timed afresh every run, in turn, so its stem (the network with
     # its blocks replayed) and the candidates' milliseconds (ratios to the teacher's blocks) describe one
     # machine state. The latency budget is checked before anything is written: the fastest genome
     # of each block (everything skipped) bounds what any selection can reach.
     timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
-                            config.latency)["teacher"]
+                            config.latency, deployment_states)["teacher"]
     teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
     stem_ms = timed["stem_ms"]
     if config.search.rule in ("budget", "block-budget"):
@@ -374,8 +391,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                                       f"genome takes {ms / timer.reference_ms[name]:.2f} x the teacher block")
 
     # The MACs and params caps likewise: the minimal genomes bound what any selection can reach.
-    coster = BlockCoster(teacher, config.seed)
-    teacher_cost = network_cost(teacher)
+    coster = BlockCoster(teacher, config.seed, conditions)
+    teacher_cost = network_cost(teacher, conditions)
     stem_cost = teacher_cost - _sum_costs(coster(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items())
     cost_limit = Cost(config.search.max_macs * teacher_cost.macs, config.search.max_params * teacher_cost.params)
     floor_cost = stem_cost + _sum_costs(coster(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items())
@@ -422,7 +439,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
     # The teacher's weights and the data themselves are in the key, not only their names: a teacher
     # retrained in place, or other images in the same folder, re-run what depends on them.
-    data_digest = tensor_digest([t for part in (train, heldout) for t in (part.images, part.labels) if t is not None])
+    data_digest = tensor_digest([t for part in (train, heldout) for t in part.tensors()])
     stages.run("distill", [asdict(config.distill), config.teacher, config.scheduler, config.data, config.seed,
                            config.device, config.train_dtype, tensor_digest(teacher.state_dict().values()),
                            data_digest, {k: v for k, v in scheduler.config.items() if not k.startswith("_")}],
@@ -489,23 +506,27 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     student_folder = folder / "student"
 
     def retrain() -> dict:
-        student = StudentUNet2DModel.from_supernet(teacher, supernet, genomes).to(config.device)
+        student = student_class(teacher).from_supernet(teacher, supernet, genomes).to(config.device)
         history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress,
                                   train_dtype)
         _save_pretrained_atomic(student, student_folder)
         return {"history": history}
 
     stages.run("retrain", asdict(config.retrain), retrain, artifacts=(student_folder,))
-    student = StudentUNet2DModel.from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
+    student = student_class(teacher).from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
 
     # --- evaluation
     def evaluate() -> dict:
         return _evaluate(config, teacher, student, scheduler, codec, reference, train, timer.calls, folder,
-                         progress)
+                         progress, conditions)
 
     reference_digest = None if reference is None else tensor_digest([reference.images])
+    # The samples follow the conditions and their guidance (keyed only for a text-conditional teacher,
+    # so other runs' evaluations keep their keys).
+    text_inputs = [] if conditions is None else [conditions.digest(), config.guidance_scale]
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
-                                        config.dtype, config.device, config.vae, reference_digest, vae_digest],
+                                        config.dtype, config.device, config.vae, reference_digest, vae_digest,
+                                        *text_inputs],
                            evaluate, artifacts=(folder / "samples.safetensors",))
 
     from pyevo.report import write_report
@@ -514,12 +535,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                         scheduler, codec)
 
 
-def network_cost(unet) -> Cost:
-    """MACs of one batch-1 forward and the parameters of a whole UNet."""
+def network_cost(unet, conditions: Conditions | None = None) -> Cost:
+    """MACs of one batch-1 forward (a text-conditional UNet's at its conditions' length) and the
+    parameters of a whole UNet."""
     device = model_device(unet)
     probe = torch.zeros(1, *sample_shape(unet), device=device)
-    return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long, device=device),
-                           class_labels=probe_labels(unet, 1, device)), count_params(unet))
+    states = condition_rows(conditions, 1)
+    kwargs = conditioning(unet, probe_labels(unet, 1, device), None if states is None else states.to(device))
+    return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long, device=device), **kwargs),
+                count_params(unet))
 
 
 def _sum_costs(costs) -> Cost:
@@ -527,12 +551,15 @@ def _sum_costs(costs) -> Cost:
 
 
 def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, reference: ImageSet | None,
-              train: ImageSet, calls, folder: Path, progress: bool) -> dict:
+              train: ImageSet, calls, folder: Path, progress: bool, conditions: Conditions | None = None) -> dict:
     # Same noise and, for a class-conditional teacher, the same labels (equal counts of every class
-    # in the data) for both models: the paired figures compare like with like.
+    # in the data), for a text-conditional one the same prompts' states (each equally often) and
+    # guidance, for both models: the paired figures compare like with like.
     labels = None
     if is_class_conditional(teacher):
         labels = balanced_labels(config.evaluate.num_samples, torch.unique(train.labels))
+    text = {"encoder_hidden_states": condition_rows(conditions, config.evaluate.num_samples),
+            **guidance(conditions, config.guidance_scale)} if conditions is not None else {}
     image_shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
     extractor, features_kind, features_note = quality_features(config.evaluate, image_shape)
     samples = {}
@@ -541,13 +568,13 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
         # A latent teacher's samples are decoded: every figure below is in image space.
         samples[name] = sample_images(model, scheduler.config, config.evaluate.num_samples,
                                       config.evaluate.ddim_steps, config.seed, codec, progress=progress,
-                                      class_labels=labels)
+                                      class_labels=labels, **text)
         finite = torch.isfinite(samples[name].flatten(1)).all(dim=1)
         if not bool(finite.all()):
             raise NonFiniteError(f"evaluate: {int((~finite).sum())} of the {name}'s {len(finite)} samples are not "
                                  "finite" + (": the teacher cannot sample with this schedule" if name == "teacher"
                                              else ": retrain the student again (lower retrain.lr) with --resume"))
-        out[name] = {**asdict(network_cost(model)),
+        out[name] = {**asdict(network_cost(model, conditions)),
                      **sample_quality(samples[name], None if reference is None else reference.images, extractor)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
     if labels is not None:
@@ -556,7 +583,7 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     # Teacher and student timed in turn, whole, block by block and stem alone: the per-block
     # estimate (the student's own stem plus its blocks) is checked against one machine state.
     timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
-                            config.device, config.latency)
+                            config.device, config.latency, condition_rows(conditions, config.batch))
     for name, latency in timed.items():
         out[name].update(latency)
     out["student"]["latency_estimate_ms"] = timed["student"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())

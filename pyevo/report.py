@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from pyevo.diffusion import prediction_type  # noqa: E402
 from pyevo.latency import device_name  # noqa: E402
 from pyevo.runfolder import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from pyevo.teacher import is_class_conditional  # noqa: E402
+from pyevo.teacher import is_class_conditional, is_text_conditional  # noqa: E402
 from pyevo.training import resolve_train_dtype  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         "train_dtype": str(resolve_train_dtype(config.train_dtype, config.device)).removeprefix("torch."),
         "prediction_type": prediction_type(scheduler),
         "class_conditional": is_class_conditional(teacher),
+        "text_conditional": is_text_conditional(teacher),
+        # Text-conditional samples (data-free trajectories, evaluation) are guided at this scale.
+        "guidance_scale": config.guidance_scale if is_text_conditional(teacher) else None,
         "features": evaluated.get("features"),
         "latent": _latent(config, teacher, codec, evaluated),
         "teacher": dict(t),
@@ -142,7 +145,8 @@ def _markdown(report: dict) -> str:
         f"Device: {report['device']} ({report['device_name']}), torch {report['torch']}, "
         f"{report['dtype']}, batch {report['batch']}, seed {report['seed']}, rule {report['rule']}; "
         f"trained under {report['train_dtype']}; prediction type {report['prediction_type']}"
-        f"{', class-conditional' if report['class_conditional'] else ''}.",
+        f"{', class-conditional' if report['class_conditional'] else ''}"
+        f"{', text-conditional (guidance scale %g)' % report['guidance_scale'] if report['text_conditional'] else ''}.",
         "",
         f"Quality: {(report.get('features') or {}).get('note', '—')}.",
         "",

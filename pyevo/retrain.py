@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pyevo.config import RetrainConfig
 from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.space import searchable_blocks
-from pyevo.teacher import at_least_float32, model_device, noise_to_signal, record_blocks
+from pyevo.teacher import at_least_float32, conditioning, model_device, noise_to_signal, record_blocks
 from pyevo.training import MixedPrecision, check_finite, check_teacher_finite
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,14 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
         # The teacher runs only when a term needs it (block targets, or its prediction as the target).
         to_teacher = config.end_target == "teacher"
         with precision.autocast():
-            calls, teacher_prediction = (record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels)
+            calls, teacher_prediction = (record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels,
+                                                       batch.encoder_hidden_states)
                                          if weight > 0 or to_teacher else ({}, None))
             if teacher_prediction is not None:
                 check_teacher_finite(teacher_prediction, batch.timesteps, "retrain", step)
             target = teacher_prediction if to_teacher else batch.target
-            prediction = student(batch.noisy, batch.timesteps, class_labels=batch.labels).sample
+            prediction = student(batch.noisy, batch.timesteps,
+                                 **conditioning(student, batch.labels, batch.encoder_hidden_states)).sample
             end_loss = F.mse_loss(at_least_float32(prediction), at_least_float32(target))
             loss = (1.0 - weight) * end_loss
             record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}

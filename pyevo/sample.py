@@ -2,12 +2,15 @@
 
     python -m pyevo.sample [--out runs/teacher_samples.png] [--n 64] [--steps 50] [--seed 0]
                            [--teacher FOLDER] [--scheduler DIR] [--vae DIR] [--label N]
+                           [--conditions FILE] [--guidance_scale S]
 
 ``--teacher`` defaults to the built-in digits teacher. It is loaded by ``pyevo.teacher.load_teacher``:
 a pipeline folder (``unet/`` and ``scheduler/`` inside, as ``DDPMPipeline.save_pretrained`` writes
 it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A latent teacher's samples are decoded
 by its pipeline's ``vae/`` or ``vqvae/`` (or ``--vae DIR``). A class-conditional UNet samples
-``--label`` (default: labels cycling through its classes).
+``--label`` (default: labels cycling through its classes). A text-conditional UNet2DConditionModel
+samples the prompts' states in ``--conditions FILE`` (cycling through them; see ``pyevo.conditions``)
+with classifier-free guidance ``--guidance_scale``.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from tqdm import tqdm
 
 from pyevo.autoencoder import check_latent_teacher, teacher_autoencoder
 from pyevo.data import to_unit_range
-from pyevo.teacher import (TeacherError, is_class_conditional, load_teacher, model_device, num_class_embeds,
-                           sample_shape)
+from pyevo.teacher import (TeacherError, conditioning, is_class_conditional, is_text_conditional, load_teacher,
+                           model_device, num_class_embeds, sample_shape)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ def ddim_sample(
     progress: bool = True,
     class_labels: torch.Tensor | None = None,
     clip_output: bool = True,
+    encoder_hidden_states: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    negative_encoder_hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` DDIM samples (N, C, H, W), deterministic given ``seed``: images clamped to [-1, 1], or,
     with ``clip_output=False``, latents as they come (a latent teacher's, for its decoder).
@@ -52,7 +58,10 @@ def ddim_sample(
     config), so the UNet's output is read as the config's ``prediction_type`` (epsilon, v or
     sample). All initial noise is drawn up front from one generator, so the samples do not depend
     on ``batch_size``; with ``eta > 0`` the per-step noise comes from the same generator. A
-    class-conditional UNet needs ``class_labels`` (n,), one per sample.
+    class-conditional UNet needs ``class_labels`` (n,), one per sample; a text-conditional one
+    ``encoder_hidden_states`` (n, L, D). With ``guidance_scale`` > 1 the prediction is classifier-free
+    guided as StableDiffusionPipeline guides it, ``uncond + scale * (cond - uncond)``, the unconditional
+    prediction made from ``negative_encoder_hidden_states`` (1, L, D), both in one doubled batch.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
@@ -60,6 +69,13 @@ def ddim_sample(
         raise ValueError("class_labels are needed exactly when the UNet is class-conditional")
     if class_labels is not None and class_labels.shape != (n,):
         raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
+    if is_text_conditional(unet) != (encoder_hidden_states is not None):
+        raise ValueError("encoder_hidden_states are needed exactly when the UNet is text-conditional")
+    if encoder_hidden_states is not None and (encoder_hidden_states.ndim != 3 or len(encoder_hidden_states) != n):
+        raise ValueError(f"encoder_hidden_states must be ({n}, L, D), got {tuple(encoder_hidden_states.shape)}")
+    guided = guidance_scale > 1.0
+    if guided and (encoder_hidden_states is None or negative_encoder_hidden_states is None):
+        raise ValueError("guidance_scale > 1 needs encoder_hidden_states and negative_encoder_hidden_states")
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
@@ -69,12 +85,23 @@ def ddim_sample(
     outputs = []
     bar = tqdm(total=steps * math.ceil(n / batch_size), desc="ddim", disable=not progress, mininterval=2.0)
     device = model_device(unet)
-    labels = [None] * len(noise.split(batch_size)) if class_labels is None else class_labels.split(batch_size)
-    for x, y in zip(noise.split(batch_size), labels):
+    chunks = len(noise.split(batch_size))
+    labels = [None] * chunks if class_labels is None else class_labels.split(batch_size)
+    states = [None] * chunks if encoder_hidden_states is None else encoder_hidden_states.split(batch_size)
+    negative = None if not guided else negative_encoder_hidden_states.to(device)
+    for x, y, s in zip(noise.split(batch_size), labels, states):
         x = x.to(device)  # the noise is drawn on the CPU, so every device gets the same samples
         y = None if y is None else y.to(device)
+        s = None if s is None else s.to(device)
+        if guided:  # one forward of [unconditional rows; conditional rows], as StableDiffusionPipeline runs it
+            s = torch.cat([negative.expand(len(x), *negative.shape[1:]), s])
+            y = None if y is None else torch.cat([y, y])
         for t in scheduler.timesteps:
-            prediction = unet(x, t, class_labels=y).sample
+            if guided:
+                unconditional, conditional = unet(torch.cat([x, x]), t, **conditioning(unet, y, s)).sample.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            else:
+                prediction = unet(x, t, **conditioning(unet, y, s)).sample
             x = scheduler.step(prediction, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
         outputs.append((x.clamp(-1.0, 1.0) if clip_output else x).cpu())
@@ -85,11 +112,12 @@ def ddim_sample(
 
 def sample_images(unet: UNet2DModel, scheduler_config: dict, n: int, steps: int = 50, seed: int = 0,
                   codec=None, progress: bool = True, class_labels: torch.Tensor | None = None,
-                  batch_size: int = 250) -> torch.Tensor:
+                  batch_size: int = 250, **conditions) -> torch.Tensor:
     """``n`` images in [-1, 1] from ``unet``: its DDIM samples, or, for a latent teacher (``codec``, a
-    :class:`pyevo.autoencoder.LatentCodec`), its latent samples decoded as a latent pipeline decodes them."""
+    :class:`pyevo.autoencoder.LatentCodec`), its latent samples decoded as a latent pipeline decodes them.
+    ``conditions``: a text-conditional UNet's ``encoder_hidden_states`` and guidance, as ddim_sample takes them."""
     samples = ddim_sample(unet, scheduler_config, n, steps, seed, batch_size=batch_size, progress=progress,
-                          class_labels=class_labels, clip_output=codec is None)
+                          class_labels=class_labels, clip_output=codec is None, **conditions)
     return samples if codec is None else codec.decode(samples)
 
 
@@ -120,6 +148,8 @@ class SampleConfig:
     scheduler: str = ""  # a scheduler folder, for a bare UNet folder
     vae: str = ""  # latent teachers: the autoencoder folder (default: the teacher pipeline's vae/ or vqvae/)
     label: int = -1  # class-conditional teachers: the label of every sample (-1: cycle through classes)
+    conditions: str = ""  # text-conditional teachers: the safetensors file of encoder states
+    guidance_scale: float = 7.5  # text-conditional teachers: classifier-free guidance (<= 1: none)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,12 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SampleConfig(**vars(parser.parse_args(argv)))
     if cfg.n < 1 or cfg.steps < 1:
         raise SystemExit(f"error: --n and --steps must be positive (got n={cfg.n}, steps={cfg.steps})")
+    from pyevo.conditions import ConditionsError, condition_rows, guidance, load_conditions
+
     try:
         unet, scheduler = load_teacher(cfg.teacher, cfg.scheduler or None)
         codec = teacher_autoencoder(cfg.teacher, cfg.vae or None)
         if codec is not None:
             check_latent_teacher(codec, unet)
-    except TeacherError as err:
+        conditions = load_conditions(cfg.conditions, unet)
+    except (TeacherError, ConditionsError) as err:
         raise SystemExit(f"error: {err}") from None
     labels = None
     if is_class_conditional(unet):
@@ -150,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             labels = torch.arange(cfg.n) % classes
     samples = sample_images(unet, scheduler.config, cfg.n, steps=cfg.steps, seed=cfg.seed, codec=codec,
-                            class_labels=labels)
+                            class_labels=labels, encoder_hidden_states=condition_rows(conditions, cfg.n),
+                            **guidance(conditions, cfg.guidance_scale))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(samples).save(out)

@@ -1,6 +1,7 @@
-"""The exported student: a diffusers UNet2DModel whose searched layers take the genome's shapes.
+"""The exported student: a diffusers UNet whose searched layers take the genome's shapes.
 
-``StudentUNet2DModel`` is ``UNet2DModel`` with one more config field, ``genome`` (the network genome
+``StudentUNet2DModel`` is ``UNet2DModel`` (``StudentUNet2DConditionModel`` is ``UNet2DConditionModel``,
+a drop-in ``unet`` for ``StableDiffusionPipeline``) with one more config field, ``genome`` (the network genome
 string, see ``pyevo.space``). Its constructor builds the teacher-shaped network from the config and
 then swaps every searched layer for a plain static one: ``SlimResnetBlock2D`` (nn.Conv2d, GroupNorm,
 Linear, SiLU), ``ShortcutOnly`` for a skipped resnet, a diffusers ``Attention`` with fewer heads,
@@ -12,17 +13,19 @@ drop-in ``unet`` for ``DDPMPipeline`` / ``DDIMPipeline``. Inference uses no supe
 
 ``build_static_block`` turns one super-block and a genome into such a stand-alone block (for
 per-block latency and cost); ``StudentUNet2DModel.from_supernet`` assembles the whole student
-from the teacher's stem/head and the supernet's blocks.
+from the teacher's stem/head and the supernet's blocks; ``load_student(folder)`` reloads either kind.
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
@@ -267,7 +270,8 @@ def export_transformer(super_transformer: SuperTransformer2D, arch: TransformerA
     if arch.dropped:
         return static
     reference = super_transformer.proj_in.weight
-    static.to(device=reference.device, dtype=reference.dtype)
+    # nn.Module.to: ModelMixin.to warns on every dtype cast once its (here empty) keep-in-float32 list exists.
+    nn.Module.to(static, device=reference.device, dtype=reference.dtype)
     head_dim = super_transformer.config.head_dim
     with torch.no_grad():
         for name in ("norm", "proj_in", "proj_out"):
@@ -317,40 +321,52 @@ def make_block_static(block: nn.Module, space: BlockSpace, genome) -> None:
                                                      transformer_arch)
 
 
-# --------------------------------------------------------------- the model
-def _with_genome_parameter(init):
-    """Give ``init`` UNet2DModel's signature plus ``genome``: diffusers' config machinery reads the
-    config fields from the __init__ signature (register_to_config, from_config)."""
-    parent = inspect.signature(UNet2DModel.__init__)
-    genome = inspect.Parameter("genome", inspect.Parameter.KEYWORD_ONLY, default="", annotation=str)
-    init.__signature__ = parent.replace(parameters=[*parent.parameters.values(), genome])
-    return init
+# --------------------------------------------------------------- the models
+def _with_genome_parameter(teacher_class: type):
+    """Give an __init__ ``teacher_class``'s signature plus ``genome``: diffusers' config machinery reads
+    the config fields from the __init__ signature (register_to_config, from_config)."""
+    def decorate(init):
+        parent = inspect.signature(teacher_class.__init__)
+        genome = inspect.Parameter("genome", inspect.Parameter.KEYWORD_ONLY, default="", annotation=str)
+        init.__signature__ = parent.replace(parameters=[*parent.parameters.values(), genome])
+        return init
+
+    return decorate
 
 
-class StudentUNet2DModel(UNet2DModel):
-    """UNet2DModel + ``genome``: the teacher's config with the searched layers re-shaped.
-
-    ``genome`` is an ``encode_network`` string over the teacher-shaped network's blocks; the empty
-    string means the teacher's genome everywhere (the teacher's architecture).
-    """
-
+def _student_init(teacher_class: type):
+    """The __init__ of a student of ``teacher_class``: the teacher-shaped network from the config, then
+    every searched layer swapped for a static one of the genome's shapes."""
     @register_to_config
-    @_with_genome_parameter
+    @_with_genome_parameter(teacher_class)
     def __init__(self, *, genome: str = "", **unet_config):
-        super().__init__(**unet_config)
+        teacher_class.__init__(self, **unet_config)
         spaces = unet_space(self)
         network = decode_network(genome, spaces) if genome else teacher_network(spaces)
         for space in spaces:
             make_block_static(self.get_submodule(space.name), space, network[space.name])
 
+    return __init__
+
+
+class _Student:
+    """What the student classes share: the teacher's config + ``genome``, the searched layers re-shaped.
+
+    ``genome`` is an ``encode_network`` string over the teacher-shaped network's blocks; the empty
+    string means the teacher's genome everywhere (the teacher's architecture). ``teacher_class`` is the
+    diffusers UNet class the student is a drop-in for.
+    """
+
+    teacher_class: type
+
     def network_genome(self) -> NetworkGenome:
         """The genome of every block, decoded from the config."""
-        spaces = unet_space(_teacher_shaped(self.config))
+        spaces = unet_space(_teacher_shaped(self.teacher_class, self.config))
         return decode_network(self.config.genome, spaces) if self.config.genome else teacher_network(spaces)
 
     @classmethod
-    def from_supernet(cls, teacher: UNet2DModel, supernet: Supernet,
-                      network_genome: Mapping[str, tuple[int, ...]] | str) -> "StudentUNet2DModel":
+    def from_supernet(cls, teacher: nn.Module, supernet: Supernet,
+                      network_genome: Mapping[str, tuple[int, ...]] | str):
         """The student of ``network_genome`` with inherited weights: the stem and head (conv_in, time
         and class embeddings, conv_norm_out, conv_out) from ``teacher``, every searched block from
         ``supernet`` (crops and prefixes of the shared weights), so each block computes what its
@@ -374,8 +390,46 @@ class StudentUNet2DModel(UNet2DModel):
         return student.eval()
 
 
-def _teacher_shaped(config: Mapping) -> UNet2DModel:
-    """The teacher-shaped UNet2DModel of a student config, on the meta device (shapes only)."""
+class StudentUNet2DModel(_Student, UNet2DModel):
+    """UNet2DModel + ``genome``: a drop-in ``unet`` for DDPMPipeline / DDIMPipeline / LDMPipeline."""
+
+    teacher_class = UNet2DModel
+    __init__ = _student_init(UNet2DModel)
+
+
+class StudentUNet2DConditionModel(_Student, UNet2DConditionModel):
+    """UNet2DConditionModel + ``genome``: a drop-in ``unet`` for StableDiffusionPipeline."""
+
+    teacher_class = UNet2DConditionModel
+    __init__ = _student_init(UNet2DConditionModel)
+
+
+STUDENT_CLASSES = {cls.__name__: cls for cls in (StudentUNet2DModel, StudentUNet2DConditionModel)}
+
+
+def student_class(teacher: nn.Module) -> type:
+    """The student class for ``teacher``'s kind of UNet."""
+    for cls in STUDENT_CLASSES.values():
+        if isinstance(teacher, cls.teacher_class):
+            return cls
+    raise TypeError(f"no student class for a {type(teacher).__name__}")
+
+
+def load_student(folder: str | Path, **kwargs) -> nn.Module:
+    """The student saved in ``folder`` (``save_pretrained``), as the class its config names
+    (StudentUNet2DModel or StudentUNet2DConditionModel); ``kwargs`` go to ``from_pretrained``."""
+    folder = Path(folder).expanduser()
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} holds no saved student (no config.json)")
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    if class_name not in STUDENT_CLASSES:
+        raise ValueError(f"{folder} holds a {class_name}, not a pyevo student ({', '.join(STUDENT_CLASSES)})")
+    return STUDENT_CLASSES[class_name].from_pretrained(folder, **kwargs)
+
+
+def _teacher_shaped(teacher_class: type, config: Mapping) -> nn.Module:
+    """The teacher-shaped network of a student config, on the meta device (shapes only)."""
     unet_config = {k: v for k, v in config.items() if not k.startswith("_") and k != "genome"}
     with torch.device("meta"):
-        return UNet2DModel(**unet_config)
+        return teacher_class(**unet_config)

@@ -1,7 +1,10 @@
 """The teacher stage: load a diffusers UNet from a local folder and record what its blocks see.
 
-The searchable blocks are ``down_blocks[i]``, ``mid_block`` and ``up_blocks[i]``; the stem and the
-head (conv_in, time embedding, conv_norm_out, conv_out) stay the teacher's.
+A teacher is a ``UNet2DModel`` (pixel or latent; unconditional or class-conditional) or a
+``UNet2DConditionModel`` (text-conditional, Stable-Diffusion-shaped: its forward takes
+``encoder_hidden_states``, see :mod:`pyevo.conditions`). The searchable blocks are
+``down_blocks[i]``, ``mid_block`` and ``up_blocks[i]``; the stem and the head (conv_in, time
+embedding, conv_norm_out, conv_out) stay the teacher's.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from pyevo.diffusion import prediction_type
@@ -25,13 +29,14 @@ class TeacherError(ValueError):
     """The teacher a user named cannot be used (missing folder, unsupported model)."""
 
 
-SUPPORTED_UNETS = ("UNet2DModel",)
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+SUPPORTED_UNETS = tuple(UNET_CLASSES)
 BUILT_IN_TEACHERS = ("digits", "latent-digits")
 # class_embed_type values whose class_labels are integer labels (None: an nn.Embedding table).
 LABEL_EMBEDDINGS = (None, "timestep")
 
 
-def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+def load_teacher(spec: str, scheduler: str | None = None) -> tuple[ModelMixin, DDPMScheduler]:
     """The one teacher loader: a built-in teacher (``"digits"``, ``"latent-digits"``) or a local
     folder, in eval mode. A latent teacher's autoencoder is loaded beside it by
     :func:`pyevo.autoencoder.teacher_autoencoder`.
@@ -61,11 +66,38 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[UNet2DModel, 
         # (ScoreSdeVeScheduler), not the integer DDPM timesteps, 0 included, that pyevo trains on.
         raise TeacherError(f"{unet_folder}: time_embedding_type 'fourier' takes continuous noise levels "
                            "(score-SDE, log t); pyevo trains on DDPM timesteps: use a 'positional' teacher")
+    if class_name == "UNet2DConditionModel":
+        _check_text_conditional_config(config, unet_folder)
     try:
-        unet = UNet2DModel.from_pretrained(unet_folder, local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNET_CLASSES[class_name].from_pretrained(unet_folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise TeacherError(f"cannot load the UNet in {unet_folder}: {first_line(error)}") from None
     return unet.eval().requires_grad_(False), _load_scheduler(folder, unet_folder, scheduler)
+
+
+def _check_text_conditional_config(config: dict, unet_folder: Path) -> None:
+    """Refuse, in one line, the UNet2DConditionModel options whose extra inputs pyevo does not feed.
+
+    pyevo feeds a text-conditional UNet its timestep and ``encoder_hidden_states`` only; block types and
+    attention variants are checked by the search space (:func:`pyevo.space.unet_space`)."""
+    refusals = {
+        "addition_embed_type": "takes added_cond_kwargs (SDXL's text_embeds / time_ids and the like)",
+        "encoder_hid_dim_type": "projects its encoder states first (encoder_hid_proj)",
+        "num_class_embeds": "is class- as well as text-conditional",
+        "class_embed_type": "is class- as well as text-conditional",
+        "time_cond_proj_dim": "takes a timestep_cond (a guidance embedding)",
+    }
+    for key, why in refusals.items():
+        if config.get(key) is not None:
+            raise TeacherError(f"{unet_folder}: {key} {config[key]!r} {why}; pyevo supports text-conditional "
+                               "UNet2DConditionModels conditioned by encoder_hidden_states alone")
+    if config.get("attention_type", "default") != "default":
+        raise TeacherError(f"{unet_folder}: attention_type {config['attention_type']!r} (GLIGEN's gated "
+                           "attention) is not supported; pyevo supports attention_type 'default'")
+    dims = config.get("cross_attention_dim")
+    if isinstance(dims, (list, tuple)) and len(set(dims)) > 1:
+        raise TeacherError(f"{unet_folder}: cross_attention_dim {list(dims)} differs between blocks; pyevo feeds "
+                           "every block the same encoder states")
 
 
 def resolve_teacher_folder(spec: str) -> Path:
@@ -121,6 +153,32 @@ def first_line(error: BaseException) -> str:
 def is_class_conditional(unet: nn.Module) -> bool:
     """Whether the UNet's forward takes ``class_labels`` (diffusers builds a class embedding)."""
     return getattr(unet, "class_embedding", None) is not None
+
+
+def is_text_conditional(unet: nn.Module) -> bool:
+    """Whether the UNet's forward takes ``encoder_hidden_states`` (a UNet2DConditionModel, students included)."""
+    return isinstance(unet, UNet2DConditionModel)
+
+
+def cross_attention_dim(unet: nn.Module) -> int:
+    """The width D of the encoder states a text-conditional UNet attends to (one for every block)."""
+    dims = unet.config.cross_attention_dim
+    return int(dims[0] if isinstance(dims, (list, tuple)) else dims)
+
+
+def conditioning(unet: nn.Module, class_labels: torch.Tensor | None = None,
+                 encoder_hidden_states: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``unet``'s forward for its conditions: ``class_labels`` (None for an
+    unconditional UNet), and ``encoder_hidden_states`` for a text-conditional one (UNet2DModel's forward
+    has no such argument)."""
+    kwargs: dict[str, Any] = {"class_labels": class_labels}
+    if is_text_conditional(unet):
+        if encoder_hidden_states is None:
+            raise ValueError("a text-conditional UNet needs encoder_hidden_states")
+        kwargs["encoder_hidden_states"] = encoder_hidden_states
+    elif encoder_hidden_states is not None:
+        raise ValueError(f"a {type(unet).__name__} takes no encoder_hidden_states")
+    return kwargs
 
 
 def num_class_embeds(unet: nn.Module) -> int | None:
@@ -201,11 +259,14 @@ def _detached(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
-                  class_labels: torch.Tensor | None = None) -> tuple[dict[str, BlockCall], torch.Tensor]:
+                  class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None
+                  ) -> tuple[dict[str, BlockCall], torch.Tensor]:
     """Run the teacher once; return every searchable block's inputs and output, and its prediction.
 
     The blocks see the labels through the time embedding they are handed (``temb``), so a recorded
-    call of a class-conditional teacher carries its labels without naming them.
+    call of a class-conditional teacher carries its labels without naming them. A text-conditional
+    teacher hands its cross-attention blocks ``encoder_hidden_states`` as a keyword argument, so the
+    recorded call carries them too, and replaying it feeds them to a student or super block.
     """
     calls: dict[str, BlockCall] = {}
     pending: dict[str, tuple] = {}
@@ -222,7 +283,7 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
         with torch.no_grad():
-            prediction = unet(sample, timesteps, class_labels=class_labels).sample
+            prediction = unet(sample, timesteps, **conditioning(unet, class_labels, encoder_hidden_states)).sample
     finally:
         for handle in handles:
             handle.remove()

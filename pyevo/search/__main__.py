@@ -15,13 +15,19 @@ from pyevo.config import PRESETS, ConfigError, describe_keys, load_config
 # Flags that set one config key each (dest -> dotted key).
 FLAGS = {
     "teacher": ("teacher", "'digits' (built-in), a diffusers pipeline folder (unet/ + scheduler/) or a bare "
-                           "UNet2DModel folder (then --scheduler too)"),
+                           "UNet2DModel / UNet2DConditionModel folder (then --scheduler too)"),
     "scheduler": ("scheduler", "scheduler folder (scheduler_config.json): the teacher's noise schedule and "
                                "prediction type; needed with a bare UNet folder"),
     "vae": ("vae", "latent teachers: an AutoencoderKL or VQModel folder (or a pipeline folder with vae/ or "
                    "vqvae/) that encodes the data and decodes samples; default: the teacher pipeline's own"),
     "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class), "
                      "or 'data-free' (inputs sampled from the teacher)"),
+    "conditions": ("conditions", "text-conditional teachers (UNet2DConditionModel): a safetensors file of "
+                                 "pre-computed text states, encoder_hidden_states [N, L, D] (D = the UNet's "
+                                 "cross_attention_dim), optionally negative_encoder_hidden_states [1, L, D] for "
+                                 "guidance (else zeros); data-free runs sample the teacher at these states"),
+    "guidance_scale": ("guidance_scale", "text-conditional teachers: classifier-free guidance scale of the "
+                                         "data-free and evaluation samples (<= 1: no guidance)"),
     "rule": ("search.rule", "selection rule: diffnas | block-budget | budget"),
     "budget": ("search.budget", "latency budget as a fraction of the teacher's (block-budget, budget)"),
     "device": ("device", "where every stage runs: distillation, held-out NSR, search, latency, retraining, "
@@ -95,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.pipeline import RunError, run
     from pyevo.search.select import BudgetError
     from pyevo.space import UnsupportedBlockError
+    from pyevo.conditions import ConditionsError
     from pyevo.teacher import TeacherError  # AutoencoderError is one
     from pyevo.training import NonFiniteError
 
     try:
         config = load_config(args.config, overrides, args.preset)
         report = run(config, resume=args.resume, progress=not args.quiet)
-    except (ConfigError, TeacherError, RunError, BudgetError, UnsupportedBlockError) as error:
+    except (ConfigError, TeacherError, ConditionsError, RunError, BudgetError, UnsupportedBlockError) as error:
         print(f"pyevo.search: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:

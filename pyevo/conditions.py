@@ -1,0 +1,134 @@
+"""Text conditions of a text-conditional teacher (a ``UNet2DConditionModel``): pre-computed encoder states.
+
+``--conditions FILE`` names a safetensors file holding
+
+* ``encoder_hidden_states`` [N, L, D]: N prompts' text-encoder states (what a pipeline's text encoder
+  makes of them), D the UNet's ``cross_attention_dim``;
+* optionally ``negative_encoder_hidden_states`` [1, L, D] (or [L, D]): the unconditional states that
+  classifier-free guidance contrasts with, as ``StableDiffusionPipeline`` makes them from its negative
+  prompt (the empty prompt by default). When the file has none, the unconditional states are zeros:
+  pyevo cannot encode the empty prompt without the teacher's text encoder, and zeros are what a UNet
+  trained with dropped conditions (zeroed states) saw. For a Stable Diffusion teacher, store the
+  encoding of ``""`` in the file: its samples under guidance are then the pipeline's.
+
+Data-free runs draw the teacher's sampling trajectories from these states (with guidance when
+``guidance_scale`` > 1); the evaluation samples teacher and student from the same states and noise.
+Every problem with the file is a one-line :class:`ConditionsError`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from pyevo.runfolder import tensor_digest
+from pyevo.teacher import cross_attention_dim, first_line, is_text_conditional
+
+log = logging.getLogger(__name__)
+
+STATES_KEY = "encoder_hidden_states"
+NEGATIVE_KEY = "negative_encoder_hidden_states"
+
+
+class ConditionsError(ValueError):
+    """The conditions a user gave cannot condition the teacher (missing, unreadable, wrongly shaped)."""
+
+
+@dataclass
+class Conditions:
+    """N prompts' encoder states [N, L, D] and the unconditional states [1, L, D] (float32, on the CPU)."""
+
+    states: torch.Tensor
+    negative: torch.Tensor
+    source: str  # the file they were read from
+
+    def __post_init__(self) -> None:
+        if self.states.ndim != 3 or self.negative.shape != (1, *self.states.shape[1:]):
+            raise ValueError(f"conditions must be [N, L, D] with negative [1, L, D], got {tuple(self.states.shape)} "
+                             f"and {tuple(self.negative.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def sequence_length(self) -> int:
+        return self.states.shape[1]
+
+    def rows(self, count: int) -> torch.Tensor:
+        """``count`` rows of states cycling through the N prompts (equal use of each, in file order)."""
+        return self.states[torch.arange(count) % len(self.states)]
+
+    def digest(self) -> str:
+        """A digest of the states and the unconditional states (for stage keys)."""
+        return tensor_digest([self.states, self.negative])
+
+
+def condition_rows(conditions: Conditions | None, count: int) -> torch.Tensor | None:
+    """:meth:`Conditions.rows`, or None for a teacher without text conditions."""
+    return None if conditions is None else conditions.rows(count)
+
+
+def guidance(conditions: Conditions | None, guidance_scale: float) -> dict:
+    """The keyword arguments of :func:`pyevo.sample.ddim_sample` for classifier-free guidance: the
+    scale and the unconditional states, or nothing when there are no conditions or the scale is <= 1."""
+    if conditions is None or guidance_scale <= 1.0:
+        return {}
+    return {"guidance_scale": guidance_scale, "negative_encoder_hidden_states": conditions.negative}
+
+
+def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
+    """The conditions ``path`` holds for ``unet``; None for a UNet without text conditions and no path.
+
+    Raises ConditionsError in one line: a text-conditional UNet without a file, a file for a UNet that
+    takes none, a missing or unreadable file, no ``encoder_hidden_states`` tensor, a tensor that is not
+    [N, L, D] floats, D not the UNet's ``cross_attention_dim``, an unconditional tensor of another
+    shape, non-finite values.
+    """
+    conditional = is_text_conditional(unet)
+    if not path:
+        if conditional:
+            raise ConditionsError(f"the teacher is a text-conditional {type(unet).__name__}: pass --conditions FILE "
+                                  f"(a safetensors file with {STATES_KEY} [N, L, {cross_attention_dim(unet)}])")
+        return None
+    if not conditional:
+        raise ConditionsError(f"--conditions {path}: the teacher is a {type(unet).__name__}, which takes no text "
+                              "conditions (encoder_hidden_states)")
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise ConditionsError(f"conditions file not found: {where}")
+    try:
+        tensors = safetensors.torch.load_file(where)
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
+        raise ConditionsError(f"conditions file {where} is not a readable safetensors file: "
+                              f"{first_line(error)}") from None
+    if STATES_KEY not in tensors:
+        raise ConditionsError(f"conditions file {where} has no tensor {STATES_KEY!r} (it has "
+                              f"{', '.join(sorted(tensors)) or 'none'})")
+    states = tensors[STATES_KEY]
+    dim = cross_attention_dim(unet)
+    if states.ndim != 3 or not states.is_floating_point() or 0 in states.shape:
+        raise ConditionsError(f"conditions file {where}: {STATES_KEY} must be a non-empty float tensor [N, L, D], "
+                              f"got {states.dtype} {list(states.shape)}")
+    if states.shape[2] != dim:
+        raise ConditionsError(f"conditions file {where}: {STATES_KEY} has D = {states.shape[2]}, but the teacher's "
+                              f"cross_attention_dim is {dim}")
+    negative = tensors.get(NEGATIVE_KEY)
+    if negative is None:
+        negative = torch.zeros(1, *states.shape[1:])
+    else:
+        if negative.ndim == 2:
+            negative = negative[None]
+        if tuple(negative.shape) != (1, *states.shape[1:]) or not negative.is_floating_point():
+            raise ConditionsError(f"conditions file {where}: {NEGATIVE_KEY} must be [1, L, D] = "
+                                  f"{[1, *states.shape[1:]]} like {STATES_KEY}, got {list(negative.shape)}")
+    states, negative = states.float().contiguous(), negative.float().contiguous()
+    if not bool(torch.isfinite(states).all() and torch.isfinite(negative).all()):
+        raise ConditionsError(f"conditions file {where} holds non-finite values")
+    log.info("conditions: %d prompts' states [%d, %d] from %s; unconditional states %s", len(states),
+             states.shape[1], dim, where, "from the file" if NEGATIVE_KEY in tensors else "zeros")
+    return Conditions(states, negative, str(where))

@@ -1,0 +1,195 @@
+"""Text-conditional teachers: a random-init Stable-Diffusion-shaped UNet2DConditionModel (cross-attention
+transformers of two heads) with a tiny AutoencoderKL and an embeddings file, all saved by the test itself.
+The whole CLI data-free; the student reloads in a fresh process (pyevo.load_student) and generates through
+StableDiffusionPipeline called with prompt_embeds; the guided sampler against StableDiffusionPipeline's own
+loop; bad inputs refused in one line with nothing written. (Teacher-shaped exactness of the
+SD-v1.5-config supernet is tests/test_transformer_space.py's.)"""
+import json
+import re
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from pyevo.conditions import ConditionsError, load_conditions
+from pyevo.sample import ddim_sample
+from pyevo.search.__main__ import main
+from tests.test_latent_teachers import IMAGE_SIZE, tiny_kl
+from tests.test_real_teachers import cli, fresh_process, small_unet, write_images
+
+TEXT_DIM = 16
+SEQUENCE = 5
+TEXT_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 attention_head_dim=2,  # UNet2DConditionModel's name for the number of heads: 2 per transformer
+                 cross_attention_dim=TEXT_DIM, norm_num_groups=8)
+
+
+def text_unet(**extra) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**{**TEXT_UNET, **extra}).eval()
+
+
+def write_conditions(path, prompts: int = 3, dim: int = TEXT_DIM, negative: bool = True) -> None:
+    generator = torch.Generator().manual_seed(5)
+    tensors = {"encoder_hidden_states": torch.randn(prompts, SEQUENCE, dim, generator=generator)}
+    if negative:
+        tensors["negative_encoder_hidden_states"] = 0.1 * torch.randn(1, SEQUENCE, dim, generator=generator)
+    safetensors.torch.save_file(tensors, path)
+
+
+@pytest.fixture(scope="module")
+def text_teacher(tmp_path_factory):
+    """A Stable-Diffusion-shaped pipeline folder (unet/, vae/, scheduler/) and an embeddings file."""
+    root = tmp_path_factory.mktemp("text_teacher")
+    text_unet().save_pretrained(root / "pipeline" / "unet")
+    tiny_kl().save_pretrained(root / "pipeline" / "vae")
+    DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(root / "pipeline" / "scheduler")
+    write_conditions(root / "prompts.safetensors")
+    return root
+
+
+def test_text_conditional_teacher_runs_end_to_end_and_its_student_generates_through_stable_diffusion(
+        text_teacher, tmp_path):
+    out = tmp_path / "run"
+    result = cli("--teacher", str(text_teacher / "pipeline"), "--data", "data-free", "--conditions",
+                 str(text_teacher / "prompts.safetensors"), "--guidance-scale", "2.5", "--out", str(out),
+                 "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["text_conditional"] and report["guidance_scale"] == 2.5 and not report["class_conditional"]
+    assert "text-conditional (guidance scale 2.5)" in (out / "report.md").read_text()
+    assert set(report["blocks"]) == {"down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"}
+    # The cross-attention blocks' genomes name their transformers.
+    assert "t0:" in report["student"]["genome"].split("down_blocks.0=")[1].split(";")[0]
+    assert report["student"]["psnr_vs_teacher"] is not None
+    samples = safetensors.torch.load_file(out / "samples.safetensors")
+    assert samples["student"].shape == samples["teacher"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert json.loads((out / "student" / "config.json").read_text())["_class_name"] == "StudentUNet2DConditionModel"
+
+    pipeline = text_teacher / "pipeline"
+    stdout = fresh_process(f"""
+        import torch, pyevo, safetensors.torch
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        student = pyevo.load_student({str(out / "student")!r})
+        assert type(student).__name__ == "StudentUNet2DConditionModel", type(student)
+        assert isinstance(student, UNet2DConditionModel)
+        teacher = UNet2DConditionModel.from_pretrained({str(pipeline / "unet")!r})
+        vae = AutoencoderKL.from_pretrained({str(pipeline / "vae")!r})
+        scheduler = DDIMScheduler.from_pretrained({str(pipeline / "scheduler")!r})
+        conditions = safetensors.torch.load_file({str(text_teacher / "prompts.safetensors")!r})
+        prompts = conditions["encoder_hidden_states"][:2]
+        negative = conditions["negative_encoder_hidden_states"].expand(2, -1, -1)
+        shapes = []
+        for unet in (teacher, student):
+            # No text encoder or tokenizer: the prompts come as their states.
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            images = pipe(prompt_embeds=prompts, negative_prompt_embeds=negative, guidance_scale=2.5,
+                          num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+            assert images.shape == (2, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), images.shape
+            shapes.append(images.shape)
+        print("shapes", shapes)
+    """)
+    assert "shapes" in stdout
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_guided_ddim_sample_is_stable_diffusion_pipelines_denoising_loop(guidance_scale):
+    """Same noise, states, schedule and steps: ddim_sample's latents are StableDiffusionPipeline's."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae = text_unet(), tiny_kl()
+    # steps_offset=1: StableDiffusionPipeline rewrites any other value in its scheduler's config.
+    scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1)
+    generator = torch.Generator().manual_seed(3)
+    states = torch.randn(2, SEQUENCE, TEXT_DIM, generator=generator)
+    negative = torch.randn(1, SEQUENCE, TEXT_DIM, generator=generator)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    expected = pipe(prompt_embeds=states, negative_prompt_embeds=negative.expand(2, -1, -1),
+                    guidance_scale=guidance_scale, num_inference_steps=4, output_type="latent",
+                    generator=torch.Generator().manual_seed(11)).images
+    guided = {} if guidance_scale <= 1 else {"guidance_scale": guidance_scale,
+                                              "negative_encoder_hidden_states": negative}
+    actual = ddim_sample(unet, scheduler.config, 2, steps=4, seed=11, progress=False, clip_output=False,
+                         encoder_hidden_states=states, **guided)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conditions_file_is_read_and_checked(tmp_path):
+    unet = text_unet()
+    path = tmp_path / "c.safetensors"
+    write_conditions(path, negative=False)
+    conditions = load_conditions(str(path), unet)
+    assert conditions.states.shape == (3, SEQUENCE, TEXT_DIM) and conditions.sequence_length == SEQUENCE
+    assert torch.equal(conditions.negative, torch.zeros(1, SEQUENCE, TEXT_DIM))  # no negative in the file: zeros
+    assert torch.equal(conditions.rows(5), conditions.states[[0, 1, 2, 0, 1]])  # each prompt in turn
+    safetensors.torch.save_file({"encoder_hidden_states": torch.zeros(2, SEQUENCE, TEXT_DIM),
+                                 "negative_encoder_hidden_states": torch.zeros(SEQUENCE, TEXT_DIM)}, path)
+    assert load_conditions(str(path), unet).negative.shape == (1, SEQUENCE, TEXT_DIM)
+    for tensors, message in [
+        ({"prompts": torch.zeros(2, SEQUENCE, TEXT_DIM)}, "has no tensor 'encoder_hidden_states' (it has prompts)"),
+        ({"encoder_hidden_states": torch.zeros(2, TEXT_DIM)}, "must be a non-empty float tensor [N, L, D]"),
+        ({"encoder_hidden_states": torch.zeros(2, SEQUENCE, TEXT_DIM),
+          "negative_encoder_hidden_states": torch.zeros(1, SEQUENCE + 1, TEXT_DIM)}, "must be [1, L, D]"),
+        ({"encoder_hidden_states": torch.full((2, SEQUENCE, TEXT_DIM), float("nan"))}, "non-finite values"),
+    ]:
+        safetensors.torch.save_file(tensors, path)
+        with pytest.raises(ConditionsError, match=re.escape(message)):
+            load_conditions(str(path), unet)
+    path.write_text("not safetensors")
+    with pytest.raises(ConditionsError, match="is not a readable safetensors file"):
+        load_conditions(str(path), unet)
+    with pytest.raises(ConditionsError, match="takes no text conditions"):
+        load_conditions(str(path), small_unet(3))
+    assert load_conditions("", small_unet(3)) is None
+
+
+def _refused(capsys, out, message, *args):
+    code = main(["--quiet", "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("pyevo.search: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_bad_inputs_for_text_conditional_teachers_are_one_line_refusals(text_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline = str(text_teacher / "pipeline")
+    _refused(capsys, out, "text-conditional UNet2DConditionModel: pass --conditions FILE (a safetensors file with "
+             f"encoder_hidden_states [N, L, {TEXT_DIM}])", "--teacher", pipeline, "--data", "data-free")
+    wrong = tmp_path / "wrong.safetensors"
+    write_conditions(wrong, dim=8)
+    _refused(capsys, out, f"encoder_hidden_states has D = 8, but the teacher's cross_attention_dim is {TEXT_DIM}",
+             "--teacher", pipeline, "--data", "data-free", "--conditions", str(wrong))
+    _refused(capsys, out, "conditions file not found", "--teacher", pipeline, "--data", "data-free",
+             "--conditions", str(tmp_path / "missing.safetensors"))
+    images = tmp_path / "images"
+    write_images(images, 4, channels=3)
+    _refused(capsys, out, "a text-conditional teacher trains data-free", "--teacher", pipeline, "--data", str(images),
+             "--conditions", str(text_teacher / "prompts.safetensors"))
+    # Teacher variants whose extra inputs pyevo does not feed, and blocks it cannot search.
+    for extra, message in [({"addition_embed_type": "text"},
+                            "addition_embed_type 'text' takes added_cond_kwargs"),
+                           ({"num_class_embeds": 3}, "num_class_embeds 3 is class- as well as text-conditional"),
+                           ({"attention_type": "gated"}, "attention_type 'gated'"),
+                           ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "UNetMidBlock2DSimpleCrossAttn")]:
+        folder = tmp_path / "variant"
+        text_unet(**extra).save_pretrained(folder / "unet")
+        DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+        _refused(capsys, out, message, "--teacher", str(folder), "--data", "data-free", "--conditions",
+                 str(text_teacher / "prompts.safetensors"))
+
+
+def test_load_student_returns_the_saved_kind(tmp_path):
+    import pyevo
+
+    pyevo.StudentUNet2DModel.from_config(small_unet(3).config).save_pretrained(tmp_path / "pixel")
+    pyevo.StudentUNet2DConditionModel.from_config(text_unet().config).save_pretrained(tmp_path / "text")
+    assert type(pyevo.load_student(tmp_path / "pixel")) is pyevo.StudentUNet2DModel
+    assert type(pyevo.load_student(tmp_path / "text")) is pyevo.StudentUNet2DConditionModel
+    text_unet().save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="holds a UNet2DConditionModel, not a pyevo student"):
+        pyevo.load_student(tmp_path / "teacher")
