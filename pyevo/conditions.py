@@ -13,7 +13,9 @@
 
 Data-free runs draw the teacher's sampling trajectories from these states (with guidance when
 ``guidance_scale`` > 1); the evaluation samples teacher and student from the same states and noise.
-Every problem with the file is a one-line :class:`ConditionsError`.
+Under guidance the student is also called at the unconditional states (and the guided prediction
+amplifies the difference of its two predictions), so guided runs train and score on both
+(:func:`with_unconditional_rows`). Every problem with the file is a one-line :class:`ConditionsError`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from pyevo.diffusion import ImageSet
 from pyevo.runfolder import tensor_digest
 from pyevo.teacher import cross_attention_dim, first_line, is_text_conditional
 
@@ -79,6 +82,16 @@ def guidance(conditions: Conditions | None, guidance_scale: float) -> dict:
     if conditions is None or guidance_scale <= 1.0:
         return {}
     return {"guidance_scale": guidance_scale, "negative_encoder_hidden_states": conditions.negative}
+
+
+def with_unconditional_rows(data: ImageSet, negative: torch.Tensor) -> ImageSet:
+    """``data`` with every image twice, interleaved: at its own states, then at the unconditional states
+    ``negative`` [1, L, D], as a guided sampler calls the UNet at each noisy image. Interleaved, so that
+    any prefix (the held-out set's first rows) holds both kinds equally."""
+    order = torch.arange(2 * len(data)) // 2
+    states = data.encoder_hidden_states[order].clone()
+    states[1::2] = negative
+    return ImageSet(data.images[order], None if data.labels is None else data.labels[order], states)
 
 
 def load_conditions(path: str, unet: nn.Module) -> Conditions | None:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
-from pyevo.conditions import Conditions, condition_rows, guidance, load_conditions
+from pyevo.conditions import Conditions, condition_rows, guidance, load_conditions, with_unconditional_rows
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
@@ -103,7 +103,10 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
                              **guidance(conditions, config.guidance_scale))
         generated = ImageSet(images, labels, states)
         split = count - config.search.heldout_size
-        return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None
+        train, heldout = generated.subset(slice(0, split)), generated.subset(slice(split, None))
+        if guidance(conditions, config.guidance_scale):
+            train, heldout = (with_unconditional_rows(part, conditions.negative) for part in (train, heldout))
+        return train, heldout, None
     from pyevo.data import ImageFolder, UnreadableImage
 
     folder = Path(config.data).expanduser()

@@ -119,6 +119,31 @@ def test_guided_ddim_sample_is_stable_diffusion_pipelines_denoising_loop(guidanc
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_data_free_sets_carry_the_prompts_and_under_guidance_the_unconditional_states(text_teacher, guidance_scale):
+    from pyevo.config import RunConfig, SearchConfig
+    from pyevo.pipeline import load_images
+    from pyevo.teacher import load_teacher
+
+    teacher, scheduler = load_teacher(str(text_teacher / "pipeline"))
+    conditions = load_conditions(str(text_teacher / "prompts.safetensors"), teacher)
+    config = RunConfig(data="data-free", guidance_scale=guidance_scale, search=SearchConfig(heldout_size=4))
+    train, heldout, reference = load_images(config, teacher, scheduler, None, conditions)
+    # 4 x heldout_size trajectories, each prompt in turn; the last heldout_size are held out.
+    prompts = conditions.rows(16)
+    if guidance_scale <= 1:
+        assert len(train) == 12 and len(heldout) == 4 and reference is None
+        assert torch.equal(train.encoder_hidden_states, prompts[:12])
+        assert torch.equal(heldout.encoder_hidden_states, prompts[12:])
+        return
+    # Guided: every image twice, at its prompt's states and at the unconditional ones, interleaved.
+    assert len(train) == 24 and len(heldout) == 8
+    for part, rows in ((train, prompts[:12]), (heldout, prompts[12:])):
+        assert torch.equal(part.images[0::2], part.images[1::2])
+        assert torch.equal(part.encoder_hidden_states[0::2], rows)
+        assert torch.equal(part.encoder_hidden_states[1::2], conditions.negative.expand(len(rows), -1, -1))
+
+
 def test_conditions_file_is_read_and_checked(tmp_path):
     unet = text_unet()
     path = tmp_path / "c.safetensors"
@@ -193,3 +218,17 @@ def test_load_student_returns_the_saved_kind(tmp_path):
     text_unet().save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match="holds a UNet2DConditionModel, not a pyevo student"):
         pyevo.load_student(tmp_path / "teacher")
+
+
+def test_sample_cli_samples_a_text_conditional_teacher_at_its_conditions(text_teacher, tmp_path):
+    from PIL import Image
+
+    from pyevo.sample import main as sample_main
+
+    grid = tmp_path / "grid.png"
+    pipeline = str(text_teacher / "pipeline")
+    sample_main(["--teacher", pipeline, "--conditions", str(text_teacher / "prompts.safetensors"), "--n", "2",
+                 "--steps", "2", "--guidance_scale", "2", "--out", str(grid)])
+    assert Image.open(grid).mode == "RGB"  # decoded by the pipeline's VAE
+    with pytest.raises(SystemExit, match="pass --conditions FILE"):
+        sample_main(["--teacher", pipeline, "--n", "2", "--steps", "2", "--out", str(grid)])
