@@ -68,6 +68,13 @@ def test_text_conditional_teacher_runs_end_to_end_and_its_student_generates_thro
     samples = safetensors.torch.load_file(out / "samples.safetensors")
     assert samples["student"].shape == samples["teacher"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert json.loads((out / "student" / "config.json").read_text())["_class_name"] == "StudentUNet2DConditionModel"
+    # Resumed, every stage is read back (the conditions are in the keys) and the run ends the same.
+    resumed = cli("--teacher", str(text_teacher / "pipeline"), "--data", "data-free", "--conditions",
+                  str(text_teacher / "prompts.safetensors"), "--guidance-scale", "2.5", "--out", str(out),
+                  "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["stages"] == report["stages"] and again["student"]["genome"] == report["student"]["genome"]
 
     pipeline = text_teacher / "pipeline"
     stdout = fresh_process(f"""
@@ -232,3 +239,35 @@ def test_sample_cli_samples_a_text_conditional_teacher_at_its_conditions(text_te
     assert Image.open(grid).mode == "RGB"  # decoded by the pipeline's VAE
     with pytest.raises(SystemExit, match="pass --conditions FILE"):
         sample_main(["--teacher", pipeline, "--n", "2", "--steps", "2", "--out", str(grid)])
+
+
+def test_held_out_calls_carry_the_states_and_plain_blocks_score_alike_through_the_population_ops():
+    """The held-out calls replay the prompts' states into the cross-attention blocks (the teacher-shaped
+    super-block reproduces the teacher's output from them); the text-free blocks of a conditional UNet go
+    through the population ops on CUDA, which agree with the per-candidate NSRs (checked here on the CPU)."""
+    import random
+
+    from pyevo.diffusion import ImageSet
+    from pyevo.distill import block_nsr, heldout_calls
+    from pyevo.search.population import population_nsr
+    from pyevo.supernet import build_supernet
+
+    teacher = text_unet()
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randn(6, 4, 8, 8, generator=generator), None,
+                    torch.randn(6, SEQUENCE, TEXT_DIM, generator=generator))
+    calls = heldout_calls(teacher, data, DDPMScheduler(num_train_timesteps=100), size=6, seed=0)
+    assert torch.equal(calls["down_blocks.0"].kwargs["encoder_hidden_states"], data.encoder_hidden_states)
+    supernet = build_supernet(teacher)
+    for name in ("down_blocks.0", "mid_block", "up_blocks.1"):
+        supernet[name].set_genome(supernet[name].space.teacher_genome())
+        assert block_nsr(supernet[name], calls[name]) < 1e-10, name
+    rng = random.Random(0)
+    for name in ("down_blocks.1", "up_blocks.0"):  # DownBlock2D, UpBlock2D: no transformer
+        block = supernet[name]
+        genomes = [block.space.random_genome(rng) for _ in range(3)]
+        expected = []
+        for genome in genomes:
+            block.set_genome(genome)
+            expected.append(block_nsr(block, calls[name]))
+        assert population_nsr(block, calls[name], genomes) == pytest.approx(expected, rel=1e-4, abs=1e-7), name
