@@ -106,8 +106,9 @@ class RunConfig:
     vae_posterior: str = "mode"  # AutoencoderKL latents of the images: the posterior's mode, or one draw
     data: str = "digits"  # "digits", an image folder (class sub-folders for labels), or "data-free"
     data_skip_bad: bool = False  # image folders: leave unreadable files out (logged) instead of refusing the run
-    # Text-conditional teachers (UNet2DConditionModel): a safetensors file of pre-computed text states,
-    # tensor encoder_hidden_states [N, L, D] (and optionally negative_encoder_hidden_states [1, L, D], the
+    # Text-conditional teachers (UNet2DConditionModel): a .txt file of prompts (one a line) for the teacher
+    # pipeline's tokenizer/ and text_encoder/, or a safetensors file of pre-computed text states, tensor
+    # encoder_hidden_states [N, L, D] (and optionally negative_encoder_hidden_states [1, L, D], the
     # unconditional states for classifier-free guidance; zeros when absent). See pyevo/conditions.py.
     conditions: str = ""
     # Classifier-free guidance of text-conditional sampling (data-free trajectories and the evaluation's
