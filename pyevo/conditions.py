@@ -1,15 +1,17 @@
-"""Text conditions of a text-conditional teacher (a ``UNet2DConditionModel``): pre-computed encoder states.
+"""Text conditions of a text-conditional teacher (a ``UNet2DConditionModel``): its prompts' encoder states.
 
-``--conditions FILE`` names a safetensors file holding
+``--conditions FILE`` names a text file of prompts, one a line (``.txt``), which the teacher pipeline's
+own ``tokenizer/`` and ``text_encoder/`` encode as ``StableDiffusionPipeline`` does (the unconditional
+states: the empty prompt's, as the pipeline's default negative prompt), or a safetensors file holding
 
 * ``encoder_hidden_states`` [N, L, D]: N prompts' text-encoder states (what a pipeline's text encoder
   makes of them), D the UNet's ``cross_attention_dim``;
 * optionally ``negative_encoder_hidden_states`` [1, L, D] (or [L, D]): the unconditional states that
   classifier-free guidance contrasts with, as ``StableDiffusionPipeline`` makes them from its negative
-  prompt (the empty prompt by default). When the file has none, the unconditional states are zeros:
-  pyevo cannot encode the empty prompt without the teacher's text encoder, and zeros are what a UNet
-  trained with dropped conditions (zeroed states) saw. For a Stable Diffusion teacher, store the
-  encoding of ``""`` in the file: its samples under guidance are then the pipeline's.
+  prompt (the empty prompt by default). When the file has none, the unconditional states are zeros
+  (what pyevo can offer without a text encoder; SDXL pipelines' ``force_zeros_for_empty_prompt`` uses
+  them too). Stable Diffusion 1.x learnt the empty prompt's states instead: for such a teacher store
+  the encoding of ``""`` in the file (or give prompts), and its guided samples are the pipeline's.
 
 Data-free runs draw the teacher's sampling trajectories from these states (with guidance when
 ``guidance_scale`` > 1); the evaluation samples teacher and student from the same states and noise.
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATES_KEY = "encoder_hidden_states"
 NEGATIVE_KEY = "negative_encoder_hidden_states"
+PROMPTS_SUFFIX = ".txt"
 
 
 class ConditionsError(ValueError):
@@ -89,24 +92,27 @@ def with_unconditional_rows(data: ImageSet, negative: torch.Tensor) -> ImageSet:
     ``negative`` [1, L, D], as a guided sampler calls the UNet at each noisy image. Interleaved, so that
     any prefix (the held-out set's first rows) holds both kinds equally."""
     order = torch.arange(2 * len(data)) // 2
-    states = data.encoder_hidden_states[order].clone()
+    states = data.encoder_hidden_states[order]  # a copy: indexing by a tensor
     states[1::2] = negative
     return ImageSet(data.images[order], None if data.labels is None else data.labels[order], states)
 
 
-def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
+def load_conditions(path: str, unet: nn.Module, teacher_folder: Path | None = None) -> Conditions | None:
     """The conditions ``path`` holds for ``unet``; None for a UNet without text conditions and no path.
 
-    Raises ConditionsError in one line: a text-conditional UNet without a file, a file for a UNet that
-    takes none, a missing or unreadable file, no ``encoder_hidden_states`` tensor, a tensor that is not
-    [N, L, D] floats, D not the UNet's ``cross_attention_dim``, an unconditional tensor of another
-    shape, non-finite values.
+    ``path`` is a safetensors file of states, or a text file of prompts (``.txt``, one a line) that the
+    text encoder and tokenizer of the teacher's pipeline folder ``teacher_folder`` encode
+    (:func:`encode_prompts`). Raises ConditionsError in one line: a text-conditional UNet without a file,
+    a file for a UNet that takes none, a missing or unreadable file, no ``encoder_hidden_states``
+    tensor, a tensor that is not [N, L, D] floats, D not the UNet's ``cross_attention_dim``, an
+    unconditional tensor of another shape, non-finite values; prompts without a pipeline text encoder.
     """
     conditional = is_text_conditional(unet)
     if not path:
         if conditional:
             raise ConditionsError(f"the teacher is a text-conditional {type(unet).__name__}: pass --conditions FILE "
-                                  f"(a safetensors file with {STATES_KEY} [N, L, {cross_attention_dim(unet)}])")
+                                  f"(a safetensors file with {STATES_KEY} [N, L, {cross_attention_dim(unet)}], or "
+                                  "a .txt file of prompts for the teacher pipeline's text encoder)")
         return None
     if not conditional:
         raise ConditionsError(f"--conditions {path}: the teacher is a {type(unet).__name__}, which takes no text "
@@ -114,6 +120,16 @@ def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
     where = Path(path).expanduser()
     if not where.is_file():
         raise ConditionsError(f"conditions file not found: {where}")
+    if where.suffix == PROMPTS_SUFFIX:
+        states, negative = encode_prompts(read_prompts(where), teacher_folder, where)
+        found = "the empty prompt's"
+    else:
+        states, negative = _read_states(where)
+        found = "from the file" if negative is not None else "zeros"
+    return _checked(states, negative, unet, where, found)
+
+
+def _read_states(where: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         tensors = safetensors.torch.load_file(where)
     except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
@@ -122,7 +138,12 @@ def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
     if STATES_KEY not in tensors:
         raise ConditionsError(f"conditions file {where} has no tensor {STATES_KEY!r} (it has "
                               f"{', '.join(sorted(tensors)) or 'none'})")
-    states = tensors[STATES_KEY]
+    return tensors[STATES_KEY], tensors.get(NEGATIVE_KEY)
+
+
+def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Module, where: Path,
+             found: str) -> Conditions:
+    """The states and unconditional states (zeros when None), checked against the UNet."""
     dim = cross_attention_dim(unet)
     if states.ndim != 3 or not states.is_floating_point() or 0 in states.shape:
         raise ConditionsError(f"conditions file {where}: {STATES_KEY} must be a non-empty float tensor [N, L, D], "
@@ -130,7 +151,6 @@ def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
     if states.shape[2] != dim:
         raise ConditionsError(f"conditions file {where}: {STATES_KEY} has D = {states.shape[2]}, but the teacher's "
                               f"cross_attention_dim is {dim}")
-    negative = tensors.get(NEGATIVE_KEY)
     if negative is None:
         negative = torch.zeros(1, *states.shape[1:])
     else:
@@ -143,5 +163,53 @@ def load_conditions(path: str, unet: nn.Module) -> Conditions | None:
     if not bool(torch.isfinite(states).all() and torch.isfinite(negative).all()):
         raise ConditionsError(f"conditions file {where} holds non-finite values")
     log.info("conditions: %d prompts' states [%d, %d] from %s; unconditional states %s", len(states),
-             states.shape[1], dim, where, "from the file" if NEGATIVE_KEY in tensors else "zeros")
+             states.shape[1], dim, where, found)
     return Conditions(states, negative, str(where))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a text file, one a line (blank lines left out)."""
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConditionsError(f"prompts file {path} cannot be read as UTF-8 text: {first_line(error)}") from None
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise ConditionsError(f"prompts file {path} holds no prompt (one a line)")
+    return prompts
+
+
+def encode_prompts(prompts: list[str], teacher_folder: Path | None, where: Path | str = "the prompts",
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts``' states [N, L, D] and the empty prompt's [1, L, D], from the ``tokenizer/`` and
+    ``text_encoder/`` of the pipeline folder ``teacher_folder`` (local files only), encoded as
+    StableDiffusionPipeline.encode_prompt encodes them: padded to the tokenizer's ``model_max_length``,
+    truncated, the text encoder's last hidden states (with an attention mask where its config asks)."""
+    folders = {name: None if teacher_folder is None else Path(teacher_folder) / name
+               for name in ("tokenizer", "text_encoder")}
+    if any(folder is None or not folder.is_dir() for folder in folders.values()):
+        raise ConditionsError(f"prompts file {where}: the teacher {teacher_folder or ''} has no tokenizer/ and "
+                              "text_encoder/ (a pipeline folder's) to encode them; pass pre-computed states "
+                              f"(a safetensors file with {STATES_KEY})")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folders["tokenizer"], local_files_only=True)
+        text_encoder = AutoModel.from_pretrained(folders["text_encoder"], local_files_only=True).eval()
+    except (ImportError, OSError, ValueError, KeyError) as error:
+        raise ConditionsError(f"cannot load the teacher's text encoder and tokenizer in {teacher_folder}: "
+                              f"{first_line(error)}") from None
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt")
+            mask = tokens.attention_mask if use_mask else None
+            parts.append(text_encoder(tokens.input_ids, attention_mask=mask)[0].float())
+        return torch.cat(parts)
+
+    log.info("encoding %d prompts from %s with the teacher's text encoder", len(prompts), where)
+    return encode(prompts), encode([""])

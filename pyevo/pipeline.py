@@ -45,7 +45,7 @@ from pyevo.space import BlockSpace, encode_network, unet_space
 from pyevo.student import build_static_block, student_class
 from pyevo.supernet import build_supernet
 from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, load_teacher, model_device,
-                           num_class_embeds, probe_labels, record_blocks, sample_shape)
+                           num_class_embeds, probe_labels, record_blocks, resolve_teacher_folder, sample_shape)
 from pyevo.training import NonFiniteError, resolve_train_dtype
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def prepare(config: RunConfig, resume: bool):
     if weights and not Path(weights).expanduser().is_file():
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
-    conditions = load_conditions(config.conditions, teacher)
+    conditions = load_conditions(config.conditions, teacher, resolve_teacher_folder(config.teacher))
     train, heldout, reference = load_images(config, teacher, scheduler, codec, conditions)
     return teacher, scheduler, codec, spaces, train, heldout, reference, conditions
 

@@ -9,7 +9,8 @@ a pipeline folder (``unet/`` and ``scheduler/`` inside, as ``DDPMPipeline.save_p
 it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A latent teacher's samples are decoded
 by its pipeline's ``vae/`` or ``vqvae/`` (or ``--vae DIR``). A class-conditional UNet samples
 ``--label`` (default: labels cycling through its classes). A text-conditional UNet2DConditionModel
-samples the prompts' states in ``--conditions FILE`` (cycling through them; see ``pyevo.conditions``)
+samples the prompts in ``--conditions FILE`` (states, or a .txt of prompts; cycling through them; see
+``pyevo.conditions``)
 with classifier-free guidance ``--guidance_scale``.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from pyevo.autoencoder import check_latent_teacher, teacher_autoencoder
 from pyevo.data import to_unit_range
 from pyevo.teacher import (TeacherError, conditioning, is_class_conditional, is_text_conditional, load_teacher,
-                           model_device, num_class_embeds, sample_shape)
+                           model_device, num_class_embeds, resolve_teacher_folder, sample_shape)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         codec = teacher_autoencoder(cfg.teacher, cfg.vae or None)
         if codec is not None:
             check_latent_teacher(codec, unet)
-        conditions = load_conditions(cfg.conditions, unet)
+        conditions = load_conditions(cfg.conditions, unet, resolve_teacher_folder(cfg.teacher))
     except (TeacherError, ConditionsError) as err:
         raise SystemExit(f"error: {err}") from None
     labels = None

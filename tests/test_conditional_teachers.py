@@ -42,12 +42,15 @@ def write_conditions(path, prompts: int = 3, dim: int = TEXT_DIM, negative: bool
 
 @pytest.fixture(scope="module")
 def text_teacher(tmp_path_factory):
-    """A Stable-Diffusion-shaped pipeline folder (unet/, vae/, scheduler/) and an embeddings file."""
+    """A Stable-Diffusion-shaped pipeline folder (unet/, vae/, scheduler/, tokenizer/, text_encoder/), an
+    embeddings file and a prompts file."""
     root = tmp_path_factory.mktemp("text_teacher")
     text_unet().save_pretrained(root / "pipeline" / "unet")
     tiny_kl().save_pretrained(root / "pipeline" / "vae")
     DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(root / "pipeline" / "scheduler")
+    write_tiny_clip(root / "pipeline")
     write_conditions(root / "prompts.safetensors")
+    (root / "prompts.txt").write_text("lower newer\nwider\n")
     return root
 
 
@@ -191,7 +194,8 @@ def test_bad_inputs_for_text_conditional_teachers_are_one_line_refusals(text_tea
     out = tmp_path / "run"
     pipeline = str(text_teacher / "pipeline")
     _refused(capsys, out, "text-conditional UNet2DConditionModel: pass --conditions FILE (a safetensors file with "
-             f"encoder_hidden_states [N, L, {TEXT_DIM}])", "--teacher", pipeline, "--data", "data-free")
+             f"encoder_hidden_states [N, L, {TEXT_DIM}], or a .txt file of prompts", "--teacher", pipeline, "--data",
+             "data-free")
     wrong = tmp_path / "wrong.safetensors"
     write_conditions(wrong, dim=8)
     _refused(capsys, out, f"encoder_hidden_states has D = 8, but the teacher's cross_attention_dim is {TEXT_DIM}",
@@ -234,9 +238,10 @@ def test_sample_cli_samples_a_text_conditional_teacher_at_its_conditions(text_te
 
     grid = tmp_path / "grid.png"
     pipeline = str(text_teacher / "pipeline")
-    sample_main(["--teacher", pipeline, "--conditions", str(text_teacher / "prompts.safetensors"), "--n", "2",
-                 "--steps", "2", "--guidance_scale", "2", "--out", str(grid)])
-    assert Image.open(grid).mode == "RGB"  # decoded by the pipeline's VAE
+    for conditions in ("prompts.safetensors", "prompts.txt"):  # states, or prompts for the pipeline's text encoder
+        sample_main(["--teacher", pipeline, "--conditions", str(text_teacher / conditions), "--n", "2",
+                     "--steps", "2", "--guidance_scale", "2", "--out", str(grid)])
+        assert Image.open(grid).mode == "RGB"  # decoded by the pipeline's VAE
     with pytest.raises(SystemExit, match="pass --conditions FILE"):
         sample_main(["--teacher", pipeline, "--n", "2", "--steps", "2", "--out", str(grid)])
 
@@ -271,3 +276,46 @@ def test_held_out_calls_carry_the_states_and_plain_blocks_score_alike_through_th
             block.set_genome(genome)
             expected.append(block_nsr(block, calls[name]))
         assert population_nsr(block, calls[name], genomes) == pytest.approx(expected, rel=1e-4, abs=1e-7), name
+
+
+def write_tiny_clip(folder, max_length: int = 6) -> None:
+    """A tiny CLIP tokenizer (a handful of BPE tokens) and text encoder of width TEXT_DIM, as a pipeline's
+    tokenizer/ and text_encoder/ (random weights, built here: no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "a", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "s</w>",
+             "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                  pad_token="<|endoftext|>").save_pretrained(folder / "tokenizer")
+    torch.manual_seed(4)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=max_length, projection_dim=TEXT_DIM,
+                                 bos_token_id=23, eos_token_id=24, pad_token_id=24)).save_pretrained(folder / "text_encoder")
+
+
+def test_prompts_are_encoded_by_the_teacher_pipelines_text_encoder_as_stable_diffusion_encodes_them(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipeline = tmp_path / "pipeline"
+    write_tiny_clip(pipeline)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("lower newer\n\nwider lowest\nlow\n")  # the blank line is left out
+    unet = text_unet()
+    conditions = load_conditions(str(prompts), unet, pipeline)
+    assert conditions.states.shape == (3, 6, TEXT_DIM)
+    pipe = StableDiffusionPipeline(vae=tiny_kl(), text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
+                                   tokenizer=CLIPTokenizer.from_pretrained(pipeline / "tokenizer"), unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    states, negative = pipe.encode_prompt(["lower newer", "wider lowest", "low"], "cpu", 1, True)  # negative: ""
+    torch.testing.assert_close(conditions.states, states)
+    torch.testing.assert_close(conditions.negative, negative[:1])  # the empty prompt's states
+    with pytest.raises(ConditionsError, match="has no tokenizer/ and text_encoder/"):
+        load_conditions(str(prompts), unet, tmp_path / "bare")
+    prompts.write_text("\n \n")
+    with pytest.raises(ConditionsError, match="holds no prompt"):
+        load_conditions(str(prompts), unet, pipeline)

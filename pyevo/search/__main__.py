@@ -22,8 +22,9 @@ FLAGS = {
                    "vqvae/) that encodes the data and decodes samples; default: the teacher pipeline's own"),
     "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class), "
                      "or 'data-free' (inputs sampled from the teacher)"),
-    "conditions": ("conditions", "text-conditional teachers (UNet2DConditionModel): a safetensors file of "
-                                 "pre-computed text states, encoder_hidden_states [N, L, D] (D = the UNet's "
+    "conditions": ("conditions", "text-conditional teachers (UNet2DConditionModel): a .txt file of prompts (one a "
+                                 "line) for the teacher pipeline's tokenizer/ and text_encoder/, or a safetensors "
+                                 "file of pre-computed text states, encoder_hidden_states [N, L, D] (D = the UNet's "
                                  "cross_attention_dim), optionally negative_encoder_hidden_states [1, L, D] for "
                                  "guidance (else zeros); data-free runs sample the teacher at these states"),
     "guidance_scale": ("guidance_scale", "text-conditional teachers: classifier-free guidance scale of the "
