@@ -121,7 +121,7 @@ def load_conditions(path: str, unet: nn.Module, teacher_folder: Path | None = No
     if not where.is_file():
         raise ConditionsError(f"conditions file not found: {where}")
     if where.suffix == PROMPTS_SUFFIX:
-        states, negative = encode_prompts(read_prompts(where), teacher_folder, where)
+        states, negative = encode_prompts(read_prompts(where), teacher_folder, f"prompts file {where}")
         found = "the empty prompt's"
     else:
         states, negative = _read_states(where)
@@ -167,6 +167,13 @@ def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Modul
     return Conditions(states, negative, str(where))
 
 
+def caption_conditions(captions: list[str], unet: nn.Module, teacher_folder: Path | None, where: Path) -> Conditions:
+    """The states of an image folder's captions (one row per image, in order) and the empty prompt's,
+    encoded by the teacher pipeline's text encoder (:func:`encode_prompts`) and checked against the UNet."""
+    states, negative = encode_prompts(captions, teacher_folder, f"the captions of {where}")
+    return _checked(states, negative, unet, where, "the empty prompt's")
+
+
 def read_prompts(path: Path) -> list[str]:
     """The prompts of a text file, one a line (blank lines left out)."""
     try:
@@ -179,7 +186,7 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def encode_prompts(prompts: list[str], teacher_folder: Path | None, where: Path | str = "the prompts",
+def encode_prompts(prompts: list[str], teacher_folder: Path | None, where: str = "the prompts",
                    batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``prompts``' states [N, L, D] and the empty prompt's [1, L, D], from the ``tokenizer/`` and
     ``text_encoder/`` of the pipeline folder ``teacher_folder`` (local files only), encoded as
@@ -188,7 +195,7 @@ def encode_prompts(prompts: list[str], teacher_folder: Path | None, where: Path 
     folders = {name: None if teacher_folder is None else Path(teacher_folder) / name
                for name in ("tokenizer", "text_encoder")}
     if any(folder is None or not folder.is_dir() for folder in folders.values()):
-        raise ConditionsError(f"prompts file {where}: the teacher {teacher_folder or ''} has no tokenizer/ and "
+        raise ConditionsError(f"{where}: the teacher {teacher_folder or ''} has no tokenizer/ and "
                               "text_encoder/ (a pipeline folder's) to encode them; pass pre-computed states "
                               f"(a safetensors file with {STATES_KEY})")
     try:

@@ -116,9 +116,14 @@ class ImageFolder(Dataset):
     down, as torchvision's ``ImageFolder`` lays it out), and ``labels`` holds one label per image:
     the sub-folder's name when every name is a non-negative integer (``3/`` is class 3), else the
     sub-folder's index in sorted order (``class_names`` lists them).
+
+    With ``captioned=True`` (text-conditional teachers) every image ``name.png`` must have its caption
+    beside it in ``name.txt`` (UTF-8; surrounding whitespace stripped); :meth:`captions_of` gives the
+    captions of the images :meth:`load` read.
     """
 
-    def __init__(self, root: str | Path, size: int, channels: int = 3, labelled: bool = False):
+    def __init__(self, root: str | Path, size: int, channels: int = 3, labelled: bool = False,
+                 captioned: bool = False):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if size < 1:
@@ -139,6 +144,8 @@ class ImageFolder(Dataset):
         self.class_names: list[str] = []
         if labelled:
             self._read_labels()
+        self.captions: dict[Path, str] = self._read_captions() if captioned else {}
+        self.read_paths: list[Path] = []  # the images the last load() returned, in order
         log.info("image folder %s: %d images, %dx%d, %d channel(s)", self.root, len(self.paths), size, size, channels)
 
     def _read_labels(self) -> None:
@@ -150,6 +157,25 @@ class ImageFolder(Dataset):
         numeric = all(name.isdigit() for name in self.class_names)
         label_of = {name: int(name) if numeric else index for index, name in enumerate(self.class_names)}
         self.labels = torch.tensor([label_of[p.relative_to(self.root).parts[0]] for p in self.paths], dtype=torch.long)
+
+    def _read_captions(self) -> dict[Path, str]:
+        missing = [p for p in self.paths if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise ValueError(f"image folder {str(self.root)!r}: {len(missing)} of its {len(self.paths)} images have "
+                             f"no caption (e.g. {missing[0].relative_to(self.root)} has no "
+                             f"{missing[0].with_suffix('.txt').name} beside it)")
+        captions = {}
+        for path in self.paths:
+            try:
+                captions[path] = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"caption {path.with_suffix('.txt')} cannot be read as UTF-8 text: "
+                                 f"{' '.join(str(error).split())}") from None
+        return captions
+
+    def captions_of(self, paths: list[Path]) -> list[str]:
+        """The captions of ``paths`` (e.g. :attr:`read_paths`)."""
+        return [self.captions[path] for path in paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,6 +207,7 @@ class ImageFolder(Dataset):
                  ", ".join(f"{count} {key}" for key, count in changes.items()),
                  f", {len(skipped)} unreadable skipped" if skipped else "")
         labels = None if self.labels is None else self.labels[torch.tensor(keep, dtype=torch.long)]
+        self.read_paths = [self.paths[index] for index in keep]
         return torch.stack(images), labels
 
     def _read(self, path: Path) -> tuple[torch.Tensor, list[str]]:

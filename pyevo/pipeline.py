@@ -25,7 +25,8 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
-from pyevo.conditions import Conditions, condition_rows, guidance, load_conditions, with_unconditional_rows
+from pyevo.conditions import (Conditions, caption_conditions, condition_rows, guidance, load_conditions,
+                              with_unconditional_rows)
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
@@ -44,8 +45,9 @@ from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_cap
 from pyevo.space import BlockSpace, encode_network, unet_space
 from pyevo.student import build_static_block, student_class
 from pyevo.supernet import build_supernet
-from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, load_teacher, model_device,
-                           num_class_embeds, probe_labels, record_blocks, resolve_teacher_folder, sample_shape)
+from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, is_text_conditional, load_teacher,
+                           model_device, num_class_embeds, probe_labels, record_blocks, resolve_teacher_folder,
+                           sample_shape)
 from pyevo.training import NonFiniteError, resolve_train_dtype
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,11 @@ class RunError(ValueError):
 
 # -------------------------------------------------------------------------------------- inputs
 def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None = None,
-                conditions: Conditions | None = None) -> tuple[ImageSet, ImageSet, ImageSet | None]:
-    """Training images, held-out images (for NSR), and the reference set for FD/KID, with labels
-    where the teacher is class-conditional, and text states where it is text-conditional.
+                conditions: Conditions | None = None
+                ) -> tuple[ImageSet, ImageSet, ImageSet | None, Conditions | None]:
+    """Training images, held-out images (for NSR), the reference set for FD/KID, with labels where
+    the teacher is class-conditional and text states where it is text-conditional, and the run's text
+    conditions: ``conditions`` as given, or, from a caption folder, its captions' states.
 
     For a latent teacher (``codec``) the images are at the autoencoder's image size, to be encoded
     by :func:`encode_images`, and the reference stays in image space; data-free sets are the
@@ -70,10 +74,10 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     conditional = is_class_conditional(teacher)
     classes = num_class_embeds(teacher)
     what = "the teacher takes" if codec is None else f"the teacher's {codec.kind} takes"
-    if conditions is not None and config.data != "data-free":
-        raise RunError(f"data {config.data!r}: a text-conditional teacher trains data-free, from the teacher's "
-                       "trajectories for the --conditions states (pass --data data-free); image/caption "
-                       "folders are not supported yet")
+    text = is_text_conditional(teacher)
+    if text and config.data == "digits":
+        raise RunError("data 'digits' has no captions for a text-conditional teacher: pass --data data-free with "
+                       "--conditions FILE, or --data FOLDER of images with captions (name.png + name.txt)")
     if config.data == "digits":
         from pyevo.data import digits
 
@@ -103,10 +107,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
                              **guidance(conditions, config.guidance_scale))
         generated = ImageSet(images, labels, states)
         split = count - config.search.heldout_size
-        train, heldout = generated.subset(slice(0, split)), generated.subset(slice(split, None))
-        if guidance(conditions, config.guidance_scale):
-            train, heldout = (with_unconditional_rows(part, conditions.negative) for part in (train, heldout))
-        return train, heldout, None
+        return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None, conditions
     from pyevo.data import ImageFolder, UnreadableImage
 
     folder = Path(config.data).expanduser()
@@ -115,7 +116,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     if size[0] != size[1]:
         raise RunError(f"{what} {size[0]}x{size[1]} images; image folders are read as square images")
     try:
-        dataset = ImageFolder(folder, size=size[0], channels=channels, labelled=conditional)
+        dataset = ImageFolder(folder, size=size[0], channels=channels, labelled=conditional, captioned=text)
         data = ImageSet(*dataset.load(skip_unreadable=config.data_skip_bad))
     except UnreadableImage as error:
         raise RunError(f"{error}; remove it, or pass --data-skip-bad to leave unreadable files out") from None
@@ -124,20 +125,36 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     if len(data) < 2:
         raise RunError(f"data folder {folder} holds {len(data)} image(s); pyevo needs at least 2")
     _check_labels(data, classes, f"data folder {folder}")
+    if text:  # each image at its own caption's states
+        conditions = caption_conditions(dataset.captions_of(dataset.read_paths), teacher,
+                                        resolve_teacher_folder(config.teacher), folder)
+        data = ImageSet(data.images, data.labels, conditions.states)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     held = max(1, min(config.search.heldout_size, len(data) // 10))
-    return data.subset(order[held:]), data.subset(order[:held]), data
+    return data.subset(order[held:]), data.subset(order[:held]), data, conditions
+
+
+def training_sets(train: ImageSet, heldout: ImageSet, conditions: Conditions | None, guidance_scale: float
+                  ) -> tuple[ImageSet, ImageSet]:
+    """The sets distillation, the search and retraining use: as loaded, or, for a text-conditional
+    teacher under guidance, every image at its own and at the unconditional states
+    (:func:`pyevo.conditions.with_unconditional_rows`)."""
+    if not guidance(conditions, guidance_scale):
+        return train, heldout
+    return with_unconditional_rows(train, conditions.negative), with_unconditional_rows(heldout, conditions.negative)
 
 
 def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str, seed: int, path: Path
                   ) -> dict[str, ImageSet]:
-    """Each set's latents (labels kept), encoded once and written to ``path`` (safetensors)."""
+    """Each set's latents (labels and text states kept), encoded once and written to ``path`` (safetensors)."""
     tensors = {}
     for index, (name, data) in enumerate(sets.items()):
         log.info("encoding %d %s images with the %s", len(data), name, codec.kind)
         tensors[f"{name}.latents"] = codec.encode(data.images, posterior, seed + index).contiguous()
         if data.labels is not None:
             tensors[f"{name}.labels"] = data.labels.contiguous()
+        if data.encoder_hidden_states is not None:
+            tensors[f"{name}.encoder_hidden_states"] = data.encoder_hidden_states.contiguous()
     atomic_write_bytes(path, safetensors.torch.save(tensors))
     return _latent_sets(tensors, sets)
 
@@ -148,7 +165,8 @@ def read_latents(path: Path, names) -> dict[str, ImageSet]:
 
 
 def _latent_sets(tensors: dict[str, torch.Tensor], names) -> dict[str, ImageSet]:
-    return {name: ImageSet(tensors[f"{name}.latents"], tensors.get(f"{name}.labels")) for name in names}
+    return {name: ImageSet(tensors[f"{name}.latents"], tensors.get(f"{name}.labels"),
+                           tensors.get(f"{name}.encoder_hidden_states")) for name in names}
 
 
 def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
@@ -303,8 +321,14 @@ def prepare(config: RunConfig, resume: bool):
     if weights and not Path(weights).expanduser().is_file():
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
     spaces = {space.name: space for space in unet_space(teacher)}
-    conditions = load_conditions(config.conditions, teacher, resolve_teacher_folder(config.teacher))
-    train, heldout, reference = load_images(config, teacher, scheduler, codec, conditions)
+    # A caption folder brings its own conditions (its captions' states); otherwise --conditions does.
+    captions = is_text_conditional(teacher) and config.data not in ("digits", "data-free")
+    if captions and config.conditions:
+        raise RunError(f"--conditions {config.conditions} with the caption folder {config.data}: the captions "
+                       "condition a run on images; drop --conditions (or use --data data-free)")
+    conditions = None if captions else load_conditions(config.conditions, teacher,
+                                                       resolve_teacher_folder(config.teacher))
+    train, heldout, reference, conditions = load_images(config, teacher, scheduler, codec, conditions)
     return teacher, scheduler, codec, spaces, train, heldout, reference, conditions
 
 
@@ -425,10 +449,12 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                     "latent_std": float(encoded["train"].images.std())}
 
         stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed,
-                              vae_digest, tensor_digest([train.images, heldout.images])], encode,
+                              vae_digest, tensor_digest([t for part in (train, heldout) for t in part.tensors()])],
+                   encode,
                    artifacts=(latents_file,))
         latents = encoded or read_latents(latents_file, ("train", "heldout"))
         train, heldout = latents["train"], latents["heldout"]
+    train, heldout = training_sets(train, heldout, conditions, config.guidance_scale)
 
     # --- distillation
     supernet_file = folder / "supernet.safetensors"

@@ -32,6 +32,13 @@ def text_unet(**extra) -> UNet2DConditionModel:
     return UNet2DConditionModel(**{**TEXT_UNET, **extra}).eval()
 
 
+def write_captions(folder) -> None:
+    """A caption name.txt beside every name.png, from the tiny CLIP's vocabulary."""
+    words = ("lower newer", "wider", "lowest low", "newer")
+    for index, image in enumerate(sorted(folder.glob("*.png"))):
+        image.with_suffix(".txt").write_text(words[index % len(words)] + "\n")
+
+
 def write_conditions(path, prompts: int = 3, dim: int = TEXT_DIM, negative: bool = True) -> None:
     generator = torch.Generator().manual_seed(5)
     tensors = {"encoder_hidden_states": torch.randn(prompts, SEQUENCE, dim, generator=generator)}
@@ -132,13 +139,15 @@ def test_guided_ddim_sample_is_stable_diffusion_pipelines_denoising_loop(guidanc
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
 def test_data_free_sets_carry_the_prompts_and_under_guidance_the_unconditional_states(text_teacher, guidance_scale):
     from pyevo.config import RunConfig, SearchConfig
-    from pyevo.pipeline import load_images
+    from pyevo.pipeline import load_images, training_sets
     from pyevo.teacher import load_teacher
 
     teacher, scheduler = load_teacher(str(text_teacher / "pipeline"))
     conditions = load_conditions(str(text_teacher / "prompts.safetensors"), teacher)
     config = RunConfig(data="data-free", guidance_scale=guidance_scale, search=SearchConfig(heldout_size=4))
-    train, heldout, reference = load_images(config, teacher, scheduler, None, conditions)
+    train, heldout, reference, same = load_images(config, teacher, scheduler, None, conditions)
+    assert same is conditions
+    train, heldout = training_sets(train, heldout, conditions, guidance_scale)
     # 4 x heldout_size trajectories, each prompt in turn; the last heldout_size are held out.
     prompts = conditions.rows(16)
     if guidance_scale <= 1:
@@ -204,8 +213,15 @@ def test_bad_inputs_for_text_conditional_teachers_are_one_line_refusals(text_tea
              "--conditions", str(tmp_path / "missing.safetensors"))
     images = tmp_path / "images"
     write_images(images, 4, channels=3)
-    _refused(capsys, out, "a text-conditional teacher trains data-free", "--teacher", pipeline, "--data", str(images),
-             "--conditions", str(text_teacher / "prompts.safetensors"))
+    _refused(capsys, out, "000.png has no 000.txt beside it", "--teacher", pipeline, "--data", str(images))
+    _refused(capsys, out, "the captions condition a run on images; drop --conditions", "--teacher", pipeline,
+             "--data", str(images), "--conditions", str(text_teacher / "prompts.safetensors"))
+    bare = tmp_path / "bare"
+    text_unet().save_pretrained(bare)
+    write_captions(images)
+    _refused(capsys, out, "has no tokenizer/ and text_encoder/", "--teacher", str(bare), "--scheduler",
+             str(text_teacher / "pipeline" / "scheduler"), "--vae", str(text_teacher / "pipeline" / "vae"),
+             "--data", str(images))
     # Teacher variants whose extra inputs pyevo does not feed, and blocks it cannot search.
     for extra, message in [({"addition_embed_type": "text"},
                             "addition_embed_type 'text' takes added_cond_kwargs"),
@@ -319,3 +335,26 @@ def test_prompts_are_encoded_by_the_teacher_pipelines_text_encoder_as_stable_dif
     prompts.write_text("\n \n")
     with pytest.raises(ConditionsError, match="holds no prompt"):
         load_conditions(str(prompts), unet, pipeline)
+
+
+def test_caption_folder_trains_each_image_at_its_captions_states(text_teacher, tmp_path):
+    """Images with captions beside them (name.png + name.txt): the captions are encoded by the teacher
+    pipeline's text encoder, cached with the latents, and condition training and evaluation."""
+    from pyevo.conditions import encode_prompts
+
+    images = tmp_path / "images"
+    write_images(images, 12, channels=3)
+    write_captions(images)
+    out = tmp_path / "run"
+    result = cli("--teacher", str(text_teacher / "pipeline"), "--data", str(images), "--guidance-scale", "2",
+                 "--out", str(out), "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["text_conditional"] and report["student"]["psnr_vs_teacher"] is not None
+    cached = safetensors.torch.load_file(out / "latents.safetensors")
+    captions = [path.read_text().strip() for path in sorted(images.glob("*.txt"))]
+    expected, _ = encode_prompts(captions, text_teacher / "pipeline")
+    every = torch.cat([cached["train.encoder_hidden_states"], cached["heldout.encoder_hidden_states"]])
+    assert len(every) == 12 and every.shape[1:] == expected.shape[1:]
+    # Each cached row is one caption's states (the split reorders the images).
+    assert torch.cdist(every.flatten(1), expected.flatten(1)).min(dim=1).values.max() < 1e-5

@@ -20,8 +20,9 @@ FLAGS = {
                                "prediction type; needed with a bare UNet folder"),
     "vae": ("vae", "latent teachers: an AutoencoderKL or VQModel folder (or a pipeline folder with vae/ or "
                    "vqvae/) that encodes the data and decodes samples; default: the teacher pipeline's own"),
-    "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class), "
-                     "or 'data-free' (inputs sampled from the teacher)"),
+    "data": ("data", "'digits', an image folder (class-conditional teachers: one sub-folder per class; "
+                     "text-conditional ones: each name.png with its caption in name.txt), or 'data-free' "
+                     "(inputs sampled from the teacher)"),
     "conditions": ("conditions", "text-conditional teachers (UNet2DConditionModel): a .txt file of prompts (one a "
                                  "line) for the teacher pipeline's tokenizer/ and text_encoder/, or a safetensors "
                                  "file of pre-computed text states, encoder_hidden_states [N, L, D] (D = the UNet's "
