@@ -87,7 +87,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
         train, heldout = digits("train", size[0]), digits("heldout", size[0])
         labelled = [ImageSet(images, labels if conditional else None) for images, labels in (train, heldout)]
         _check_labels(labelled[0], classes, "the digits")
-        return labelled[0], labelled[1], labelled[1]
+        return labelled[0], labelled[1], labelled[1], conditions
     if config.data == "data-free":
         # Inputs generated from the teacher's own sampling trajectories, for users without its data;
         # a class-conditional teacher is sampled at labels drawn uniformly over its classes.
