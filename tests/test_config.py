@@ -56,3 +56,30 @@ def test_yaml_errors_name_the_whole_key_and_bounds_reject_non_finite_values(tmp_
                                 ("distill.lr", "nan", "distill.lr must be > 0, got nan")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, {key: value})
+
+
+def test_a_built_in_teacher_brings_its_preset_unless_one_is_named(tmp_path):
+    from pyevo.config import PRESETS, TEACHER_PRESETS
+
+    own = PRESETS[TEACHER_PRESETS["latent-digits"]]
+    assert own  # the built-in latent teacher's default run has settings of its own
+
+    def value(config, dotted):
+        for part in dotted.split("."):
+            config = getattr(config, part)
+        return config
+
+    config = load_config(None, {"teacher": "latent-digits"})
+    assert {key: value(config, key) for key in own} == own
+    assert any(value(RunConfig(), key) != setting for key, setting in own.items())
+    # the same from a YAML file; --set still comes last; a named preset replaces the teacher's
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: latent-digits\n")
+    assert load_config(path).to_dict() == config.to_dict()
+    key = next(iter(own))
+    other = value(RunConfig(), key) if value(RunConfig(), key) != own[key] else type(own[key])(own[key] * 2)
+    assert value(load_config(path, {key: other}), key) == other
+    quick = load_config(None, {"teacher": "latent-digits"}, preset="quick")
+    assert quick.to_dict() == load_config(None, {"teacher": "digits"}, preset="quick").to_dict() | {"teacher": "latent-digits"}
+    # the pixel teacher keeps the plain defaults
+    assert load_config(None, {"teacher": "digits"}).to_dict() == RunConfig().to_dict()
