@@ -21,7 +21,7 @@ from pyevo.config import load_config
 from pyevo.data import digits
 from pyevo.classifier import load_digits_classifier
 from pyevo.data import at_digits_size
-from pyevo.metrics import class_agreement, frechet_distance, psnr, ssim
+from pyevo.metrics import class_agreement, class_mixture_distance, frechet_distance, psnr, ssim
 from pyevo.teachers.evaluate import balanced_index
 from pyevo.autoencoder import teacher_autoencoder
 from pyevo.sample import sample_images
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     student = StudentUNet2DModel.from_pretrained(run / "student", low_cpu_mem_usage=False).eval()
     codec = teacher_autoencoder(config.teacher, config.vae or None)
     shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
-    reference = digits("heldout", size=shape[-1])[0]
+    reference, reference_labels = digits("heldout", size=shape[-1])
     classifier = load_digits_classifier()
 
     def balanced_fd(samples: torch.Tensor, seed: int) -> float:
@@ -58,18 +58,20 @@ def main(argv: list[str] | None = None) -> int:
                      "student_fd": frechet_distance(reference, samples["student"]),
                      "teacher_bfd": balanced_fd(samples["teacher"], seed),
                      "student_bfd": balanced_fd(samples["student"], seed),
+                     "teacher_tv": class_mixture_distance(samples["teacher"], reference_labels, classifier),
+                     "student_tv": class_mixture_distance(samples["student"], reference_labels, classifier),
                      "psnr": psnr(samples["student"], samples["teacher"]),
                      "ssim": ssim(samples["student"], samples["teacher"]),
                      "agreement": class_agreement(samples["student"], samples["teacher"])})
         print(f"seed {seed}: {rows[-1]}", file=sys.stderr)
     print(f"{run}: {args.n} samples, {args.steps} DDIM steps, seeds {args.seeds}\n")
     print("| seed | teacher FD | student FD | FD ratio | teacher class-balanced FD | student class-balanced FD "
-          "| ratio | PSNR vs teacher (dB) | SSIM | same class |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio | class mixture TV: teacher / student | PSNR vs teacher (dB) | SSIM | same class |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['teacher_fd']:.2f} | {r['student_fd']:.2f} | {r['student_fd'] / r['teacher_fd']:.3f} "
               f"| {r['teacher_bfd']:.2f} | {r['student_bfd']:.2f} | {r['student_bfd'] / r['teacher_bfd']:.3f} "
-              f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} |")
+              f"| {r['teacher_tv']:.3f} / {r['student_tv']:.3f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} |")
 
     def mean_std(key: str) -> str:
         values = [r[key] for r in rows]
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                       statistics.mean(r[f"teacher_{key}"] for r in rows) for key in ("fd", "bfd")}
     print(f"| mean ± std | {mean_std('teacher_fd')} | {mean_std('student_fd')} | {ratio_of_means['fd']:.3f} "
           f"(of the means) | {mean_std('teacher_bfd')} | {mean_std('student_bfd')} | {ratio_of_means['bfd']:.3f} "
-          f"(of the means) | {mean_std('psnr')} | {mean_std('ssim')} | {mean_std('agreement')} |")
+          f"(of the means) | {mean_std('teacher_tv')} / {mean_std('student_tv')} | {mean_std('psnr')} | {mean_std('ssim')} | {mean_std('agreement')} |")
     return 0
 
 

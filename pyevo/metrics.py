@@ -164,6 +164,17 @@ def class_coverage(images: torch.Tensor, classifier: DigitsClassifier | None = N
     return (counts.double() / len(predictions)).tolist()
 
 
+def class_mixture_distance(images: torch.Tensor, reference_labels: torch.Tensor,
+                           classifier: DigitsClassifier | None = None) -> float:
+    """Total-variation distance between the class mixture of ``images`` (as the classifier labels
+    them) and the mixture of ``reference_labels``: half the L1 distance of the two share vectors, in
+    [0, 1]. The mixture apart from per-class quality, which a class-balanced FD measures."""
+    classifier = classifier or _shipped_classifier()
+    shares = torch.tensor(class_coverage(images, classifier), dtype=torch.float64)
+    reference = torch.bincount(reference_labels.long(), minlength=len(shares)).double()
+    return 0.5 * (shares - reference / reference.sum()).abs().sum().item()
+
+
 def class_agreement(a: torch.Tensor, b: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:
     """Share of image pairs (``a[i]``, ``b[i]``) the classifier puts in the same class.
 

@@ -8,7 +8,7 @@ import torch
 
 from pyevo.classifier import load_digits_classifier
 from pyevo.data import digits
-from pyevo.metrics import ClassifierFeatures, class_coverage, distribution_metrics, frechet_distance, psnr, ssim
+from pyevo.metrics import ClassifierFeatures, class_coverage, class_mixture_distance, distribution_metrics, frechet_distance, psnr, ssim
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,20 @@ def test_class_coverage(classifier):
     assert shares == pytest.approx(true_shares, abs=0.01)  # the classifier is ~99% accurate
     ones = heldout[labels == 1]
     assert class_coverage(ones, classifier)[1] > 0.95
+
+
+def test_class_mixture_distance_is_the_total_variation_of_the_shares(classifier):
+    heldout, labels = digits("heldout")
+    shares = np.array(class_coverage(heldout, classifier))
+    true = np.bincount(labels.numpy(), minlength=10) / len(labels)
+    assert class_mixture_distance(heldout, labels, classifier) == pytest.approx(0.5 * np.abs(shares - true).sum())
+    assert class_mixture_distance(heldout, labels, classifier) < 0.01  # the classifier is ~99% accurate
+    # only ones against the held-out mixture: all the mass outside class 1 is misplaced
+    ones = heldout[labels == 1]
+    one_shares = np.array(class_coverage(ones, classifier))
+    expected = 0.5 * np.abs(one_shares - true).sum()
+    assert class_mixture_distance(ones, labels, classifier) == pytest.approx(expected)
+    assert expected > 1 - true[1] - 0.05
 
 
 def test_psnr_ssim_identical_sets():

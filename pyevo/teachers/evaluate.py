@@ -22,7 +22,7 @@ import torch
 
 from pyevo.classifier import accuracy, load_digits_classifier
 from pyevo.data import DIGITS_SIZE, at_digits_size, digits
-from pyevo.metrics import class_coverage, frechet_distance
+from pyevo.metrics import class_coverage, class_mixture_distance, frechet_distance
 from pyevo.sample import ddim_sample
 from pyevo.teacher import load_teacher
 
@@ -59,6 +59,7 @@ class TeacherEvalResult:
     fd_iid_reference: list[float]  # one per draw, sorted
     fd_balanced_samples: float
     fd_balanced_train: float
+    class_mixture_tv: float  # total-variation distance of the samples' class mixture to the held-out one
     sample_seconds: float
     total_seconds: float
     passed: bool
@@ -108,6 +109,7 @@ def evaluate_samples(samples: torch.Tensor, sample_seconds: float, cfg: TeacherE
         fd_iid_reference=iid,
         fd_balanced_samples=fd_balanced_samples,
         fd_balanced_train=fd_balanced_train,
+        class_mixture_tv=class_mixture_distance(samples, heldout_labels, classifier),
         sample_seconds=sample_seconds,
         total_seconds=time.perf_counter() - start,
         passed=passed,
@@ -159,6 +161,7 @@ def format_table(result: TeacherEvalResult, cfg: TeacherEvalConfig, extra_rows: 
          f"{result.fd_balanced_samples:.3f} / {result.fd_balanced_train:.3f}"),
         ("class-balanced ratio" + (" (bar <= %.2f)" % cfg.max_fd_ratio if cfg.bar == "balanced" else ""),
          f"{result.fd_balanced_samples / result.fd_balanced_train:.3f}"),
+        ("class mixture: total-variation distance to the held-out mixture", f"{result.class_mixture_tv:.3f}"),
         ("classifier held-out accuracy", f"{100 * result.classifier_heldout_accuracy:.2f}%"),
         (f"sampling seconds ({cfg.n_samples} x {cfg.steps} DDIM steps)", f"{result.sample_seconds:.1f}"),
         ("evaluation seconds", f"{result.total_seconds:.1f}"),
