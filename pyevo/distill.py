@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 def heldout_calls(teacher: nn.Module, data: ImageSet, scheduler, size: int, seed: int,
                   chunk: int = 256) -> dict[str, BlockCall]:
     """The fixed held-out set every candidate is scored on: the same images, conditions (labels or
-    text states), timesteps and noise for every candidate (a paired comparison), recorded at each block of the teacher, on the
-    teacher's device (noise drawn on the CPU, so every device scores the same set)."""
+    text states), timesteps and noise for every candidate (a paired comparison), recorded at each
+    block of the teacher, on the teacher's device (noise drawn on the CPU, so every device scores the
+    same set)."""
     generator = torch.Generator().manual_seed(seed)
     device = model_device(teacher)
     held = data.subset(slice(0, size))

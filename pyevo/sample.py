@@ -9,9 +9,8 @@ a pipeline folder (``unet/`` and ``scheduler/`` inside, as ``DDPMPipeline.save_p
 it) or a bare ``UNet2DModel`` folder with ``--scheduler DIR``. A latent teacher's samples are decoded
 by its pipeline's ``vae/`` or ``vqvae/`` (or ``--vae DIR``). A class-conditional UNet samples
 ``--label`` (default: labels cycling through its classes). A text-conditional UNet2DConditionModel
-samples the prompts in ``--conditions FILE`` (states, or a .txt of prompts; cycling through them; see
-``pyevo.conditions``)
-with classifier-free guidance ``--guidance_scale``.
+samples the prompts of ``--conditions FILE`` in turn (their states, or a .txt of prompts for the
+pipeline's text encoder; see ``pyevo.conditions``) with classifier-free guidance ``--guidance_scale``.
 """
 from __future__ import annotations
 
@@ -149,7 +148,7 @@ class SampleConfig:
     scheduler: str = ""  # a scheduler folder, for a bare UNet folder
     vae: str = ""  # latent teachers: the autoencoder folder (default: the teacher pipeline's vae/ or vqvae/)
     label: int = -1  # class-conditional teachers: the label of every sample (-1: cycle through classes)
-    conditions: str = ""  # text-conditional teachers: the safetensors file of encoder states
+    conditions: str = ""  # text-conditional teachers: states (.safetensors) or prompts (.txt), see pyevo.conditions
     guidance_scale: float = 7.5  # text-conditional teachers: classifier-free guidance (<= 1: none)
 
 
