@@ -51,7 +51,8 @@ class Conditions:
 
     states: torch.Tensor
     negative: torch.Tensor
-    source: str  # the file they were read from
+    source: str  # the file (or caption folder) they were read from
+    unconditional: str = "zeros"  # where the unconditional states came from: zeros, the file, the empty prompt
 
     def __post_init__(self) -> None:
         if self.states.ndim != 3 or self.negative.shape != (1, *self.states.shape[1:]):
@@ -77,6 +78,14 @@ class Conditions:
 def condition_rows(conditions: Conditions | None, count: int) -> torch.Tensor | None:
     """:meth:`Conditions.rows`, or None for a teacher without text conditions."""
     return None if conditions is None else conditions.rows(count)
+
+
+def warn_of_zero_guidance(conditions: Conditions | None, guidance_scale: float) -> None:
+    """A warning when samples will be guided away from zero states that stand in for the empty prompt's."""
+    if guidance(conditions, guidance_scale) and conditions.unconditional == "zeros":
+        log.warning("guidance %g contrasts with zero states: %s has no %s. A teacher trained on the empty "
+                    "prompt's states (Stable Diffusion 1.x) is guided as its pipeline guides it only with those "
+                    "states in the file, or with prompts (.txt)", guidance_scale, conditions.source, NEGATIVE_KEY)
 
 
 def guidance(conditions: Conditions | None, guidance_scale: float) -> dict:
@@ -122,10 +131,10 @@ def load_conditions(path: str, unet: nn.Module, teacher_folder: Path | None = No
         raise ConditionsError(f"conditions file not found: {where}")
     if where.suffix == PROMPTS_SUFFIX:
         states, negative = encode_prompts(read_prompts(where), teacher_folder, f"prompts file {where}")
-        found = "the empty prompt's"
+        found = "the empty prompt"
     else:
         states, negative = _read_states(where)
-        found = "from the file" if negative is not None else "zeros"
+        found = "the file" if negative is not None else "zeros"
     return _checked(states, negative, unet, where, found)
 
 
@@ -143,7 +152,8 @@ def _read_states(where: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Module, where: Path,
              found: str) -> Conditions:
-    """The states and unconditional states (zeros when None), checked against the UNet."""
+    """The states and unconditional states (zeros when None; ``found`` says where they came from),
+    checked against the UNet."""
     dim = cross_attention_dim(unet)
     if states.ndim != 3 or not states.is_floating_point() or 0 in states.shape:
         raise ConditionsError(f"conditions file {where}: {STATES_KEY} must be a non-empty float tensor [N, L, D], "
@@ -162,16 +172,16 @@ def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Modul
     states, negative = states.float().contiguous(), negative.float().contiguous()
     if not bool(torch.isfinite(states).all() and torch.isfinite(negative).all()):
         raise ConditionsError(f"conditions file {where} holds non-finite values")
-    log.info("conditions: %d prompts' states [%d, %d] from %s; unconditional states %s", len(states),
+    log.info("conditions: %d prompts' states [%d, %d] from %s; unconditional states: %s", len(states),
              states.shape[1], dim, where, found)
-    return Conditions(states, negative, str(where))
+    return Conditions(states, negative, str(where), found)
 
 
 def caption_conditions(captions: list[str], unet: nn.Module, teacher_folder: Path | None, where: Path) -> Conditions:
     """The states of an image folder's captions (one row per image, in order) and the empty prompt's,
     encoded by the teacher pipeline's text encoder (:func:`encode_prompts`) and checked against the UNet."""
     states, negative = encode_prompts(captions, teacher_folder, f"the captions of {where}")
-    return _checked(states, negative, unet, where, "the empty prompt's")
+    return _checked(states, negative, unet, where, "the empty prompt")
 
 
 def read_prompts(path: Path) -> list[str]:

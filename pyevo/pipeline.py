@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 
 from pyevo.conditions import (Conditions, caption_conditions, condition_rows, guidance, load_conditions,
-                              with_unconditional_rows)
+                              warn_of_zero_guidance, with_unconditional_rows)
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
@@ -328,6 +328,7 @@ def prepare(config: RunConfig, resume: bool):
                        "condition a run on images; drop --conditions (or use --data data-free)")
     conditions = None if captions else load_conditions(config.conditions, teacher,
                                                        resolve_teacher_folder(config.teacher))
+    warn_of_zero_guidance(conditions, config.guidance_scale)
     train, heldout, reference, conditions = load_images(config, teacher, scheduler, codec, conditions)
     return teacher, scheduler, codec, spaces, train, heldout, reference, conditions
 

@@ -163,13 +163,20 @@ def test_data_free_sets_carry_the_prompts_and_under_guidance_the_unconditional_s
         assert torch.equal(part.encoder_hidden_states[1::2], conditions.negative.expand(len(rows), -1, -1))
 
 
-def test_conditions_file_is_read_and_checked(tmp_path):
+def test_conditions_file_is_read_and_checked(tmp_path, caplog):
+    from pyevo.conditions import warn_of_zero_guidance
+
     unet = text_unet()
     path = tmp_path / "c.safetensors"
     write_conditions(path, negative=False)
     conditions = load_conditions(str(path), unet)
     assert conditions.states.shape == (3, SEQUENCE, TEXT_DIM) and conditions.sequence_length == SEQUENCE
     assert torch.equal(conditions.negative, torch.zeros(1, SEQUENCE, TEXT_DIM))  # no negative in the file: zeros
+    assert conditions.unconditional == "zeros"
+    with caplog.at_level("WARNING", logger="pyevo.conditions"):
+        warn_of_zero_guidance(conditions, 1.0)  # no guidance: nothing to say
+        warn_of_zero_guidance(conditions, 7.5)
+    assert len(caplog.records) == 1 and "guidance 7.5 contrasts with zero states" in caplog.text
     assert torch.equal(conditions.rows(5), conditions.states[[0, 1, 2, 0, 1]])  # each prompt in turn
     safetensors.torch.save_file({"encoder_hidden_states": torch.zeros(2, SEQUENCE, TEXT_DIM),
                                  "negative_encoder_hidden_states": torch.zeros(SEQUENCE, TEXT_DIM)}, path)
@@ -322,7 +329,7 @@ def test_prompts_are_encoded_by_the_teacher_pipelines_text_encoder_as_stable_dif
     prompts.write_text("lower newer\n\nwider lowest\nlow\n")  # the blank line is left out
     unet = text_unet()
     conditions = load_conditions(str(prompts), unet, pipeline)
-    assert conditions.states.shape == (3, 6, TEXT_DIM)
+    assert conditions.states.shape == (3, 6, TEXT_DIM) and conditions.unconditional == "the empty prompt"
     pipe = StableDiffusionPipeline(vae=tiny_kl(), text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
                                    tokenizer=CLIPTokenizer.from_pretrained(pipeline / "tokenizer"), unet=unet,
                                    scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
