@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=config_keys_help())
     parser.add_argument("--config", help="YAML file of config values (see pyevo/config.py and experiments/)")
     parser.add_argument("--preset", help=f"a named set of config values applied first: {', '.join(PRESETS)} "
-                                         "(quick: the whole pipeline in about a minute, to check a teacher and its data)")
+                                         "(quick: the whole pipeline in about a minute, to check a teacher and its data; "
+                                         "latent-digits: that built-in teacher's own, applied when it is the teacher "
+                                         "and no preset is named)")
     for dest, (key, text) in FLAGS.items():
         parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, help=f"{text} [config: {key}]")
     parser.add_argument("--data-skip-bad", action="store_true",
