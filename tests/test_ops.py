@@ -294,6 +294,11 @@ def test_import_registers_ops():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_shared_conv2d_matches_reference(case: ConvCase, dtype):
+    check_shared_conv2d(case, dtype)
+
+
+def check_shared_conv2d(case: ConvCase, dtype) -> None:
+    """Forward and backward against plain PyTorch (also driven by tests/test_ops_fuzz.py)."""
     generator = torch.Generator().manual_seed(case_seed(case))
     x, w, b = (leaf(t) if t is not None else None for t in case.make(dtype, generator))
     out = torch.ops.pyevo.shared_conv2d(x, w, b, *case.args)
@@ -327,6 +332,11 @@ def test_shared_conv2d_grads_only_where_needed():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", GROUP_NORM_CASES, ids=case_id)
 def test_shared_group_norm_silu_matches_reference(case: GroupNormCase, dtype):
+    check_shared_group_norm_silu(case, dtype)
+
+
+def check_shared_group_norm_silu(case: GroupNormCase, dtype) -> None:
+    """Forward and backward against plain PyTorch (also driven by tests/test_ops_fuzz.py)."""
     generator = torch.Generator().manual_seed(case_seed(case))
     x, w, b = (leaf(t) for t in case.make(dtype, generator))
     out = torch.ops.pyevo.shared_group_norm_silu(x, w, b, *case.args)
@@ -372,6 +382,11 @@ def test_shared_group_norm_silu_precision_with_large_mean():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
 def test_shared_attention_matches_reference(case: AttentionCase, dtype):
+    check_shared_attention(case, dtype)
+
+
+def check_shared_attention(case: AttentionCase, dtype) -> None:
+    """Forward and backward against plain PyTorch (also driven by tests/test_ops_fuzz.py)."""
     generator = torch.Generator().manual_seed(case_seed(case))
     tensors = [leaf(t) if t is not None else None for t in case.make(dtype, generator)]
     out = torch.ops.pyevo.shared_attention(*tensors, *case.args)

@@ -9,7 +9,7 @@
 #   a. environment and build: the image's python3 (it holds the CUDA torch), the wheels in .whl/,
 #      if carried, installed into a folder on PYTHONPATH to add what it lacks (diffusers, deap),
 #      then pyevo._C built with CUDA for the visible GPU;
-#   b. the CUDA tests (tests/test_ops.py, tests/test_population_ops.py, -k cuda);
+#   b. the CUDA tests (tests/test_ops.py, tests/test_population_ops.py, tests/test_ops_fuzz.py, -k cuda);
 #   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
 #      allocator, so an access past a tensor's end is past an allocation's end);
 #   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case;
@@ -86,7 +86,7 @@ fi
 # The tests that import diffusers and deap (the supernet, the search) run only where they import.
 TEST_FILES="tests/test_ops.py"
 if "$PY" -c "import diffusers, deap" > /dev/null 2>&1; then
-  TEST_FILES="tests/test_ops.py tests/test_population_ops.py"
+  TEST_FILES="tests/test_ops.py tests/test_population_ops.py tests/test_ops_fuzz.py"
 else
   echo "diffusers or deap missing: tests/test_population_ops.py and the search are skipped" \
     "(carry wheels in .whl/: experiments/device/README.md)" | tee -a "$BUILD_LOG"
@@ -94,7 +94,9 @@ fi
 
 # ---- b. CUDA tests
 # shellcheck disable=SC2086
-step tests 80 "$OUT/tests.log" "$PY" -m pytest $TEST_FILES -k cuda -q -rfEs -p no:cacheprovider
+# The fuzz tests draw fresh cases on every device run (the "device" profile, tests/conftest.py).
+step tests 100 "$OUT/tests.log" env HYPOTHESIS_PROFILE=device "$PY" -m pytest $TEST_FILES -k cuda -q -rfEs \
+  -p no:cacheprovider
 
 # ---- c. compute-sanitizer memcheck on the sanitizer subset
 if [[ $MODE == gpu ]] && command -v compute-sanitizer > /dev/null; then
@@ -111,7 +113,7 @@ fi
 
 # ---- d. microbenchmarks
 if [[ $MODE == gpu ]]; then
-  step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json"
+  step bench 100 "$OUT/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json"
 else
   step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --quick --device cpu --json "$OUT/bench.json"
 fi
