@@ -95,6 +95,15 @@ class EvaluateConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Runs launched by torchrun (more than one process; pyevo/distributed.py); unused in one process."""
+
+    # Seconds a rank waits for the others (a collective, or a rank that stopped sending its heartbeat)
+    # before the job ends with an error instead of hanging.
+    timeout: float = 1800.0
+
+
+@dataclass
 class RunConfig:
     """A whole pyevo run."""
 
@@ -125,6 +134,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> "RunConfig":
         for name, allowed in CHOICES.items():
@@ -188,6 +198,7 @@ BOUNDS: dict[str, Bounds] = {
     "retrain.lambda_share": Bounds(0, 1, low_closed=False), "retrain.static_lambda": Bounds(0, 1),
     "retrain.ema_decay": Bounds(0, 1),
     "evaluate.num_samples": POSITIVE, "evaluate.ddim_steps": POSITIVE,
+    "distributed.timeout": Bounds(0, low_closed=False),
 }
 
 # Named sets of overrides applied over the defaults, before a YAML file and --set.

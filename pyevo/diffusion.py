@@ -73,12 +73,22 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
 
 
 def noisy_batch(data: ImageSet, scheduler, batch_size: int, generator: torch.Generator,
-                device: torch.device | str = "cpu") -> NoisyBatch:
-    """Images drawn with replacement, noised at timesteps uniform over the schedule, on ``device``."""
+                device: torch.device | str = "cpu", shard: tuple[int, int] | None = None) -> NoisyBatch:
+    """Images drawn with replacement, noised at timesteps uniform over the schedule, on ``device``.
+
+    With ``shard = (rank, world_size)`` the whole batch of ``batch_size`` is drawn (the generator
+    advances as in one process) and rank ``rank`` keeps its contiguous ``batch_size / world_size``
+    rows of it: every rank, drawing from the same seed, gets its own disjoint slice of the same
+    global batch (what a DistributedSampler does, but equal to the one-process run; pyevo/distributed.py).
+    """
     index = torch.randint(len(data), (batch_size,), generator=generator)
-    clean = data.images[index]
-    noise = torch.randn(clean.shape, generator=generator)
+    noise = torch.randn((batch_size, *data.images.shape[1:]), generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    if shard is not None:
+        rank, world = shard
+        rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        index, noise, timesteps = index[rows], noise[rows], timesteps[rows]
+    clean = data.images[index]
     labels = None if data.labels is None else data.labels[index].to(device)
     states = None if data.encoder_hidden_states is None else data.encoder_hidden_states[index].to(device)
     clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)

@@ -8,6 +8,10 @@ the MSE; blocks are ranked by the scale-free NSR = ||S - T||^2 / ||T||^2.
 Everything runs where the supernet's weights are (the run's device), under the run's autocast
 dtype; the teacher runs under ``no_grad``. With ``checkpointing`` each block path's activations
 are recomputed in the backward instead of kept, for teachers whose blocks do not fit otherwise.
+
+Under torchrun (``context``) each rank trains on its shard of every global batch and the gradients
+are averaged over ranks once per step; the losses are means over equal shards, so this is the
+full batch's gradient (pyevo/distributed.py).
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ from tqdm.auto import tqdm
 
 from pyevo.config import DistillConfig
 from pyevo.diffusion import ImageSet, noisy_batch
+from pyevo.distributed import SINGLE, Context
 from pyevo.teacher import (BlockCall, at_least_float32, model_device, noise_to_signal, output_tensors,
                            record_blocks)
-from pyevo.training import MixedPrecision, check_finite, check_teacher_finite
+from pyevo.training import MixedPrecision, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +104,11 @@ class DistillResult:
 
 def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spaces: Mapping, data: ImageSet,
                      scheduler, config: DistillConfig, seed: int, progress: bool = True,
-                     train_dtype: torch.dtype = torch.float32) -> DistillResult:
+                     train_dtype: torch.dtype = torch.float32, context: Context = SINGLE) -> DistillResult:
     """Train every super-block on the teacher's block inputs/outputs, all in one pass per batch.
 
-    Runs on the teacher's device (the supernet must be there too), autocast to ``train_dtype``.
+    Runs on the teacher's device (the supernet must be there too), autocast to ``train_dtype``;
+    under torchrun (``context``) on this rank's shard of each batch, data parallel.
     """
     rng = random.Random(seed)
     device = model_device(teacher)
@@ -116,13 +122,14 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     history = []
     bar = tqdm(range(config.steps), desc="distill", disable=not progress)
     for step in bar:
-        batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
+        batch = noisy_batch(data, scheduler, config.batch_size, generator, device, context.shard)
         with precision.autocast():
             calls, teacher_prediction = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels,
                                                       batch.encoder_hidden_states)
-        check_teacher_finite(teacher_prediction, batch.timesteps, "distill", step)
+        context.check_teacher_finite(teacher_prediction, batch.timesteps, "distill", step)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step}
+        shard_losses: list[tuple[str, str, int, torch.Tensor]] = []  # under torchrun: checked globally below
         for name, block in supernet.items():
             space = spaces[name]
             paths = [space.largest_genome(), space.smallest_genome()]
@@ -135,13 +142,21 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
                     loss = block_mse(output, calls[name].output)
                 # One backward per path keeps only one path's graph alive at a time. A path that
                 # skips every layer of a block without a sampler is the identity: nothing to train.
-                value = check_finite(float(loss.detach()), f"distill step {step}, block {name}, path "
-                                     f"{space.encode(genome)}: the block loss", "lower distill.lr (or use "
-                                     "--train-dtype float32) and run again; finished stages are kept")
+                if context.active:
+                    shard_losses.append((name, space.encode(genome), len(paths), loss.detach()))
+                else:
+                    total += _checked(float(loss.detach()), step, name, space.encode(genome))
                 if loss.requires_grad:
                     precision.backward(loss / len(paths))
-                total += value
-            record[name] = total / len(paths)
+            if not context.active:
+                record[name] = total / len(paths)
+        if context.active:
+            # The global loss of each path (the mean of the ranks' equal shards), checked on every rank
+            # alike before any rank steps; then the full batch's gradient.
+            values = context.mean(torch.stack([loss.double().cpu() for *_, loss in shard_losses]))
+            for (name, code, count, _), value in zip(shard_losses, values):
+                record[name] = record.get(name, 0.0) + _context_checked(context, value, step, name, code) / count
+            context.average_gradients(parameters)
         precision.step(optimizer)
         schedule.step()
         history.append(record)
@@ -149,6 +164,19 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     for block in supernet.values():
         block.eval()
     return DistillResult(history)
+
+
+def _checked(value: float, step: int, name: str, code: str) -> float:
+    return check_finite(value, f"distill step {step}, block {name}, path {code}: the block loss", "lower "
+                        "distill.lr (or use --train-dtype float32) and run again; finished stages are kept")
+
+
+def _context_checked(context: Context, value: float, step: int, name: str, code: str) -> float:
+    """:func:`_checked` of a global value: every rank raises alike, rank 0 prints."""
+    try:
+        return _checked(value, step, name, code)
+    except Exception as error:
+        raise context.shared(error) from None
 
 
 def _forward(block: nn.Module, call: BlockCall, checkpointing: bool):

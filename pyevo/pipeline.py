@@ -25,6 +25,7 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
+from pyevo import distributed
 from pyevo.conditions import (Conditions, caption_conditions, condition_rows, guidance, load_conditions,
                               warn_of_zero_guidance, with_unconditional_rows)
 from pyevo.config import ConfigError, RunConfig, save_config
@@ -253,28 +254,49 @@ class Stages:
     trusted: the stage runs again, and the log says why.
     """
 
-    def __init__(self, folder: Path, resume: bool):
-        self.folder, self.resume = folder, resume
+    def __init__(self, folder: Path, resume: bool, context: distributed.Context = distributed.SINGLE):
+        self.folder, self.resume, self.context = folder, resume, context
         self.key = ""
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, inputs: Any, compute: Callable[[], dict], result_file: str | None = None,
-            artifacts: tuple[Path, ...] = ()) -> dict:
-        """``compute()`` returns a JSON-able dict; it is stored in ``<name>.json`` with its key."""
+            artifacts: tuple[Path, ...] = (), where: str = "all") -> dict:
+        """``compute()`` returns a JSON-able dict; it is stored in ``<name>.json`` with its key.
+
+        Under torchrun rank 0 decides whether the stage is done (and reads it back for every rank);
+        otherwise ``compute()`` runs on every rank (``where="all"``: the data-parallel and spread-out
+        stages) or on rank 0 alone (``"main"``), rank 0 writes the result, and every rank returns rank 0's.
+        """
+        context = self.context
         self.key = hashlib.sha256(json.dumps([self.key, name, inputs], sort_keys=True, default=str)
                                   .encode()).hexdigest()[:16]
         path = self.folder / (result_file or f"{name}.json")
-        if self.resume and path.is_file():
-            stored = self._stored(name, path)
-            if stored is not None and stored.get("key") == self.key:
-                log.info("stage %s: done already, read from %s", name, path)
-                self.seconds[name] = stored["seconds"]
-                return stored
+
+        def done() -> dict | None:
+            if self.resume and path.is_file():
+                stored = self._stored(name, path)
+                if stored is not None and stored.get("key") == self.key:
+                    log.info("stage %s: done already, read from %s", name, path)
+                    return stored
+            return None
+
+        stored = context.on_main(done)
+        if stored is not None:
+            self.seconds[name] = stored["seconds"]
+            return stored
         start = time.perf_counter()
-        result = compute()
-        result.update(key=self.key, seconds=round(time.perf_counter() - start, 2),
-                      artifacts=self._digests(artifacts))
-        atomic_write_json(path, result)
+
+        def finish(result: dict) -> dict:
+            result.update(key=self.key, seconds=round(time.perf_counter() - start, 2),
+                          artifacts=self._digests(artifacts))
+            atomic_write_json(path, result)
+            return result
+
+        if where == "main":
+            result = context.on_main(lambda: finish(compute()))
+        else:
+            result = compute()
+            result = context.on_main(lambda: finish(result))
         self.seconds[name] = result["seconds"]
         log.info("stage %s: %.1f s", name, result["seconds"])
         return result
@@ -302,12 +324,14 @@ class Stages:
         return {str(p.relative_to(self.folder)): file_digest(p) for p in files if p.is_file()}
 
 
-def prepare(config: RunConfig, resume: bool):
-    """Load and check everything a user can get wrong; create nothing yet."""
+def prepare(config: RunConfig, resume: bool, check_folder: bool = True):
+    """Load and check everything a user can get wrong; create nothing yet (``check_folder``: the run
+    folder too; under torchrun only rank 0, which writes it, checks it)."""
     config.validate()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
-    check_run_folder(config.out, resume)
+    if check_folder:
+        check_run_folder(config.out, resume)
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
     codec = teacher_autoencoder(config.teacher, config.vae or None)
     if codec is not None:
@@ -382,60 +406,101 @@ def check_run_folder(out: str, resume: bool) -> None:
                        f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
 
 
-def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
-    """The whole pipeline; returns the report (also written to ``<out>/report.json``)."""
-    teacher, scheduler, codec, spaces, train, heldout, reference, conditions = prepare(config, resume)
+def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict | None:
+    """The whole pipeline; returns the report (also written to ``<out>/report.json``).
+
+    Under torchrun (pyevo/distributed.py) every rank calls it: distillation and retraining are data
+    parallel, the block searches are spread over the ranks, rank 0 alone writes the run folder and
+    evaluates; the other ranks return None once the student is retrained.
+    """
+    context, config = distributed.setup(config)
+    try:
+        return _run(config, resume, progress and context.is_main, context)
+    finally:
+        context.close()
+
+
+def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.Context) -> dict | None:
+    main = context.is_main
+    teacher, scheduler, codec, spaces, train, heldout, reference, conditions = context.agree(
+        lambda: prepare(config, resume, check_folder=main))
     torch.manual_seed(config.seed)
     train_dtype = resolve_train_dtype(config.train_dtype, config.device)
     # Cross-attention blocks take as long as their text states are long: the table keeps them apart.
     teacher_id = fingerprint(dict(teacher.config) | ({} if conditions is None else
                                                      {"encoder_sequence_length": conditions.sequence_length}))
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
+    # Keyed by this rank's own device: under torchrun each rank times its candidates where it runs.
     table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
     supernet = build_supernet(teacher)
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
     deployment_states = condition_rows(conditions, config.batch)
 
-    # The teacher and its blocks are timed afresh every run, in turn, so its stem (the network with
-    # its blocks replayed) and the candidates' milliseconds (ratios to the teacher's blocks) describe one
-    # machine state. The latency budget is checked before anything is written: the fastest genome
-    # of each block (everything skipped) bounds what any selection can reach.
-    timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
-                            config.latency, deployment_states)["teacher"]
-    teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
-    stem_ms = timed["stem_ms"]
-    if config.search.rule in ("budget", "block-budget"):
-        fastest = {n: timer(n, s.minimal_genome()) for n, s in spaces.items()}
-        if config.search.rule == "budget":
-            floor = stem_ms + sum(fastest.values())
-            if floor > config.search.budget * teacher_ms:
-                raise BudgetError(f"budget {config.search.budget:g} x teacher ({config.search.budget * teacher_ms:.3f} ms) "
-                                  f"is impossible: the fastest student takes {floor:.3f} ms "
-                                  f"({floor / teacher_ms:.2f} x the teacher's {teacher_ms:.3f} ms)")
-        else:
-            for name, ms in fastest.items():
-                if ms > config.search.budget * timer.reference_ms[name]:
-                    raise BudgetError(f"block budget {config.search.budget:g} is impossible for {name}: its fastest "
-                                      f"genome takes {ms / timer.reference_ms[name]:.2f} x the teacher block")
+    def checks() -> dict:
+        # The teacher and its blocks are timed afresh every run, in turn, so its stem (the network with
+        # its blocks replayed) and the candidates' milliseconds (ratios to the teacher's blocks) describe
+        # one machine state. The latency budget is checked before anything is written: the fastest genome
+        # of each block (everything skipped) bounds what any selection can reach. Under torchrun rank 0
+        # times the teacher, and every rank's candidates are that many milliseconds times their ratio.
+        timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
+                                config.latency, deployment_states)["teacher"]
+        teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
+        stem_ms = timed["stem_ms"]
+        if config.search.rule in ("budget", "block-budget"):
+            fastest = {n: timer(n, s.minimal_genome()) for n, s in spaces.items()}
+            if config.search.rule == "budget":
+                floor = stem_ms + sum(fastest.values())
+                if floor > config.search.budget * teacher_ms:
+                    raise BudgetError(f"budget {config.search.budget:g} x teacher ({config.search.budget * teacher_ms:.3f} ms) "
+                                      f"is impossible: the fastest student takes {floor:.3f} ms "
+                                      f"({floor / teacher_ms:.2f} x the teacher's {teacher_ms:.3f} ms)")
+            else:
+                for name, ms in fastest.items():
+                    if ms > config.search.budget * timer.reference_ms[name]:
+                        raise BudgetError(f"block budget {config.search.budget:g} is impossible for {name}: its fastest "
+                                          f"genome takes {ms / timer.reference_ms[name]:.2f} x the teacher block")
 
-    # The MACs and params caps likewise: the minimal genomes bound what any selection can reach.
-    coster = BlockCoster(teacher, config.seed, conditions)
-    teacher_cost = network_cost(teacher, conditions)
-    stem_cost = teacher_cost - _sum_costs(coster(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items())
-    cost_limit = Cost(config.search.max_macs * teacher_cost.macs, config.search.max_params * teacher_cost.params)
-    floor_cost = stem_cost + _sum_costs(coster(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items())
-    if floor_cost.macs > cost_limit.macs or floor_cost.params > cost_limit.params:
-        raise BudgetError(f"caps max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g} are "
-                          f"impossible: the smallest student has {floor_cost.macs / teacher_cost.macs:.2f} x the "
-                          f"teacher's MACs and {floor_cost.params / teacher_cost.params:.2f} x its params")
+        # The MACs and params caps likewise: the minimal genomes bound what any selection can reach.
+        coster = BlockCoster(teacher, config.seed, conditions)
+        teacher_cost = network_cost(teacher, conditions)
+        teacher_blocks = {n: coster(n, supernet[n], s, s.teacher_genome()) for n, s in spaces.items()}
+        stem_cost = teacher_cost - _sum_costs(teacher_blocks.values())
+        cost_limit = Cost(config.search.max_macs * teacher_cost.macs, config.search.max_params * teacher_cost.params)
+        floor_cost = stem_cost + _sum_costs(coster(n, supernet[n], s, s.minimal_genome()) for n, s in spaces.items())
+        if floor_cost.macs > cost_limit.macs or floor_cost.params > cost_limit.params:
+            raise BudgetError(f"caps max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g} are "
+                              f"impossible: the smallest student has {floor_cost.macs / teacher_cost.macs:.2f} x the "
+                              f"teacher's MACs and {floor_cost.params / teacher_cost.params:.2f} x its params")
+        return {"teacher_ms": teacher_ms, "reference_ms": timer.reference_ms, "stem_ms": stem_ms,
+                "coster": coster, "teacher_cost": teacher_cost, "stem_cost": stem_cost, "cost_limit": cost_limit,
+                # The per-block searches go to ranks largest block first (the teacher block's MACs).
+                "owners": distributed.assign_blocks({n: c.macs for n, c in teacher_blocks.items()},
+                                                    context.world_size)}
+
+    kept: dict[str, BlockCoster] = {}
+
+    def main_checks() -> dict:
+        checked = checks()
+        kept["coster"] = checked.pop("coster")  # rank 0's, for the selection
+        return checked
+
+    checked = context.on_main(main_checks)
+    timer.reference_ms = checked["reference_ms"]
+    coster = kept.get("coster")
+    teacher_ms, stem_ms, owners = checked["teacher_ms"], checked["stem_ms"], checked["owners"]
+    teacher_cost, stem_cost, cost_limit = checked["teacher_cost"], checked["stem_cost"], checked["cost_limit"]
 
     folder = Path(config.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    table.save()
-    if resume:
-        log_config_changes(folder / "config.yaml", config)
-    save_config(config, folder / "config.yaml")
-    stages = Stages(folder, resume)
+
+    def create() -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        table.save()
+        if resume:
+            log_config_changes(folder / "config.yaml", config)
+        save_config(config, folder / "config.yaml")
+
+    context.on_main(create)  # rank 0 alone writes the run folder
+    stages = Stages(folder, resume, context)
 
     # --- latents: a latent teacher trains, searches and retrains on the encoded images
     vae_digest = None if codec is None else tensor_digest(codec.vae.state_dict().values())
@@ -449,11 +514,11 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             return {"vae": str(codec.folder), "kind": codec.kind, "scaling_factor": codec.scaling_factor,
                     "latent_std": float(encoded["train"].images.std())}
 
+        # Rank 0 encodes (and writes) the latents; the other ranks receive them.
         stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed,
                               vae_digest, tensor_digest([t for part in (train, heldout) for t in part.tensors()])],
-                   encode,
-                   artifacts=(latents_file,))
-        latents = encoded or read_latents(latents_file, ("train", "heldout"))
+                   encode, artifacts=(latents_file,), where="main")
+        latents = context.on_main(lambda: encoded or read_latents(latents_file, ("train", "heldout")))
         train, heldout = latents["train"], latents["heldout"]
     train, heldout = training_sets(train, heldout, conditions, config.guidance_scale)
 
@@ -462,9 +527,10 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
 
     def distill() -> dict:
         result = distill_supernet(teacher, supernet, spaces, train, scheduler, config.distill, config.seed, progress,
-                                  train_dtype)
-        atomic_write_bytes(supernet_file, safetensors.torch.save(
-            {k: v.contiguous() for k, v in supernet.state_dict().items()}))
+                                  train_dtype, context)
+        if main:
+            atomic_write_bytes(supernet_file, safetensors.torch.save(
+                {k: v.contiguous() for k, v in supernet.state_dict().items()}))
         return {"history": result.history}
 
     # The teacher's weights and the data themselves are in the key, not only their names: a teacher
@@ -474,14 +540,19 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                            config.device, config.train_dtype, tensor_digest(teacher.state_dict().values()),
                            data_digest, {k: v for k, v in scheduler.config.items() if not k.startswith("_")}],
                distill, artifacts=(supernet_file,))
-    supernet.load_state_dict(safetensors.torch.load_file(supernet_file, device=str(model_device(teacher))))
+    if main:
+        supernet.load_state_dict(safetensors.torch.load_file(supernet_file, device=str(model_device(teacher))))
+    context.broadcast_module(supernet)  # rank 0's weights (trained alike, or read back) on every rank
     supernet.eval()
 
     # --- per-block local search
     def search() -> dict:
+        # The same held-out set on every rank (same images, seed, timesteps and noise).
         calls = heldout_calls(teacher, heldout, scheduler, config.search.heldout_size, config.seed)
         results = {}
         for index, (name, space) in enumerate(spaces.items()):
+            if owners[name] != context.rank:
+                continue
             block = supernet[name]
             # On CUDA a generation's candidates are scored together through the population ops.
             def latency(genome, name=name):
@@ -490,22 +561,35 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
             evaluate = block_evaluator(block, calls[name], latency, config.device)
 
             # Generation checkpoints live under the stage's key: a changed search never resumes
-            # from another search's generations.
+            # from another search's generations. Under torchrun only rank 0 writes its blocks' ones.
             result = search_block(space, evaluate, config.search, config.seed * 1009 + index,
-                                  folder / "search" / stages.key / name, progress)
-            table.save()
+                                  folder / "search" / stages.key / name if main else None, progress)
+            if main:
+                table.save()
             results[name] = result.to_dict()
         return {"blocks": results}
+
+    def search_ranks() -> dict:
+        if not context.active:
+            return search()
+        parts = context.gather(lambda: (search()["blocks"], table.entries))
+        if main:  # every rank's timings, each keyed by its own device
+            for _, entries in parts:
+                table.entries.update(entries)
+            table.save()
+        blocks = {name: block for part, _ in parts for name, block in part.items()}
+        return {"blocks": {name: blocks[name] for name in spaces},
+                "ranks": {name: owners[name] for name in spaces}}
 
     # The search does not depend on the selection's settings (changing them re-runs selection only),
     # nor on how often whole networks are timed.
     selection_keys = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
     search_inputs = [asdict(config.search) | dict.fromkeys(selection_keys),
                      asdict(config.latency) | {"network_repeats": None}, config.device, config.dtype, config.batch]
-    searched = stages.run("search", search_inputs, search)
+    searched = stages.run("search", search_inputs, search_ranks)
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
 
-    # --- selection
+    # --- selection (rank 0; the genomes go to every rank)
     def select() -> dict:
         rule, budget = config.search.rule, config.search.budget
         budget_ms = budget * teacher_ms - stem_ms
@@ -529,7 +613,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
                 "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values()),
                 "macs_ratio": estimate.macs / teacher_cost.macs, "params_ratio": estimate.params / teacher_cost.params}
 
-    selected = stages.run("select", [getattr(config.search, key) for key in selection_keys], select)
+    selected = stages.run("select", [getattr(config.search, key) for key in selection_keys], select, where="main")
     genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
 
     # --- retraining
@@ -538,11 +622,16 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     def retrain() -> dict:
         student = student_class(teacher).from_supernet(teacher, supernet, genomes).to(config.device)
         history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress,
-                                  train_dtype)
-        _save_pretrained_atomic(student, student_folder)
+                                  train_dtype, context)
+        if main:
+            _save_pretrained_atomic(student, student_folder)
         return {"history": history}
 
     stages.run("retrain", asdict(config.retrain), retrain, artifacts=(student_folder,))
+    # Evaluation and the report are rank 0's, alone: every rank leaves the process group here.
+    context.leave()
+    if not main:
+        return None
     student = student_class(teacher).from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
 
     # --- evaluation
@@ -562,7 +651,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     from pyevo.report import write_report
 
     return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student,
-                        scheduler, codec)
+                        scheduler, codec, context, searched.get("ranks"))
 
 
 def network_cost(unet, conditions: Conditions | None = None) -> Cost:

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
-                 seconds: dict[str, float], teacher, student, scheduler, codec=None) -> dict:
+                 seconds: dict[str, float], teacher, student, scheduler, codec=None, context=None,
+                 owners: dict[str, int] | None = None) -> dict:
+    """``context``: the run's :class:`pyevo.distributed.Context` (its world size and each rank's device);
+    ``owners``: under torchrun, the rank that searched each block."""
     t, s = evaluated["teacher"], evaluated["student"]
     measured_ratio = s["latency_ms"] / t["latency_ms"]
     # The selection's estimate was timed minutes or days before the evaluation (the persisted
@@ -55,6 +58,8 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
                           "front_size": len(results[name].front), "evaluated": len(results[name].evaluated)}
                    for name in spaces},
         "stages": {name: {"seconds": value} for name, value in seconds.items()},
+        "world_size": 1 if context is None else context.world_size,
+        "ranks": _ranks(config, context, owners),
         "ratios": {"macs": s["macs"] / t["macs"], "params": s["params"] / t["params"], "latency": measured_ratio,
                    "fd": (s["fd"] / t["fd"]) if s.get("fd") and t.get("fd") else None,
                    "kid": _kid_ratio(t, s)},
@@ -74,6 +79,17 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
     atomic_write_text(folder / "report.md", _markdown(report))
     log.info("report written to %s", folder / "report.md")
     return report
+
+
+def _ranks(config, context, owners: dict[str, int] | None) -> list[dict]:
+    """Each rank's device (and the name the latency table keys its timings by) and, under torchrun,
+    the blocks it searched."""
+    ranks = [dict(entry) for entry in (context.ranks if context is not None and context.ranks else
+                                      [{"rank": 0, "device": config.device, "device_name": device_name(config.device)}])]
+    if owners:
+        for entry in ranks:
+            entry["blocks"] = [name for name, rank in owners.items() if rank == entry["rank"]]
+    return ranks
 
 
 def _latent(config, teacher, codec, evaluated: dict) -> dict | None:
@@ -137,6 +153,14 @@ def _latent_note(report: dict) -> list[str]:
             "below is of decoded samples.", ""]
 
 
+def _ranks_note(report: dict) -> list[str]:
+    if report.get("world_size", 1) == 1:
+        return []
+    parts = [f"rank {r['rank']} on {r['device']} ({r['device_name']})"
+             + (f": searched {', '.join(r['blocks'])}" if r.get("blocks") else "") for r in report["ranks"]]
+    return [f"Distributed over {report['world_size']} processes (torchrun): " + "; ".join(parts) + ".", ""]
+
+
 def _markdown(report: dict) -> str:
     t, s, r, sel = report["teacher"], report["student"], report["ratios"], report["selection"]
     lines = [
@@ -148,6 +172,7 @@ def _markdown(report: dict) -> str:
         f"{', class-conditional' if report['class_conditional'] else ''}"
         f"{', text-conditional (guidance scale %g)' % report['guidance_scale'] if report['text_conditional'] else ''}.",
         "",
+        *_ranks_note(report),
         f"Quality: {(report.get('features') or {}).get('note', '—')}.",
         "",
         *_latent_note(report),

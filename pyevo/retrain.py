@@ -17,6 +17,12 @@ The weights kept are an exponential moving average of the trained ones. Training
 student's device (the teacher must be there too) under the run's autocast dtype; with
 ``checkpointing`` the student recomputes its blocks' activations in the backward (diffusers'
 gradient checkpointing).
+
+Under torchrun (``context``) the student trains under DistributedDataParallel, each rank on its shard
+of every global batch. L_end is a mean over equal shards, so DDP's gradient mean is the full batch's;
+NSR_b is a ratio of sums over the whole batch, so each rank's share is its numerator over the
+all-reduced denominator, scaled by the world size (:meth:`pyevo.distributed.Context.nsr`): the DDP
+mean of the ranks' gradients is then the gradient of the full batch's loss.
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from tqdm.auto import tqdm
 
 from pyevo.config import RetrainConfig
 from pyevo.diffusion import ImageSet, noisy_batch
+from pyevo.distributed import SINGLE, Context
 from pyevo.space import searchable_blocks
-from pyevo.teacher import at_least_float32, conditioning, model_device, noise_to_signal, record_blocks
-from pyevo.training import MixedPrecision, check_finite, check_teacher_finite
+from pyevo.teacher import (at_least_float32, conditioning, model_device, noise_to_signal, output_tensors,
+                           record_blocks)
+from pyevo.training import MixedPrecision, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,9 @@ def block_weight(step: int, steps: int, config: RetrainConfig) -> float:
 
 def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, scheduler,
                     config: RetrainConfig, seed: int, progress: bool = True,
-                    train_dtype: torch.dtype = torch.float32) -> list[dict[str, float]]:
-    """Train ``student`` in place; on return it holds the EMA weights. Returns the loss history."""
+                    train_dtype: torch.dtype = torch.float32, context: Context = SINGLE) -> list[dict[str, float]]:
+    """Train ``student`` in place; on return it holds the EMA weights. Returns the loss history
+    (under torchrun the full batch's figures, the same on every rank)."""
     generator = torch.Generator().manual_seed(seed)
     device = model_device(student)
     precision = MixedPrecision(str(device), train_dtype)
@@ -65,10 +74,11 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay)
     student_blocks = searchable_blocks(student)
+    model = context.data_parallel(student)  # the student itself in one process
     student.train()
     history = []
     for step in tqdm(range(config.steps), desc="retrain", disable=not progress):
-        batch = noisy_batch(data, scheduler, config.batch_size, generator, device)
+        batch = noisy_batch(data, scheduler, config.batch_size, generator, device, context.shard)
         weight = block_weight(step, config.steps, config)
         # The teacher runs only when a term needs it (block targets, or its prediction as the target).
         to_teacher = config.end_target == "teacher"
@@ -77,31 +87,68 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
                                                        batch.encoder_hidden_states)
                                          if weight > 0 or to_teacher else ({}, None))
             if teacher_prediction is not None:
-                check_teacher_finite(teacher_prediction, batch.timesteps, "retrain", step)
+                context.check_teacher_finite(teacher_prediction, batch.timesteps, "retrain", step)
             target = teacher_prediction if to_teacher else batch.target
-            prediction = student(batch.noisy, batch.timesteps,
-                                 **conditioning(student, batch.labels, batch.encoder_hidden_states)).sample
+            prediction = model(batch.noisy, batch.timesteps,
+                               **conditioning(student, batch.labels, batch.encoder_hidden_states)).sample
             end_loss = F.mse_loss(at_least_float32(prediction), at_least_float32(target))
             loss = (1.0 - weight) * end_loss
-            record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
-            if weight > 0:
-                nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
-                       for name, block in student_blocks.items()]
-                block_loss = torch.stack(nsr).mean()
-                loss = loss + weight * block_loss
-                record["block_nsr"] = float(block_loss.detach())
-        check_finite(float(loss.detach()), f"retrain step {step} (timesteps {int(batch.timesteps.min())}-"
-                     f"{int(batch.timesteps.max())}): the loss", "lower retrain.lr (or use --train-dtype float32) "
-                     "and run again with --resume; finished stages are kept")
+            if not context.active:
+                record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}
+                if weight > 0:
+                    nsr = [noise_to_signal(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
+                           for name, block in student_blocks.items()]
+                    block_loss = torch.stack(nsr).mean()
+                    loss = loss + weight * block_loss
+                    record["block_nsr"] = float(block_loss.detach())
+                value, low, high = float(loss.detach()), int(batch.timesteps.min()), int(batch.timesteps.max())
+            else:
+                loss, record, value, low, high = _shard_loss(context, loss, end_loss, weight, step, calls,
+                                                             student_blocks, batch.timesteps)
+        try:
+            check_finite(value, f"retrain step {step} (timesteps {low}-{high}): the loss", "lower retrain.lr (or use "
+                         "--train-dtype float32) and run again with --resume; finished stages are kept")
+        except Exception as error:
+            raise context.shared(error) from None
         optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss)
+        with context.collective("retrain's backward (DDP's gradient all-reduce)"):
+            precision.backward(loss)
         precision.step(optimizer)
         schedule.step()
         ema.step(student.parameters())
-        record["loss"] = float(loss.detach())
+        record["loss"] = value
         history.append(record)
     ema.copy_to(student.parameters())
     if config.checkpointing:
         student.disable_gradient_checkpointing()
     student.eval()
     return history
+
+
+def _nsr_parts(student_output, teacher_output) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numerator and denominator of :func:`pyevo.teacher.noise_to_signal` (sums of squares)."""
+    pairs = [(at_least_float32(s), at_least_float32(t))
+             for s, t in zip(output_tensors(student_output), output_tensors(teacher_output))]
+    return sum(((s - t) ** 2).sum() for s, t in pairs), sum((t ** 2).sum() for _, t in pairs).detach()
+
+
+def _shard_loss(context: Context, loss: torch.Tensor, end_loss: torch.Tensor, weight: float, step: int, calls,
+                student_blocks, timesteps: torch.Tensor):
+    """This rank's loss (whose DDP mean over ranks has the full batch's gradient), the step's record,
+    the full batch's loss and the global batch's timestep range, the same on every rank."""
+    shares, nsrs = [], []
+    if weight > 0:
+        shares, nsrs = context.nsr([_nsr_parts(block(*calls[name].args, **calls[name].kwargs), calls[name].output)
+                                    for name, block in student_blocks.items()])
+        loss = loss + weight * torch.stack(shares).mean()
+    end = context.mean(end_loss.detach().reshape(1))[0]  # equal shards: the mean is the full batch's
+    record = {"step": step, "lambda": weight, "end_loss": end}
+    value = (1.0 - weight) * end
+    if weight > 0:
+        record["block_nsr"] = sum(nsrs) / len(nsrs)
+        value += weight * record["block_nsr"]
+    low, high = int(timesteps.min()), int(timesteps.max())
+    if not math.isfinite(value):  # every rank alike: the message names the global batch's timesteps
+        extremes = context.all_gather_object((low, high))
+        low, high = min(e[0] for e in extremes), max(e[1] for e in extremes)
+    return loss, record, value, low, high

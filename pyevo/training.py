@@ -58,7 +58,12 @@ def check_teacher_finite(prediction: torch.Tensor, timesteps: torch.Tensor, stag
     """The teacher's own prediction is finite: a non-finite target is the teacher's fault, not training's."""
     bad = ~torch.isfinite(prediction.flatten(1)).all(dim=1)
     if bool(bad.any()):
-        steps = sorted({int(t) for t in timesteps[bad].tolist()})
-        raise NonFiniteError(f"{stage} step {step}: the teacher's own prediction is not finite at timestep(s) "
-                             f"{', '.join(map(str, steps[:8]))}: the teacher cannot take these timesteps "
-                             "(check its time embedding and schedule)")
+        raise teacher_nonfinite_error([int(t) for t in timesteps[bad].tolist()], stage, step)
+
+
+def teacher_nonfinite_error(timesteps: list[int], stage: str, step: int) -> NonFiniteError:
+    """The error of :func:`check_teacher_finite` for the (global) batch rows at ``timesteps``."""
+    steps = sorted(set(timesteps))
+    return NonFiniteError(f"{stage} step {step}: the teacher's own prediction is not finite at timestep(s) "
+                          f"{', '.join(map(str, steps[:8]))}: the teacher cannot take these timesteps "
+                          "(check its time embedding and schedule)")

@@ -82,7 +82,10 @@ def config_keys_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    from pyevo.distributed import rank_from_env
+
+    rank = rank_from_env()  # under torchrun: the other ranks log errors only (rank 0 speaks for the job)
+    logging.basicConfig(level=logging.ERROR if rank else logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overrides = {key: getattr(args, dest) for dest, (key, _) in FLAGS.items() if getattr(args, dest) is not None}
     if args.data_skip_bad:
@@ -108,19 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.conditions import ConditionsError
     from pyevo.teacher import TeacherError  # AutoencoderError is one
     from pyevo.training import NonFiniteError
+    from pyevo.distributed import DistributedError, PeerFailed
+    from torch.distributed import DistError
+
+    user_errors = (ConfigError, TeacherError, ConditionsError, RunError, BudgetError, UnsupportedBlockError)
+    where = f" (rank {rank})" if rank else ""
+
+    def say(error: BaseException, text: str | None = None) -> None:
+        # Under torchrun an error every rank meets is printed once (by the rank that met it first).
+        if not getattr(error, "pyevo_quiet", False):
+            print(f"pyevo.search: error{where}: {text or error}", file=sys.stderr)
 
     try:
         config = load_config(args.config, overrides, args.preset)
         report = run(config, resume=args.resume, progress=not args.quiet)
-    except (ConfigError, TeacherError, ConditionsError, RunError, BudgetError, UnsupportedBlockError) as error:
-        print(f"pyevo.search: error: {error}", file=sys.stderr)
+    except user_errors as error:
+        say(error)
         return 2
     except NonFiniteError as error:
-        print(f"pyevo.search: error: {error}", file=sys.stderr)
+        say(error)
+        return 1
+    except PeerFailed as error:  # another rank failed where the ranks meet; it printed its error
+        say(error)
+        return 2 if error.kind in {kind.__name__ for kind in user_errors} else 1
+    except (DistributedError, DistError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        say(error, f"{first} (another rank died or stopped answering; its own output says why)")
         return 1
     except KeyboardInterrupt:
         print("pyevo.search: interrupted; finished stages are kept, continue with --resume", file=sys.stderr)
         return 130
+    if report is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     t, s = report["teacher"], report["student"]
     print(f"student: {s['macs'] / t['macs']:.1%} of the teacher's MACs, {s['params'] / t['params']:.1%} of its "
           f"params, latency {s['latency_ms']:.2f} vs {t['latency_ms']:.2f} ms on {report['device']}; "

@@ -1,0 +1,289 @@
+"""torchrun: two gloo processes on the CPU give what one process gives; failures end the job.
+
+Every multi-process test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2``
+(a free port each time) on a tiny random teacher at toy sizes, through a worker script that can make
+one rank fail (killed, hung, raising) and that forbids the ranks other than 0 to write anything under
+the test's folder.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from pyevo.distributed import SINGLE, assign_blocks
+
+TOY = {
+    "distill.steps": 2, "distill.batch_size": 8, "search.population": 4, "search.generations": 1,
+    "search.heldout_size": 16, "retrain.steps": 2, "retrain.batch_size": 8, "evaluate.num_samples": 8,
+    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.network_repeats": 2,
+    "latency.threads": 1, "batch": 4,
+}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+WORKER = textwrap.dedent('''
+    """pyevo.search under torchrun, with one rank made to fail (PYEVO_TEST_FAULT=action:rank:stage) and
+    the ranks other than 0 forbidden to write under PYEVO_TEST_GUARD."""
+    import builtins, io, os, signal, sys, time
+
+    rank = int(os.environ["RANK"])
+    import pyevo.pipeline as pipeline
+
+    fault = os.environ.get("PYEVO_TEST_FAULT")
+    if fault:
+        action, who, stage = fault.split(":")
+        if int(who) == rank:
+            name = {"prepare": "prepare", "distill": "distill_supernet", "retrain": "retrain_student"}[stage]
+            original = getattr(pipeline, name)
+
+            def faulty(*args, **kwargs):
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if action == "hang":
+                    time.sleep(3600)
+                if action == "raise":
+                    raise pipeline.RunError(f"rank {rank} cannot read its data")
+                return original(*args, **kwargs)
+
+            setattr(pipeline, name, faulty)
+
+    root = os.environ.get("PYEVO_TEST_GUARD")
+    if root and rank != 0:
+        import safetensors.torch
+
+        def guarded(path):
+            path = os.path.abspath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            if path.startswith(root):
+                raise PermissionError(f"rank {rank} wrote {path}")
+
+        def wrap(module, name, writes):
+            original = getattr(module, name)
+
+            def check(*args, **kwargs):
+                if writes(*args, **kwargs):
+                    guarded(args[0] if args else kwargs.get("file") or kwargs.get("filename"))
+                return original(*args, **kwargs)
+
+            setattr(module, name, check)
+
+        write_modes = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+        wrap(builtins, "open", write_modes)
+        wrap(io, "open", write_modes)
+        wrap(os, "open", lambda path, flags, *a, **k: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        for name in ("mkdir", "replace", "rename", "unlink", "rmdir"):
+            wrap(os, name, lambda *a, **k: True)
+        wrap(safetensors.torch, "save_file", lambda tensors, filename, *a, **k: guarded(filename) or False)
+        try:  # the guard itself works
+            open(os.path.join(root, f"probe{rank}"), "w")
+        except PermissionError:
+            pass
+        else:
+            sys.exit("the write guard let a write through")
+
+    from pyevo.search.__main__ import main
+
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder / "teacher")
+    (folder / "worker.py").write_text(WORKER)
+    return folder
+
+
+def flags(root, out, **extra):
+    values = {**TOY, "latency.cache": str(root / "latency.json"), **extra}
+    return ["--quiet", "--teacher", str(root / "teacher"), "--out", str(out),
+            *(f"--set={key}={value}" for key, value in values.items())]
+
+
+def torchrun(root, *args, fault="", timeout=300):
+    env = {**ENV, "PYEVO_TEST_GUARD": str(root), "PYEVO_TEST_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(root / "worker.py"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single(root):
+    """One process, no torchrun: the reference (its latency table is the one the others read)."""
+    out = subprocess.run([sys.executable, "-m", "pyevo.search", *flags(root, root / "single")],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "single"
+
+
+def weights(folder):
+    return safetensors.torch.load_file(folder / "student" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_run(folder, reference):
+    report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, reference))
+    assert report["student"]["genome"] == expected["student"]["genome"]
+    searched, expected_search = (json.loads((f / "search.json").read_text()) for f in (folder, reference))
+    for name, block in expected_search["blocks"].items():  # every block's candidates, not only the picks
+        assert [c["genome"] for c in searched["blocks"][name]["evaluated"]] == [c["genome"] for c in block["evaluated"]]
+        assert [c["nsr"] for c in searched["blocks"][name]["evaluated"]] == pytest.approx(
+            [c["nsr"] for c in block["evaluated"]], rel=1e-4)
+    ours, theirs = weights(folder), weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=5e-5, msg=key)
+    supernet = [safetensors.torch.load_file(f / "supernet.safetensors") for f in (folder, reference)]
+    for key in supernet[1]:
+        torch.testing.assert_close(supernet[0][key], supernet[1][key], rtol=1e-4, atol=1e-5, msg=key)
+    return report
+
+
+def test_two_processes_give_the_genomes_and_weights_of_one(root, single):
+    out = torchrun(root, *flags(root, root / "two"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = assert_same_run(root / "two", single)
+    assert report["world_size"] == 2
+    assert [rank["rank"] for rank in report["ranks"]] == [0, 1]
+    assert all(rank["device"] == "cpu" and rank["device_name"] for rank in report["ranks"])
+    # Every block searched once, by the rank the greedy assignment gave it.
+    searched = sorted(name for rank in report["ranks"] for name in rank["blocks"])
+    assert searched == sorted(report["blocks"]) and all(rank["blocks"] for rank in report["ranks"])
+    assert "Distributed over 2 processes" in (root / "two" / "report.md").read_text()
+    one = json.loads((single / "report.json").read_text())
+    assert one["world_size"] == 1 and [rank["rank"] for rank in one["ranks"]] == [0]
+
+
+def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_ends_as_one_process(root, single):
+    out_dir = root / "killed"
+    start = time.monotonic()
+    out = torchrun(root, *flags(root, out_dir), fault="kill:1:retrain", timeout=180)
+    assert out.returncode != 0 and time.monotonic() - start < 120, out.stderr[-3000:]
+    assert (out_dir / "search.json").is_file() and not (out_dir / "report.json").exists()
+    distilled = (out_dir / "distill.json").read_text()
+
+    out = torchrun(root, *flags(root, out_dir), "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out_dir / "distill.json").read_text() == distilled  # read back, not run again
+    assert_same_run(out_dir, single)
+
+
+def test_a_rank_that_hangs_ends_the_job_after_the_timeout(root):
+    start = time.monotonic()
+    out = torchrun(root, *flags(root, root / "hung", **{"distributed.timeout": 3}), fault="hang:1:distill",
+                   timeout=180)
+    assert out.returncode != 0 and time.monotonic() - start < 120, out.stderr[-3000:]
+    assert "pyevo.search: error: " in out.stderr and "another rank died or stopped answering" in out.stderr
+    assert not (root / "hung" / "report.json").exists()
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_that_error_printed_once(root):
+    out = torchrun(root, *flags(root, root / "refused"), fault="raise:1:prepare", timeout=180)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if "pyevo.search: error" in line]
+    assert errors == ["pyevo.search: error (rank 1): rank 1 cannot read its data"], out.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", out.stderr), out.stderr[-3000:]  # no worker's traceback
+    assert not (root / "refused").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_batch_the_ranks_cannot_share_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys, rank):
+    from pyevo.search.__main__ import main
+
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": 1}.items():
+        monkeypatch.setenv(name, str(value))
+    assert main(["--quiet", "--out", str(tmp_path / "run"), "--set=distill.batch_size=7"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    if rank == 0:  # rank 0 speaks for the job; the other ranks end alike, silently
+        assert lines == ["pyevo.search: error: distill.batch_size 7 cannot be split over 2 ranks: the global batch "
+                         "is shared out evenly (batch_size / world size per rank); make it a multiple of 2"]
+    else:
+        assert lines == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_nsr_and_mse_shards_give_the_full_batch_gradient(tmp_path):
+    """The NSR, a ratio of sums, is not a mean over samples: each rank's share over the global
+    denominator gives the full batch's gradient under DDP, where the mean of per-rank NSRs does not."""
+    script = tmp_path / "grads.py"
+    script.write_text(textwrap.dedent(f'''
+        import json, torch, torch.distributed as dist
+        from pyevo.distributed import Context
+
+        def noise_to_signal(s, t):  # pyevo.teacher.noise_to_signal, for one output tensor
+            return ((s - t) ** 2).sum() / (t ** 2).sum()
+
+        def block_mse(s, t):  # pyevo.distill.block_mse, for one output tensor
+            return ((s - t) ** 2).sum() / t.numel()
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        context = Context(world, rank, rank, True, 60.0, "cpu")
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(2, 3, 3, padding=1).double()
+        x = torch.randn(8, 2, 5, 5, dtype=torch.float64)
+        # Rows of very different scales: the two shards' NSRs differ.
+        target = torch.randn(8, 3, 5, 5, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)[:, None, None, None]
+        rows = slice(rank * 4, rank * 4 + 4)
+
+        def grads(loss_of, model=conv):
+            conv.zero_grad()
+            loss_of(model).backward()
+            return [p.grad.clone() for p in conv.parameters()]
+
+        def error(got, want):
+            return max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+
+        def parts(model):
+            out = model(x[rows])
+            return [(((out - target[rows]) ** 2).sum(), (target[rows] ** 2).sum())]
+
+        full_nsr = grads(lambda m: noise_to_signal(m(x), target))
+        full_mse = grads(lambda m: block_mse(m(x), target))
+        ddp = context.data_parallel(conv)  # retraining's way: DDP averages the ranks' gradients
+        exact = grads(lambda m: context.nsr(parts(m))[0][0], ddp)
+        naive = grads(lambda m: noise_to_signal(m(x[rows]), target[rows]), ddp)
+        with torch.no_grad():
+            value = context.nsr(parts(conv))[1][0]
+        grads(lambda m: block_mse(m(x[rows]), target[rows]))  # distillation's way: averaged once per step
+        context.average_gradients(conv.parameters())
+        mse = [p.grad.clone() for p in conv.parameters()]
+        if rank == 0:
+            json.dump({{"exact": error(exact, full_nsr), "naive": error(naive, full_nsr), "mse": error(mse, full_mse),
+                       "value": abs(value - float(noise_to_signal(conv(x), target)))}},
+                      open({str(tmp_path / "out.json")!r}, "w"))
+    '''))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, env=ENV, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = json.loads((tmp_path / "out.json").read_text())
+    assert errors["exact"] < 1e-12 and errors["value"] < 1e-12 and errors["mse"] < 1e-12
+    assert errors["naive"] > 1e-2  # averaging per-rank NSRs is measurably not the full batch's gradient
+
+
+def test_blocks_go_largest_first_to_the_least_loaded_rank():
+    assert assign_blocks({"a": 1, "b": 5, "c": 3, "d": 3}, 2) == {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert assign_blocks({"a": 2, "b": 2}, 3) == {"a": 0, "b": 1}
+    assert set(assign_blocks({"a": 1, "b": 2}, 1).values()) == {0}
+
+
+def test_shards_of_a_batch_are_the_one_process_batch():
+    from pyevo.diffusion import ImageSet, noisy_batch
+
+    data = ImageSet(torch.randn(20, 1, 4, 4), torch.arange(20))
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    whole = noisy_batch(data, scheduler, 6, torch.Generator().manual_seed(3))
+    parts = [noisy_batch(data, scheduler, 6, torch.Generator().manual_seed(3), shard=(rank, 3)) for rank in range(3)]
+    for field in ("noisy", "timesteps", "noise", "target", "labels"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field)), field
+    assert SINGLE.shard is None and not SINGLE.active and SINGLE.is_main
