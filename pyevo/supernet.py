@@ -26,6 +26,7 @@ permuted channels, so they do not change the full-width function.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -421,15 +422,27 @@ class SuperTransformerAttention(nn.Module):
 
     ``pyevo::shared_attention`` takes keys and values from encoder states of their own width, so
     cross-attention runs through it like self-attention (the K/V projections' row prefixes read the
-    text states)."""
+    text states). While a block's candidates are scored (inside
+    :meth:`SuperBlock.sharing_text_projections`, which the search opens around one block's search),
+    the text states' keys and values of all heads are projected once per batch and every candidate
+    attends to its head prefix of them (:meth:`text_keys_values`): the text states are the same for
+    every candidate, only the queries differ. Elsewhere, and always under autograd (in the
+    distillation each path's backward frees its graph before the next path runs), every call
+    projects its own, so a forward's cost stays the candidate's own cost."""
 
     def __init__(self, attention: Attention):
         super().__init__()
         self.head_dim = attention.inner_dim // attention.heads
         self.to_q, self.to_k, self.to_v, self.to_out = _head_projections(attention)
+        self.share_text_projections = False  # set by SuperBlock.sharing_text_projections
+        self._text_keys_values: tuple | None = None  # (cache key, the states, keys, values)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                 heads: int) -> torch.Tensor:
+        if (self.share_text_projections and encoder_hidden_states is not None and heads > 0
+                and not torch.is_grad_enabled() and not encoder_hidden_states.is_inference()):
+            keys, values = self.text_keys_values(encoder_hidden_states)
+            return self.to_out[1](self._attend(hidden_states, keys, values, heads))
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.contiguous()
         out_linear = self.to_out[0]
@@ -438,6 +451,46 @@ class SuperTransformerAttention(nn.Module):
             self.to_k.bias, self.to_v.weight, self.to_v.bias, out_linear.weight, out_linear.bias, heads,
             self.head_dim)
         return self.to_out[1](attended)
+
+    @torch.no_grad()
+    def text_keys_values(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All heads' keys and values [B, L, H * head_dim] of ``encoder_hidden_states``, projected on the
+        first call for these states and these weights and reused while both stay as they are.
+
+        The key names the states' memory (storage, offset, shape, strides, dtype) and version counter,
+        the projections' weights and their versions, and the autocast state: a view of the same states
+        (the search slices its held-out calls anew for each candidate) hits, an in-place change of
+        states or weights (an optimizer step) misses. The cache holds the states themselves, so their
+        memory cannot be freed and reused by other states with the same address. (Inference-mode
+        tensors keep no version counter: :meth:`forward` does not cache them.)"""
+        states = encoder_hidden_states
+        weights = [t for t in (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias) if t is not None]
+        autocast = (torch.is_autocast_enabled(states.device.type),
+                    torch.get_autocast_dtype(states.device.type) if states.device.type in ("cpu", "cuda") else None)
+        key = (states.untyped_storage().data_ptr(), states.storage_offset(), tuple(states.shape), states.stride(),
+               states.dtype, states.device, states._version, autocast,
+               tuple((id(t), t._version, t.dtype, t.device) for t in weights))
+        cached = self._text_keys_values
+        if cached is None or cached[0] != key:
+            keys = F.linear(states, self.to_k.weight, self.to_k.bias)
+            values = F.linear(states, self.to_v.weight, self.to_v.bias)
+            self._text_keys_values = cached = (key, states, keys, values)
+        return cached[2], cached[3]
+
+    def _attend(self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                heads: int) -> torch.Tensor:
+        """What ``pyevo::shared_attention`` computes for the first ``heads`` heads, from the keys and
+        values of all heads already projected."""
+        inner = heads * self.head_dim
+        out_linear = self.to_out[0]
+        bias = None if self.to_q.bias is None else self.to_q.bias[:inner]
+        query = F.linear(hidden_states, self.to_q.weight[:inner], bias)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t[..., :inner].unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(split(query), split(keys), split(values))
+        return F.linear(attended.transpose(1, 2).flatten(2), out_linear.weight[:, :inner], out_linear.bias)
 
 
 class SuperFeedForward(nn.Module):
@@ -601,6 +654,20 @@ class SuperBlock(nn.Module):
 
     def super_transformers(self) -> Iterator[SuperTransformer2D]:
         return (self.block.attentions[c.index] for c in self.space.transformers)
+
+    @contextlib.contextmanager
+    def sharing_text_projections(self) -> Iterator[None]:
+        """Inside: the cross-attentions project each batch's text states once, for all the genomes
+        scored without autograd (:class:`SuperTransformerAttention`); on exit the projections are freed."""
+        attentions = [m for m in self.modules() if isinstance(m, SuperTransformerAttention)]
+        for attention in attentions:
+            attention.share_text_projections = True
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                attention.share_text_projections = False
+                attention._text_keys_values = None
 
     def forward(self, *args, **kwargs):
         return self.block(*args, **kwargs)

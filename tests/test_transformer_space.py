@@ -16,7 +16,8 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
 from pyevo.cost import count_macs, count_params
 from pyevo.space import UnsupportedBlockError, block_space, searchable_blocks, unet_space
 from pyevo.student import DroppedTransformer2D, build_static_block, make_block_static
-from pyevo.supernet import SuperTransformer2D, build_supernet, ff_unit_order, head_order, supernet_unet
+from pyevo.supernet import (SuperTransformer2D, SuperTransformerAttention, build_supernet, ff_unit_order, head_order,
+                            supernet_unet)
 from unet_configs import DIGITS_CONFIG, SD15_CONFIG, SD15_SMALL_CONFIG
 
 BLOCKS = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
@@ -271,6 +272,61 @@ def float64_supernet_and_calls():
         for param in supernet.parameters():
             param.add_(0.02 * torch.randn_like(param))
     return teacher, supernet, capture_block_calls(teacher, *teacher_inputs(teacher))
+
+
+def test_a_block_search_projects_the_text_states_once_for_all_its_candidates(float64_supernet_and_calls):
+    _, supernet, calls = float64_supernet_and_calls
+    block = supernet["mid_block"]
+    args, kwargs, _ = calls["mid_block"]
+    states = kwargs["encoder_hidden_states"]
+    space = block.space
+    rng = random.Random(0)
+    genomes = [space.teacher_genome(), space.smallest_genome()] + [space.random_genome(rng) for _ in range(4)]
+    genomes = [g for g in genomes if not all(t.dropped for t in space.arch(g).transformers.values())]
+    assert len(genomes) >= 3
+
+    def score_all() -> tuple[list[torch.Tensor], int]:
+        outputs = []
+
+        def every_candidate():
+            for genome in genomes:
+                block.set_genome(genome)
+                # a fresh view of the same states for each candidate, as the search's chunks are
+                outputs.append(block(*args, **{**kwargs, "encoder_hidden_states": states[:]}))
+
+        macs = count_macs(every_candidate)  # under no_grad, with pyevo's ops counted
+        return outputs, macs
+
+    alone, alone_macs = score_all()
+    with block.sharing_text_projections():
+        shared, shared_macs = score_all()
+        cross = [m for name, m in block.named_modules() if name.endswith("attn2")]
+        assert cross and all(isinstance(m, SuperTransformerAttention) and m._text_keys_values is not None
+                             for m in cross)
+    for a, b in zip(alone, shared):
+        assert max_relative_error(b, a) <= 1e-12
+    # The first candidate (the teacher's genome: all heads) projects all heads, as it would alone; every
+    # other one skips the K/V projections of its own heads in every layer it runs.
+    batch, length, width = states.shape
+    saved = 0
+    for genome in genomes[1:]:
+        for arch in space.arch(genome).transformers.values():
+            if not arch.dropped:
+                saved += arch.layers * 2 * batch * length * width * arch.cross_heads * arch.head_dim
+    assert saved > 0 and alone_macs - shared_macs == saved
+    # Freed on exit; inside, an in-place change of the projections (an optimizer step) is seen at once.
+    assert all(m._text_keys_values is None for m in cross)
+    block.set_genome(space.teacher_genome())
+    with torch.no_grad(), block.sharing_text_projections():
+        before = block(*args, **kwargs)
+        cross[0].to_k.weight.mul_(1.5)
+        after = block(*args, **kwargs)
+        cross[0].to_k.weight.div_(1.5)
+    with torch.no_grad():
+        cross[0].to_k.weight.mul_(1.5)
+        expected = block(*args, **kwargs)
+        cross[0].to_k.weight.div_(1.5)
+    assert max_relative_error(after, expected) <= 1e-12 and max_relative_error(after, before) > 1e-6
 
 
 @pytest.mark.parametrize("name", BLOCKS)
