@@ -424,6 +424,10 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     main = context.is_main
     teacher, scheduler, codec, spaces, train, heldout, reference, conditions = context.agree(
         lambda: prepare(config, resume, check_folder=main))
+    if context.active and config.data == "data-free":
+        # Sampled by every rank on its own device: rank 0's samples are every rank's training and
+        # held-out images (the same held-out set everywhere).
+        train, heldout = context.broadcast_object((train, heldout))
     torch.manual_seed(config.seed)
     train_dtype = resolve_train_dtype(config.train_dtype, config.device)
     # Cross-attention blocks take as long as their text states are long: the table keeps them apart.

@@ -148,33 +148,30 @@ def assert_same_run(folder, reference):
     return report
 
 
-def test_two_processes_give_the_genomes_and_weights_of_one(root, single):
-    out = torchrun(root, *flags(root, root / "two"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = assert_same_run(root / "two", single)
-    assert report["world_size"] == 2
-    assert [rank["rank"] for rank in report["ranks"]] == [0, 1]
-    assert all(rank["device"] == "cpu" and rank["device_name"] for rank in report["ranks"])
-    # Every block searched once, by the rank the greedy assignment gave it.
-    searched = sorted(name for rank in report["ranks"] for name in rank["blocks"])
-    assert searched == sorted(report["blocks"]) and all(rank["blocks"] for rank in report["ranks"])
-    assert "Distributed over 2 processes" in (root / "two" / "report.md").read_text()
-    one = json.loads((single / "report.json").read_text())
-    assert one["world_size"] == 1 and [rank["rank"] for rank in one["ranks"]] == [0]
-
-
-def test_a_killed_rank_ends_the_job_and_resume_under_torchrun_ends_as_one_process(root, single):
-    out_dir = root / "killed"
+def test_two_processes_give_one_process_genomes_and_weights_through_a_killed_rank_and_resume(root, single):
+    """The issue's check, with a rank killed on the way: the job ends with an error within a bounded
+    time, and ``--resume`` under torchrun reads back what was done and ends as the one-process run."""
+    out_dir = root / "two"
     start = time.monotonic()
     out = torchrun(root, *flags(root, out_dir), fault="kill:1:retrain", timeout=180)
     assert out.returncode != 0 and time.monotonic() - start < 120, out.stderr[-3000:]
     assert (out_dir / "search.json").is_file() and not (out_dir / "report.json").exists()
-    distilled = (out_dir / "distill.json").read_text()
+    distilled, searched = ((out_dir / name).read_text() for name in ("distill.json", "search.json"))
 
     out = torchrun(root, *flags(root, out_dir), "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (out_dir / "distill.json").read_text() == distilled  # read back, not run again
-    assert_same_run(out_dir, single)
+    # Distillation and the search (both under torchrun) read back, not run again.
+    assert [(out_dir / name).read_text() for name in ("distill.json", "search.json")] == [distilled, searched]
+    report = assert_same_run(out_dir, single)
+    assert report["world_size"] == 2
+    assert [rank["rank"] for rank in report["ranks"]] == [0, 1]
+    assert all(rank["device"] == "cpu" and rank["device_name"] for rank in report["ranks"])
+    # Every block searched once, by the rank the greedy assignment gave it.
+    assigned = sorted(name for rank in report["ranks"] for name in rank["blocks"])
+    assert assigned == sorted(report["blocks"]) and all(rank["blocks"] for rank in report["ranks"])
+    assert "Distributed over 2 processes" in (out_dir / "report.md").read_text()
+    one = json.loads((single / "report.json").read_text())
+    assert one["world_size"] == 1 and [rank["rank"] for rank in one["ranks"]] == [0]
 
 
 def test_a_rank_that_hangs_ends_the_job_after_the_timeout(root):
@@ -212,9 +209,11 @@ def test_a_batch_the_ranks_cannot_share_is_refused_before_anything_starts(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_nsr_and_mse_shards_give_the_full_batch_gradient(tmp_path):
+def test_nsr_and_mse_shards_give_the_full_batch_gradient_and_waits_follow_heartbeats(tmp_path):
     """The NSR, a ratio of sums, is not a mean over samples: each rank's share over the global
-    denominator gives the full batch's gradient under DDP, where the mean of per-rank NSRs does not."""
+    denominator gives the full batch's gradient under DDP, where the mean of per-rank NSRs does not.
+    A rank waiting for another waits past the timeout while the other's heartbeat goes on, and ends
+    with an error once it stops."""
     script = tmp_path / "grads.py"
     script.write_text(textwrap.dedent(f'''
         import json, torch, torch.distributed as dist
@@ -258,10 +257,30 @@ def test_nsr_and_mse_shards_give_the_full_batch_gradient(tmp_path):
         grads(lambda m: block_mse(m(x[rows]), target[rows]))  # distillation's way: averaged once per step
         context.average_gradients(conv.parameters())
         mse = [p.grad.clone() for p in conv.parameters()]
-        if rank == 0:
-            json.dump({{"exact": error(exact, full_nsr), "naive": error(naive, full_nsr), "mse": error(mse, full_mse),
-                       "value": abs(value - float(noise_to_signal(conv(x), target)))}},
-                      open({str(tmp_path / "out.json")!r}, "w"))
+
+        # Waiting for a rank: past the timeout while its heartbeat goes on, not once it stops.
+        import sys, threading, time
+        from pyevo.distributed import DistributedError, _beat
+
+        context.timeout_s = 1.0
+        stop = threading.Event()
+        threading.Thread(target=_beat, args=(stop, rank, 0.1), daemon=True).start()
+        if rank == 1:
+            time.sleep(2.5)  # slow, alive
+        context.wait_for_all()
+        if rank == 1:
+            stop.set()  # silent from now on, and never at the next meeting point
+            time.sleep(4)
+            sys.exit(0)
+        start = time.monotonic()
+        try:
+            context.wait_for_all()
+            silent = "no error"
+        except DistributedError as failure:
+            silent = str(failure)
+        json.dump({{"exact": error(exact, full_nsr), "naive": error(naive, full_nsr), "mse": error(mse, full_mse),
+                   "value": abs(value - float(noise_to_signal(conv(x), target))), "silent": silent,
+                   "silent_s": time.monotonic() - start}}, open({str(tmp_path / "out.json")!r}, "w"))
     '''))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script)], capture_output=True, text=True, env=ENV, timeout=180)
@@ -269,6 +288,7 @@ def test_nsr_and_mse_shards_give_the_full_batch_gradient(tmp_path):
     errors = json.loads((tmp_path / "out.json").read_text())
     assert errors["exact"] < 1e-12 and errors["value"] < 1e-12 and errors["mse"] < 1e-12
     assert errors["naive"] > 1e-2  # averaging per-rank NSRs is measurably not the full batch's gradient
+    assert errors["silent"].startswith("rank 1 has not answered for 1 s") and errors["silent_s"] < 3.5
 
 
 def test_blocks_go_largest_first_to_the_least_loaded_rank():
