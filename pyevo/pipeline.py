@@ -380,7 +380,8 @@ def log_config_changes(saved_path: Path, config: RunConfig) -> None:
         log.warning("--resume: the saved %s cannot be read; its stages are checked by their keys alone", saved_path)
         return
     for key, old, new in config_changes(saved, config.to_dict()):
-        if key == "out":  # where the run lives (a moved folder), not what it computes
+        # Where the run lives (a moved folder) and how its processes wait for one another, not what it computes.
+        if key == "out" or key.split(".")[0] == "distributed":
             continue
         log.warning("--resume: %s was %r, now %r: the stages that depend on it run again", key, old, new)
 
