@@ -1,5 +1,5 @@
 """Checks shared by the architecture-level experiments (random-weight teachers with published
-shapes: ``ddpm_cifar10/``, ``ldm_celebahq/``), and their table, generated from a run's report.json.
+shapes: ``ddpm_cifar10/``, ``ldm_celebahq/``, ``sd15/``), and their table, generated from a run's report.json.
 
 - :func:`check_teacher_path`: the supernet built from the teacher reproduces every teacher block
   on its teacher-shaped path, on the block inputs recorded from one teacher forward;
@@ -32,7 +32,10 @@ from pyevo.teacher import load_teacher, output_tensors, record_blocks
 REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def check_teacher_path(teacher_folder: str, dtype: torch.dtype, batch: int = 2, seed: int = 0) -> list[dict]:
+def check_teacher_path(teacher_folder: str, dtype: torch.dtype, batch: int = 2, seed: int = 0,
+                       encoder_hidden_states: torch.Tensor | None = None) -> list[dict]:
+    """Per block: the teacher-shaped super-block's output vs the teacher block's (max abs difference).
+    A text-conditional teacher is called at ``encoder_hidden_states`` (its first ``batch`` rows)."""
     teacher, _ = load_teacher(teacher_folder)
     # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast (an empty keep-in-float32 list).
     teacher = torch.nn.Module.to(teacher, dtype).eval()
@@ -41,7 +44,8 @@ def check_teacher_path(teacher_folder: str, dtype: torch.dtype, batch: int = 2, 
     size = teacher.config.sample_size
     sample = torch.randn(batch, teacher.config.in_channels, size, size, generator=generator).to(dtype)
     # Two different timesteps, so the time embedding path is exercised with distinct rows.
-    calls, _ = record_blocks(teacher, sample, torch.tensor([7, 650][:batch]))
+    states = None if encoder_hidden_states is None else encoder_hidden_states[:batch].to(dtype)
+    calls, _ = record_blocks(teacher, sample, torch.tensor([7, 650][:batch]), encoder_hidden_states=states)
     rows = []
     with torch.no_grad():
         for name, block in supernet.items():
@@ -56,12 +60,13 @@ def check_teacher_path(teacher_folder: str, dtype: torch.dtype, batch: int = 2, 
     return rows
 
 
-def print_teacher_path(teacher_folder: str) -> list:
+def print_teacher_path(teacher_folder: str, encoder_hidden_states: torch.Tensor | None = None,
+                       dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> list:
     """Check (a) in float32 and float64, printed; the (dtype, block) pairs that failed."""
     print("(a) teacher-shaped supernet path vs teacher, per block (max abs difference / output scale)")
     failed = []
-    for dtype in (torch.float32, torch.float64):
-        for row in check_teacher_path(teacher_folder, dtype):
+    for dtype in dtypes:
+        for row in check_teacher_path(teacher_folder, dtype, encoder_hidden_states=encoder_hidden_states):
             print(f"  {str(dtype):14s} {row['block']:14s} {row['max_abs_diff']:.3e} / {row['scale']:.3e}"
                   f"  {'ok' if row['ok'] else 'FAIL'}")
             if not row["ok"]:
