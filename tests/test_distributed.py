@@ -119,10 +119,18 @@ def torchrun(root, *args, fault="", timeout=300):
 
 @pytest.fixture(scope="module")
 def single(root):
-    """One process, no torchrun: the reference (its latency table is the one the others read)."""
-    out = subprocess.run([sys.executable, "-m", "pyevo.search", *flags(root, root / "single")],
-                         capture_output=True, text=True, env=ENV, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """One process, no torchrun (here, at one thread, as each torchrun worker runs): the reference.
+    Its latency table is the one the ranks read."""
+    from pyevo.config import load_config
+    from pyevo.pipeline import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(None, {**TOY, "teacher": str(root / "teacher"), "out": str(root / "single"),
+                               "latency.cache": str(root / "latency.json")}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return root / "single"
 
 
