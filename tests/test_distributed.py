@@ -138,6 +138,18 @@ def weights(folder):
     return safetensors.torch.load_file(folder / "student" / "diffusion_pytorch_model.safetensors")
 
 
+def assert_close_weights(ours, theirs, bound, tol=1e-6, share=1e-3):
+    """Equal within float tolerance, as Adam leaves it: its first steps move a weight by about
+    lr * g / (|g| + eps), so where a gradient is all but zero (large terms cancelling) its rounding,
+    which differs between one full-batch backward and the mean of two half-batch ones, moves the
+    weight by up to a fraction of lr. So: all but ``share`` of the weights within ``tol``, and none
+    further than ``bound`` (a bug that changes gradients' directions moves most weights by about lr)."""
+    assert ours.keys() == theirs.keys()
+    diffs = torch.cat([(ours[key] - theirs[key]).abs().flatten() for key in theirs])
+    assert float((diffs > tol).double().mean()) <= share and float(diffs.max()) <= bound, (
+        f"{int((diffs > tol).sum())} of {diffs.numel()} weights differ by more than {tol}, at most {float(diffs.max())}")
+
+
 def assert_same_run(folder, reference):
     report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, reference))
     assert report["student"]["genome"] == expected["student"]["genome"]
@@ -146,13 +158,15 @@ def assert_same_run(folder, reference):
         assert [c["genome"] for c in searched["blocks"][name]["evaluated"]] == [c["genome"] for c in block["evaluated"]]
         assert [c["nsr"] for c in searched["blocks"][name]["evaluated"]] == pytest.approx(
             [c["nsr"] for c in block["evaluated"]], rel=1e-4)
-    ours, theirs = weights(folder), weights(reference)
-    assert ours.keys() == theirs.keys()
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=5e-5, msg=key)
+    assert_close_weights(weights(folder), weights(reference), bound=0.5 * 5e-4)  # retrain.lr 5e-4
     supernet = [safetensors.torch.load_file(f / "supernet.safetensors") for f in (folder, reference)]
-    for key in supernet[1]:
-        torch.testing.assert_close(supernet[0][key], supernet[1][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_close_weights(*supernet, bound=0.5 * 1e-3)  # distill.lr 1e-3
+    # The losses of every step, the global batch's under torchrun, are the one-process losses.
+    for stage in ("distill", "retrain"):
+        ours, theirs = (json.loads((f / f"{stage}.json").read_text())["history"] for f in (folder, reference))
+        assert [sorted(r) for r in ours] == [sorted(r) for r in theirs]
+        for mine, one in zip(ours, theirs):
+            assert [mine[k] for k in sorted(one)] == pytest.approx([one[k] for k in sorted(one)], rel=1e-5), stage
     return report
 
 
