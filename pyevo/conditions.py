@@ -53,11 +53,14 @@ class Conditions:
     negative: torch.Tensor
     source: str  # the file (or caption folder) they were read from
     unconditional: str = "zeros"  # where the unconditional states came from: zeros, the file, the empty prompt
+    prompts: tuple[str, ...] | None = None  # the texts the states encode, where known (prompts, captions)
 
     def __post_init__(self) -> None:
         if self.states.ndim != 3 or self.negative.shape != (1, *self.states.shape[1:]):
             raise ValueError(f"conditions must be [N, L, D] with negative [1, L, D], got {tuple(self.states.shape)} "
                              f"and {tuple(self.negative.shape)}")
+        if self.prompts is not None and len(self.prompts) != len(self.states):
+            raise ValueError(f"{len(self.prompts)} prompts for {len(self.states)} rows of states")
 
     def __len__(self) -> int:
         return len(self.states)
@@ -69,6 +72,10 @@ class Conditions:
     def rows(self, count: int) -> torch.Tensor:
         """``count`` rows of states cycling through the N prompts (equal use of each, in file order)."""
         return self.states[torch.arange(count) % len(self.states)]
+
+    def prompt_rows(self, count: int) -> list[str] | None:
+        """The prompts of :meth:`rows`' ``count`` rows (None where the states came without their texts)."""
+        return None if self.prompts is None else [self.prompts[i % len(self.prompts)] for i in range(count)]
 
     def digest(self) -> str:
         """A digest of the states and the unconditional states (for stage keys)."""
@@ -129,13 +136,15 @@ def load_conditions(path: str, unet: nn.Module, teacher_folder: Path | None = No
     where = Path(path).expanduser()
     if not where.is_file():
         raise ConditionsError(f"conditions file not found: {where}")
+    prompts = None
     if where.suffix == PROMPTS_SUFFIX:
-        states, negative = encode_prompts(read_prompts(where), teacher_folder, f"prompts file {where}")
+        prompts = read_prompts(where)
+        states, negative = encode_prompts(prompts, teacher_folder, f"prompts file {where}")
         found = "the empty prompt"
     else:
         states, negative = _read_states(where)
         found = "the file" if negative is not None else "zeros"
-    return _checked(states, negative, unet, where, found)
+    return _checked(states, negative, unet, where, found, prompts)
 
 
 def _read_states(where: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,7 +160,7 @@ def _read_states(where: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Module, where: Path,
-             found: str) -> Conditions:
+             found: str, prompts: list[str] | None = None) -> Conditions:
     """The states and unconditional states (zeros when None; ``found`` says where they came from),
     checked against the UNet."""
     dim = cross_attention_dim(unet)
@@ -174,14 +183,14 @@ def _checked(states: torch.Tensor, negative: torch.Tensor | None, unet: nn.Modul
         raise ConditionsError(f"conditions file {where} holds non-finite values")
     log.info("conditions: %d prompts' states [%d, %d] from %s; unconditional states: %s", len(states),
              states.shape[1], dim, where, found)
-    return Conditions(states, negative, str(where), found)
+    return Conditions(states, negative, str(where), found, None if prompts is None else tuple(prompts))
 
 
 def caption_conditions(captions: list[str], unet: nn.Module, teacher_folder: Path | None, where: Path) -> Conditions:
     """The states of an image folder's captions (one row per image, in order) and the empty prompt's,
     encoded by the teacher pipeline's text encoder (:func:`encode_prompts`) and checked against the UNet."""
     states, negative = encode_prompts(captions, teacher_folder, f"the captions of {where}")
-    return _checked(states, negative, unet, where, "the empty prompt")
+    return _checked(states, negative, unet, where, "the empty prompt", captions)
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -10,6 +10,8 @@
 - ``class_agreement``: the share of same-noise pairs (teacher, student) in the same class.
 - ``psnr`` / ``ssim``: paired comparison of two sets drawn from the same noise (e.g. teacher vs
   student samples), averaged over image pairs.
+- ``clip_score``: torchmetrics' CLIP score of images against their prompts, in a local CLIP model
+  (``load_clip_model``).
 """
 from __future__ import annotations
 
@@ -204,3 +206,70 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over image pairs of SSIM (Gaussian window, sigma 1.5), data range [-1, 1]; 1 when identical."""
     _check_pair(a, b)
     return structural_similarity_index_measure(a.double(), b.double(), data_range=DATA_RANGE).item()
+
+
+class ClipUnavailable(ValueError):
+    """The CLIP model folder given for the CLIP score cannot be loaded (missing, not a CLIP model)."""
+
+
+def load_clip_model(folder: str) -> tuple[nn.Module, object]:
+    """A local CLIP model and its processor (``transformers.CLIPModel`` + ``CLIPProcessor`` saved in
+    ``folder``, e.g. a download of openai/clip-vit-large-patch14), local files only. Raises
+    :class:`ClipUnavailable` in one line."""
+    from pathlib import Path
+
+    where = Path(folder).expanduser()
+    if not where.is_dir():
+        raise ClipUnavailable(f"CLIP model folder not found: {where}")
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(where, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(where, local_files_only=True)
+    except (ImportError, OSError, ValueError, KeyError, TypeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClipUnavailable(f"{where} is not a loadable CLIP model folder (CLIPModel + CLIPProcessor): "
+                              f"{message}") from None
+    return model, processor
+
+
+class _ProjectedFeatures(nn.Module):
+    """A CLIPModel whose ``get_image_features`` / ``get_text_features`` return the projected embeddings
+    as tensors, as torchmetrics' CLIP score expects: transformers 5 returns them in a model output's
+    ``pooler_output``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _embeddings(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeddings(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._embeddings(self.model.get_text_features(*args, **kwargs))
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: list[str], clip: tuple[nn.Module, object], batch_size: int = 64) -> float:
+    """torchmetrics' CLIP score (100 x the cosine of image and text embeddings, floored at 0, averaged)
+    of ``images`` (N, C, H, W in [-1, 1]; one channel is repeated to RGB) against their ``prompts``,
+    in the local CLIP model ``clip`` (:func:`load_clip_model`)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+        raise ValueError(f"CLIP scores (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    model, processor = clip
+    metric = CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures(model), processor))
+    pixels = images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    for start in range(0, len(pixels), batch_size):
+        metric.update(pixels[start:start + batch_size], prompts[start:start + batch_size])
+    return float(metric.compute())

@@ -319,6 +319,59 @@ def write_tiny_clip(folder, max_length: int = 6) -> None:
                                  bos_token_id=23, eos_token_id=24, pad_token_id=24)).save_pretrained(folder / "text_encoder")
 
 
+def write_tiny_clip_model(folder, image_size: int = 16) -> None:
+    """A tiny CLIPModel (text and vision towers, random weights) and its CLIPProcessor in ``folder``:
+    what ``evaluate.clip_model`` names (a download of openai/clip-vit-large-patch14, at real scale)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    write_tiny_clip(folder / "parts", max_length=16)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "parts" / "tokenizer")
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    torch.manual_seed(5)
+    config = CLIPConfig(text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         max_position_embeddings=tokenizer.model_max_length, bos_token_id=23,
+                                         eos_token_id=24, pad_token_id=24),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=image_size, patch_size=4), projection_dim=8)
+    CLIPModel(config).save_pretrained(folder)
+
+
+def test_clip_score_is_100_times_the_cosine_of_clips_embeddings(tmp_path):
+    from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
+
+    write_tiny_clip_model(tmp_path / "clip")
+    clip = load_clip_model(str(tmp_path / "clip"))
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    texts = ["lower", "low", "newer", "wider", "lowest", "w"]
+    # Directly: the processor's pixels of the RGB uint8 images, the projected embeddings, their cosines.
+    model, processor = clip
+    pixels = images.add(1).mul(127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        image = model.get_image_features(processor(images=list(pixels), return_tensors="pt")["pixel_values"])
+        tokens = processor(text=texts, return_tensors="pt", padding=True)
+        text = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    image, text = (torch.nn.functional.normalize(getattr(e, "pooler_output", e).double(), dim=-1) for e in (image, text))
+    cosines = (image * text).sum(dim=-1)
+    mean = 100 * float(cosines.mean())
+    assert abs(mean) > 1e-3
+    assert clip_score(images, texts, clip, batch_size=4) == pytest.approx(max(mean, 0.0), rel=1e-4, abs=1e-4)
+    # Text embeddings negated (the projection's sign flipped): the mean cosine flips, and torchmetrics'
+    # floor at 0 leaves exactly one of the two scores positive.
+    with torch.no_grad():
+        model.text_projection.weight.neg_()
+    try:
+        assert clip_score(images, texts, clip) == pytest.approx(max(-mean, 0.0), rel=1e-4, abs=1e-4)
+    finally:
+        with torch.no_grad():
+            model.text_projection.weight.neg_()
+    with pytest.raises(ClipUnavailable, match="not found"):
+        load_clip_model(str(tmp_path / "missing"))
+    with pytest.raises(ClipUnavailable, match="is not a loadable CLIP model folder"):
+        load_clip_model(str(tmp_path / "clip" / "parts"))
+
+
 def test_prompts_are_encoded_by_the_teacher_pipelines_text_encoder_as_stable_diffusion_encodes_them(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -330,6 +383,8 @@ def test_prompts_are_encoded_by_the_teacher_pipelines_text_encoder_as_stable_dif
     unet = text_unet()
     conditions = load_conditions(str(prompts), unet, pipeline)
     assert conditions.states.shape == (3, 6, TEXT_DIM) and conditions.unconditional == "the empty prompt"
+    # The texts stay with their states (the CLIP score reads them), cycling as the rows do.
+    assert conditions.prompt_rows(4) == ["lower newer", "wider lowest", "low", "lower newer"]
     pipe = StableDiffusionPipeline(vae=tiny_kl(), text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
                                    tokenizer=CLIPTokenizer.from_pretrained(pipeline / "tokenizer"), unet=unet,
                                    scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
