@@ -45,6 +45,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -99,6 +100,7 @@ class Context:
     ranks: list[dict] = field(default_factory=list)  # per rank: its device and that device's name
     _waits: int = 0
     _heartbeat: threading.Event | None = None
+    _keys: str = "pyevo"  # this job's prefix in the launcher's store (a run's own, agreed at set-up)
 
     @property
     def is_main(self) -> bool:
@@ -297,7 +299,7 @@ class Context:
         if store is None:
             return
         self._waits += 1
-        keys = [f"pyevo/wait/{self._waits}/{rank}" for rank in range(self.world_size)]
+        keys = [f"{self._keys}/wait/{self._waits}/{rank}" for rank in range(self.world_size)]
         store.set(keys[self.rank], "1")
         beats = {rank: (-1, time.monotonic()) for rank in range(self.world_size) if rank != self.rank}
         while beats:
@@ -305,7 +307,7 @@ class Context:
                 if store.check([keys[rank]]):
                     del beats[rank]
                     continue
-                beat = int(store.add(f"pyevo/alive/{rank}", 0))
+                beat = int(store.add(f"{self._keys}/alive/{rank}", 0))
                 last, since = beats[rank]
                 if beat != last:
                     beats[rank] = (beat, time.monotonic())
@@ -346,11 +348,11 @@ def _store():
         return None
 
 
-def _beat(stop: threading.Event, rank: int, interval: float) -> None:
+def _beat(stop: threading.Event, rank: int, interval: float, keys: str = "pyevo") -> None:
     store = _store()
     while store is not None and not stop.is_set():
         try:
-            store.add(f"pyevo/alive/{rank}", 1)
+            store.add(f"{keys}/alive/{rank}", 1)
         except Exception:  # noqa: BLE001 - the store is gone: the job is ending
             return
         stop.wait(interval)
@@ -378,8 +380,10 @@ def setup(config):
     timeout = config.distributed.timeout
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout), rank=rank, world_size=world, **extra)
     context = Context(world, rank, local, True, timeout, device)
+    # Keys of this run alone: a second run in the same job (same store) never reads the first one's.
+    context._keys = f"pyevo/{context.broadcast_object(uuid.uuid4().hex)}"
     context._heartbeat = threading.Event()
-    threading.Thread(target=_beat, args=(context._heartbeat, rank, max(0.05, min(5.0, timeout / 4))),
+    threading.Thread(target=_beat, args=(context._heartbeat, rank, max(0.05, min(5.0, timeout / 4)), context._keys),
                      daemon=True, name="pyevo-heartbeat").start()
     context.ranks = context.all_gather_object(_rank_entry(rank, device, device_name))
     log.info("rank %d of %d on %s (%s)", rank, world, device, backend)
