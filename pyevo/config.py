@@ -92,6 +92,9 @@ class EvaluateConfig:
     # digits-shaped images, 1x16x16 or 1x32x32, inception otherwise).
     features: str = "auto"
     inception_weights: str = ""  # a local Inception weights file (torch-fidelity's), for offline use
+    # A local CLIP model folder (transformers CLIPModel + CLIPProcessor, e.g. openai/clip-vit-large-patch14
+    # downloaded): the CLIP score of a text-conditional teacher's and student's samples against their prompts.
+    clip_model: str = ""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
 from pyevo.distill import distill_supernet, heldout_calls
 from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoencoder
+from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
 from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
                             sample_quality)
 from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
@@ -344,6 +345,13 @@ def prepare(config: RunConfig, resume: bool, check_folder: bool = True):
     weights = config.evaluate.inception_weights
     if weights and not Path(weights).expanduser().is_file():
         raise RunError(f"evaluate.inception_weights: no file at {weights}")
+    clip_folder = config.evaluate.clip_model
+    if clip_folder and not is_text_conditional(teacher):
+        raise RunError(f"evaluate.clip_model {clip_folder}: the CLIP score compares samples with their prompts, and "
+                       f"the teacher ({type(teacher).__name__}) takes none")
+    if clip_folder and not (Path(clip_folder).expanduser() / "config.json").is_file():
+        raise RunError(f"evaluate.clip_model: {clip_folder} is not a model folder (no config.json); give a local "
+                       "CLIP model (CLIPModel + CLIPProcessor saved with save_pretrained)")
     spaces = {space.name: space for space in unet_space(teacher)}
     # A caption folder brings its own conditions (its captions' states); otherwise --conditions does.
     captions = is_text_conditional(teacher) and config.data not in ("digits", "data-free")
@@ -567,8 +575,10 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
             # Generation checkpoints live under the stage's key: a changed search never resumes
             # from another search's generations. Under torchrun only rank 0 writes its blocks' ones.
-            result = search_block(space, evaluate, config.search, config.seed * 1009 + index,
-                                  folder / "search" / stages.key / name if main else None, progress)
+            # The block's cross-attentions project the held-out text states once for all its candidates.
+            with block.sharing_text_projections():
+                result = search_block(space, evaluate, config.search, config.seed * 1009 + index,
+                                      folder / "search" / stages.key / name if main else None, progress)
             if main:
                 table.save()
             results[name] = result.to_dict()
@@ -701,6 +711,7 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
         out[name] = {**asdict(network_cost(model, conditions)),
                      **sample_quality(samples[name], None if reference is None else reference.images, extractor)}
     out["student"].update(paired_similarity(samples["student"], samples["teacher"]))
+    out["clip"] = _clip_scores(config.evaluate.clip_model, samples, conditions, out)
     if labels is not None:
         out["student"]["per_class"] = per_class_similarity(samples["student"], samples["teacher"], labels)
     out["features"] = {"kind": features_kind, "note": features_note}
@@ -719,6 +730,27 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     atomic_write_bytes(folder / "samples.safetensors", safetensors.torch.save(
         {name: images[:64].contiguous() for name, images in samples.items()}))
     return out
+
+
+def _clip_scores(folder: str, samples: dict[str, torch.Tensor], conditions: Conditions | None, out: dict) -> dict:
+    """Each model's CLIP score (``out[name]["clip_score"]``) against the prompts its samples were drawn
+    at, where a CLIP model is given and the prompts are known; the model and a note."""
+    if not folder:
+        return {"model": None, "note": "no CLIP score (evaluate.clip_model not set)"}
+    count = len(samples["teacher"])
+    prompts = None if conditions is None else conditions.prompt_rows(count)
+    if prompts is None:
+        note = (f"no CLIP score: the conditions ({conditions.source if conditions else 'none'}) are states without "
+                "their prompts; give a .txt file of prompts or a caption folder")
+        log.warning(note)
+        return {"model": folder, "note": note}
+    try:
+        clip = load_clip_model(folder)
+    except ClipUnavailable as error:
+        raise RunError(f"evaluate.clip_model: {error}") from None
+    for name, images in samples.items():
+        out[name]["clip_score"] = clip_score(images, prompts, clip)
+    return {"model": folder, "note": f"CLIP score in {folder}, {count} samples at their prompts"}
 
 
 def _save_pretrained_atomic(model, folder: Path) -> None:

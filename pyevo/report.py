@@ -45,6 +45,7 @@ def write_report(folder: Path, config, spaces, results, selected: dict, evaluate
         # Text-conditional samples (data-free trajectories, evaluation) are guided at this scale.
         "guidance_scale": config.guidance_scale if is_text_conditional(teacher) else None,
         "features": evaluated.get("features"),
+        "clip": evaluated.get("clip"),
         "latent": _latent(config, teacher, codec, evaluated),
         "teacher": dict(t),
         "student": {**s,
@@ -112,6 +113,18 @@ def _latent(config, teacher, codec, evaluated: dict) -> dict | None:
 
 def _fmt(value, spec: str = ".4g") -> str:
     return "—" if value is None else format(value, spec)
+
+
+def _clip_rows(report: dict) -> list[str]:
+    """The CLIP score row where one was computed, else the note saying why not (when a model was named)."""
+    clip, t, s = report.get("clip") or {}, report["teacher"], report["student"]
+    if t.get("clip_score") is not None:
+        return [f"| CLIP score ({clip['model']}) | {t['clip_score']:.2f} | {s['clip_score']:.2f} | "
+                f"{s['clip_score'] / t['clip_score']:.3f} |" if t["clip_score"] else
+                f"| CLIP score ({clip['model']}) | {t['clip_score']:.2f} | {s['clip_score']:.2f} | — |"]
+    if clip.get("model"):
+        return [f"| CLIP score | — | — | {clip['note']} |"]
+    return []
 
 
 def _kid_ratio(teacher: dict, student: dict) -> float | None:
@@ -192,6 +205,7 @@ def _markdown(report: dict) -> str:
         f"| PSNR / SSIM vs teacher (same noise) | — | {s['psnr_vs_teacher']:.2f} dB / "
         f"{s['ssim_vs_teacher']:.3f} | |",
         f"| same class as the teacher (same noise) | — | {_fmt(s.get('class_agreement'), '.3f')} | |",
+        *_clip_rows(report),
         "",
     ]
     if t.get("class_coverage"):

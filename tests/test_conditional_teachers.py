@@ -64,12 +64,16 @@ def text_teacher(tmp_path_factory):
 def test_text_conditional_teacher_runs_end_to_end_and_its_student_generates_through_stable_diffusion(
         text_teacher, tmp_path):
     out = tmp_path / "run"
+    write_tiny_clip_model(tmp_path / "clip")
+    clip = f"--set=evaluate.clip_model={tmp_path / 'clip'}"
     result = cli("--teacher", str(text_teacher / "pipeline"), "--data", "data-free", "--conditions",
                  str(text_teacher / "prompts.safetensors"), "--guidance-scale", "2.5", "--out", str(out),
-                 "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}")
+                 "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}", clip)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["text_conditional"] and report["guidance_scale"] == 2.5 and not report["class_conditional"]
+    # States without their texts: no CLIP score, and the report says why.
+    assert "clip_score" not in report["student"] and "states without their prompts" in report["clip"]["note"]
     assert "text-conditional (guidance scale 2.5)" in (out / "report.md").read_text()
     assert set(report["blocks"]) == {"down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"}
     # The cross-attention blocks' genomes name their transformers.
@@ -81,7 +85,7 @@ def test_text_conditional_teacher_runs_end_to_end_and_its_student_generates_thro
     # Resumed, every stage is read back (the conditions are in the keys) and the run ends the same.
     resumed = cli("--teacher", str(text_teacher / "pipeline"), "--data", "data-free", "--conditions",
                   str(text_teacher / "prompts.safetensors"), "--guidance-scale", "2.5", "--out", str(out),
-                  "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}", "--resume")
+                  "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}", clip, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = json.loads((out / "report.json").read_text())
     assert again["stages"] == report["stages"] and again["student"]["genome"] == report["student"]["genome"]
@@ -218,6 +222,10 @@ def test_bad_inputs_for_text_conditional_teachers_are_one_line_refusals(text_tea
              "--teacher", pipeline, "--data", "data-free", "--conditions", str(wrong))
     _refused(capsys, out, "conditions file not found", "--teacher", pipeline, "--data", "data-free",
              "--conditions", str(tmp_path / "missing.safetensors"))
+    _refused(capsys, out, "is not a model folder (no config.json)", "--teacher", pipeline, "--data", "data-free",
+             "--conditions", str(text_teacher / "prompts.safetensors"), f"--set=evaluate.clip_model={tmp_path}")
+    _refused(capsys, out, "the CLIP score compares samples with their prompts", "--teacher", "digits",
+             f"--set=evaluate.clip_model={tmp_path}")
     images = tmp_path / "images"
     write_images(images, 4, channels=3)
     _refused(capsys, out, "000.png has no 000.txt beside it", "--teacher", pipeline, "--data", str(images))
@@ -408,11 +416,16 @@ def test_caption_folder_trains_each_image_at_its_captions_states(text_teacher, t
     write_images(images, 12, channels=3)
     write_captions(images)
     out = tmp_path / "run"
+    write_tiny_clip_model(tmp_path / "clip")
     result = cli("--teacher", str(text_teacher / "pipeline"), "--data", str(images), "--guidance-scale", "2",
-                 "--out", str(out), "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}")
+                 "--out", str(out), "--metric-features", "none", f"--set=latency.cache={tmp_path / 'lat.json'}",
+                 f"--set=evaluate.clip_model={tmp_path / 'clip'}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["text_conditional"] and report["student"]["psnr_vs_teacher"] is not None
+    # The captions are the prompts the samples were drawn at: both models get a CLIP score against them.
+    assert all(isinstance(report[name]["clip_score"], float) for name in ("teacher", "student"))
+    assert report["clip"]["model"] == str(tmp_path / "clip") and "CLIP score (" in (out / "report.md").read_text()
     cached = safetensors.torch.load_file(out / "latents.safetensors")
     captions = [path.read_text().strip() for path in sorted(images.glob("*.txt"))]
     expected, _ = encode_prompts(captions, text_teacher / "pipeline")
