@@ -79,6 +79,10 @@ class RetrainConfig:
     # L_end against the true target of the teacher's prediction type (noise, velocity or clean
     # image: the paper's loss) or against the teacher's own prediction (output distillation).
     end_target: str = "true"
+    # Min-SNR-gamma weights on L_end per sample (Hang et al. 2023; 0: unweighted): min(SNR, gamma) / SNR for
+    # epsilon, / (SNR + 1) for v_prediction, min(SNR, gamma) for sample. Less weight on the nearly clean
+    # timesteps, where the target says least about the image.
+    snr_gamma: float = 0.0
     checkpointing: bool = False  # diffusers' gradient checkpointing in the student (less memory)
 
 
@@ -199,7 +203,7 @@ BOUNDS: dict[str, Bounds] = {
     "search.cap_latency_slack": Bounds(1),
     "retrain.steps": Bounds(0), "retrain.batch_size": POSITIVE, "retrain.lr": Bounds(0, low_closed=False),
     "retrain.lambda_share": Bounds(0, 1, low_closed=False), "retrain.static_lambda": Bounds(0, 1),
-    "retrain.ema_decay": Bounds(0, 1),
+    "retrain.ema_decay": Bounds(0, 1), "retrain.snr_gamma": Bounds(0),
     "evaluate.num_samples": POSITIVE, "evaluate.ddim_steps": POSITIVE,
     "distributed.timeout": Bounds(0, low_closed=False),
 }

@@ -6,7 +6,8 @@ NSR_b compares the student's block b, fed the teacher's input to that block, wit
 output of it; L_end is the MSE of the student's prediction against the true target of the
 teacher's prediction type (the noise for epsilon, the velocity for v_prediction, the clean image
 for sample: the paper's epsilon-loss), or against the teacher's own prediction (``end_target:
-teacher``, output distillation; what data-free mode can lean on). The arms:
+teacher``, output distillation; what data-free mode can lean on), each sample's error weighted
+by Min-SNR-gamma where ``snr_gamma`` > 0 (:func:`end_loss_weights`). The arms:
 
 - ``dynamic``: lambda decays 1 -> 0 along a cosine over the first ``lambda_share`` of the steps;
 - ``static``: lambda fixed at ``static_lambda``;
@@ -31,7 +32,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,6 +59,19 @@ def block_weight(step: int, steps: int, config: RetrainConfig) -> float:
     if step >= decay_steps:
         return 0.0
     return 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
+
+
+def end_loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor | None:
+    """Per-sample Min-SNR-gamma weights of L_end at ``timesteps`` (None when ``snr_gamma`` is 0), for the
+    teacher's prediction type: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v_prediction), min(SNR, gamma)
+    (sample)."""
+    if snr_gamma <= 0:
+        return None
+    snr = compute_snr(scheduler, timesteps.cpu()).double()
+    clipped = snr.clamp(max=snr_gamma)
+    kind = scheduler.config.prediction_type
+    weights = clipped / snr if kind == "epsilon" else clipped / (snr + 1) if kind == "v_prediction" else clipped
+    return weights.float().to(timesteps.device)
 
 
 def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, scheduler,
@@ -91,7 +105,10 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
             target = teacher_prediction if to_teacher else batch.target
             prediction = model(batch.noisy, batch.timesteps,
                                **conditioning(student, batch.labels, batch.encoder_hidden_states)).sample
-            end_loss = F.mse_loss(at_least_float32(prediction), at_least_float32(target))
+            # A mean over samples (weighted or not): under torchrun the mean of equal shards is the batch's.
+            squared = (at_least_float32(prediction) - at_least_float32(target)) ** 2
+            weights = end_loss_weights(scheduler, batch.timesteps, config.snr_gamma)
+            end_loss = squared.mean() if weights is None else (squared.flatten(1).mean(1) * weights).mean()
             loss = (1.0 - weight) * end_loss
             if not context.active:
                 record = {"step": step, "lambda": weight, "end_loss": float(end_loss.detach())}

@@ -135,6 +135,35 @@ def test_the_end_loss_uses_the_teachers_prediction_type(setup, kind):
     assert all(abs(other - got) > 1e-3 * got for other in others)  # the types are told apart
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_each_samples_end_loss_by_its_timestep(setup, kind):
+    """With retrain.snr_gamma, the first end loss is the mean of each sample's MSE times its Min-SNR-gamma
+    weight, by hand from the schedule's alphas in float64 (Hang et al.: min(SNR, g) / SNR for epsilon,
+    / (SNR + 1) for v_prediction, min(SNR, g) for sample)."""
+    unet, _, spaces, images = setup
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=kind)
+    genomes = {name: space.teacher_genome() for name, space in spaces.items()}
+    student = StudentUNet2DModel.from_supernet(unet, build_supernet(unet), genomes)
+    gamma = 2.0
+    config = RetrainConfig(steps=1, batch_size=8, loss="end-only", end_target="true", snr_gamma=gamma)
+    generator = torch.Generator().manual_seed(5)
+    index = torch.randint(len(images), (8,), generator=generator)
+    noise = torch.randn(images[index].shape, generator=generator)
+    timesteps = torch.randint(0, 100, (8,), generator=generator)
+    noisy = scheduler.add_noise(images[index], noise, timesteps)
+    with torch.no_grad():
+        output = student(noisy, timesteps).sample.double()
+    per_sample = ((output - _reference_target(kind, scheduler, images[index], noise, timesteps)) ** 2).flatten(1).mean(1)
+    alpha_bar = scheduler.alphas_cumprod.double()[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = {"epsilon": snr.clamp(max=gamma) / snr, "v_prediction": snr.clamp(max=gamma) / (snr + 1),
+              "sample": snr.clamp(max=gamma)}[kind]
+    assert not torch.allclose(weight, torch.ones_like(weight))  # the draw spans both sides of gamma
+    got = retrain_student(unet, student, ImageSet(images), scheduler, config, seed=5, progress=False)[0]["end_loss"]
+    assert got == pytest.approx(float((per_sample * weight).mean()), rel=1e-5)
+    assert got != pytest.approx(float(per_sample.mean()), rel=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["v_prediction", "sample"])
 def test_the_sampler_reads_the_output_as_the_prediction_type(setup, kind):
     """ddim_sample against a hand-written deterministic DDIM loop that converts the UNet's output
