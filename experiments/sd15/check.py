@@ -153,9 +153,12 @@ def main() -> None:
         failed.append(("StableDiffusionPipeline", got))
 
     print("(c) tables")
-    width = "/".join(map(str, unet_config["block_out_channels"]))
+    width = ",".join(map(str, unet_config["block_out_channels"]))
     text = table(report, config, {"before": args.load_before, "after": load_after()},
-                 f"SD-v1.5 UNet at 1/{divisor} width ({width}), text-conditional, guidance {guidance:g}")
+                 f"SD-v1.5 UNet at 1/{divisor} width, block_out_channels {width}")
+    text += (f"\n\nText-conditional at random states [{len(states)}, {states.shape[1]}, {states.shape[2]}] (stand-ins "
+             f"for CLIP ViT-L/14's), data-free, guidance {guidance:g}. Latencies are one UNet call at batch 1; "
+             "a guided pipeline step makes two (or one at batch 2).")
     facts = json.loads(Path(args.arch_facts).read_text()) if args.arch_facts else None
     if facts is not None:
         text += "\n\n" + architecture_table(facts, report)
