@@ -221,7 +221,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # under Min-SNR-5 weights, with the block-wise term over the first fifth of the steps only; the
     # distillation (0.8 s a step here, against about 0.2 s for a retraining step) is halved so the
     # whole run stays within 15 minutes on a 2-core CPU.
-    "latent-digits": {"distill.steps": 100, "retrain.steps": 2500, "retrain.lr": 1e-3, "retrain.end_target": "teacher",
+    "latent-digits": {"distill.steps": 100, "retrain.steps": 3000, "retrain.lr": 1e-3, "retrain.end_target": "teacher",
                       "retrain.snr_gamma": 5.0, "retrain.lambda_share": 0.2},
 }
 # Built-in teachers whose default run has a preset of its own.
