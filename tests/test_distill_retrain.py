@@ -110,6 +110,18 @@ def _reference_target(kind: str, scheduler, clean, noise, timesteps):
             "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean}[kind]
 
 
+def _first_retrain_batch(student, scheduler, images, seed: int = 5, size: int = 8):
+    """The batch retrain_student(seed=5, batch_size=8) draws first (the same generator calls as
+    pyevo.diffusion.noisy_batch): the student's float64 output on it, the clean images, noise and timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(images), (size,), generator=generator)
+    noise = torch.randn(images[index].shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator)
+    with torch.no_grad():
+        output = student(scheduler.add_noise(images[index], noise, timesteps), timesteps).sample.double()
+    return output, images[index], noise, timesteps
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_the_end_loss_uses_the_teachers_prediction_type(setup, kind):
     """retrain's first end loss is the MSE of the student's output against the true target of the
@@ -119,18 +131,11 @@ def test_the_end_loss_uses_the_teachers_prediction_type(setup, kind):
     genomes = {name: space.teacher_genome() for name, space in spaces.items()}
     student = StudentUNet2DModel.from_supernet(unet, build_supernet(unet), genomes)
     config = RetrainConfig(steps=1, batch_size=8, loss="end-only", end_target="true")
-    # The batch retrain_student draws first: the same generator calls as pyevo.diffusion.noisy_batch.
-    generator = torch.Generator().manual_seed(5)
-    index = torch.randint(len(images), (8,), generator=generator)
-    noise = torch.randn(images[index].shape, generator=generator)
-    timesteps = torch.randint(0, 100, (8,), generator=generator)
-    noisy = scheduler.add_noise(images[index], noise, timesteps)
-    with torch.no_grad():
-        output = student(noisy, timesteps).sample.double()
-    expected = F.mse_loss(output, _reference_target(kind, scheduler, images[index], noise, timesteps)).item()
+    output, clean, noise, timesteps = _first_retrain_batch(student, scheduler, images)
+    expected = F.mse_loss(output, _reference_target(kind, scheduler, clean, noise, timesteps)).item()
     got = retrain_student(unet, student, ImageSet(images), scheduler, config, seed=5, progress=False)[0]["end_loss"]
     assert got == pytest.approx(expected, rel=1e-5)
-    others = [F.mse_loss(output, _reference_target(k, scheduler, images[index], noise, timesteps)).item()
+    others = [F.mse_loss(output, _reference_target(k, scheduler, clean, noise, timesteps)).item()
               for k in ("epsilon", "v_prediction", "sample") if k != kind]
     assert all(abs(other - got) > 1e-3 * got for other in others)  # the types are told apart
 
@@ -146,14 +151,8 @@ def test_min_snr_weights_each_samples_end_loss_by_its_timestep(setup, kind):
     student = StudentUNet2DModel.from_supernet(unet, build_supernet(unet), genomes)
     gamma = 2.0
     config = RetrainConfig(steps=1, batch_size=8, loss="end-only", end_target="true", snr_gamma=gamma)
-    generator = torch.Generator().manual_seed(5)
-    index = torch.randint(len(images), (8,), generator=generator)
-    noise = torch.randn(images[index].shape, generator=generator)
-    timesteps = torch.randint(0, 100, (8,), generator=generator)
-    noisy = scheduler.add_noise(images[index], noise, timesteps)
-    with torch.no_grad():
-        output = student(noisy, timesteps).sample.double()
-    per_sample = ((output - _reference_target(kind, scheduler, images[index], noise, timesteps)) ** 2).flatten(1).mean(1)
+    output, clean, noise, timesteps = _first_retrain_batch(student, scheduler, images)
+    per_sample = ((output - _reference_target(kind, scheduler, clean, noise, timesteps)) ** 2).flatten(1).mean(1)
     alpha_bar = scheduler.alphas_cumprod.double()[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     weight = {"epsilon": snr.clamp(max=gamma) / snr, "v_prediction": snr.clamp(max=gamma) / (snr + 1),
