@@ -119,9 +119,8 @@ def _clip_rows(report: dict) -> list[str]:
     """The CLIP score row where one was computed, else the note saying why not (when a model was named)."""
     clip, t, s = report.get("clip") or {}, report["teacher"], report["student"]
     if t.get("clip_score") is not None:
-        return [f"| CLIP score ({clip['model']}) | {t['clip_score']:.2f} | {s['clip_score']:.2f} | "
-                f"{s['clip_score'] / t['clip_score']:.3f} |" if t["clip_score"] else
-                f"| CLIP score ({clip['model']}) | {t['clip_score']:.2f} | {s['clip_score']:.2f} | — |"]
+        ratio = s["clip_score"] / t["clip_score"] if t["clip_score"] else None  # floored at 0: maybe no ratio
+        return [f"| CLIP score ({clip['model']}) | {t['clip_score']:.2f} | {s['clip_score']:.2f} | {_fmt(ratio, '.3f')} |"]
     if clip.get("model"):
         return [f"| CLIP score | — | — | {clip['note']} |"]
     return []
