@@ -28,6 +28,8 @@ class DistillConfig:
     lr: float = 1e-3
     random_paths: int = 1  # random paths per step, besides the largest and the smallest
     checkpointing: bool = False  # recompute block activations in the backward (less memory)
+    # Steps between mid-stage checkpoints (weights, optimiser, random states) a --resume continues from; 0: none.
+    checkpoint_every: int = 50
 
 
 @dataclass
@@ -84,6 +86,8 @@ class RetrainConfig:
     # timesteps, where the target says least about the image.
     snr_gamma: float = 0.0
     checkpointing: bool = False  # diffusers' gradient checkpointing in the student (less memory)
+    # Steps between mid-stage checkpoints (student, EMA, optimiser, random states) a --resume continues from; 0: none.
+    checkpoint_every: int = 250
 
 
 @dataclass
@@ -193,7 +197,7 @@ POSITIVE = Bounds(1)
 BOUNDS: dict[str, Bounds] = {
     "batch": POSITIVE, "guidance_scale": Bounds(0),
     "distill.steps": POSITIVE, "distill.batch_size": POSITIVE, "distill.lr": Bounds(0, low_closed=False),
-    "distill.random_paths": Bounds(0),
+    "distill.random_paths": Bounds(0), "distill.checkpoint_every": Bounds(0),
     "latency.warmup": Bounds(0), "latency.repeats": POSITIVE, "latency.network_repeats": POSITIVE,
     "latency.threads": POSITIVE,
     "search.population": Bounds(4), "search.generations": POSITIVE, "search.heldout_size": POSITIVE,
@@ -203,7 +207,7 @@ BOUNDS: dict[str, Bounds] = {
     "search.cap_latency_slack": Bounds(1),
     "retrain.steps": Bounds(0), "retrain.batch_size": POSITIVE, "retrain.lr": Bounds(0, low_closed=False),
     "retrain.lambda_share": Bounds(0, 1, low_closed=False), "retrain.static_lambda": Bounds(0, 1),
-    "retrain.ema_decay": Bounds(0, 1), "retrain.snr_gamma": Bounds(0),
+    "retrain.ema_decay": Bounds(0, 1), "retrain.snr_gamma": Bounds(0), "retrain.checkpoint_every": Bounds(0),
     "evaluate.num_samples": POSITIVE, "evaluate.ddim_steps": POSITIVE,
     "distributed.timeout": Bounds(0, low_closed=False),
 }

@@ -31,7 +31,7 @@ from pyevo.diffusion import ImageSet, noisy_batch
 from pyevo.distributed import SINGLE, Context
 from pyevo.teacher import (BlockCall, at_least_float32, model_device, noise_to_signal, output_tensors,
                            record_blocks)
-from pyevo.training import MixedPrecision, check_finite
+from pyevo.training import MixedPrecision, StepCheckpoints, check_finite, random_states, set_random_states
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,15 @@ class DistillResult:
 
 def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spaces: Mapping, data: ImageSet,
                      scheduler, config: DistillConfig, seed: int, progress: bool = True,
-                     train_dtype: torch.dtype = torch.float32, context: Context = SINGLE) -> DistillResult:
+                     train_dtype: torch.dtype = torch.float32, context: Context = SINGLE,
+                     checkpoints: StepCheckpoints | None = None) -> DistillResult:
     """Train every super-block on the teacher's block inputs/outputs, all in one pass per batch.
 
     Runs on the teacher's device (the supernet must be there too), autocast to ``train_dtype``;
-    under torchrun (``context``) on this rank's shard of each batch, data parallel.
+    under torchrun (``context``) on this rank's shard of each batch, data parallel. With
+    ``checkpoints`` the loop starts from the last good checkpoint there (weights, optimiser, schedule,
+    loss scaler, the path and data random states, the history) and writes one every
+    ``checkpoints.every`` steps: a resumed loop ends as an uninterrupted one.
     """
     rng = random.Random(seed)
     device = model_device(teacher)
@@ -120,7 +124,26 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
     for block in supernet.values():
         block.train()
     history = []
-    bar = tqdm(range(config.steps), desc="distill", disable=not progress)
+    start = 0
+    state = None if checkpoints is None else checkpoints.load()
+    if state is not None:
+        for name, block in supernet.items():
+            block.load_state_dict(state["supernet"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        precision.scaler.load_state_dict(state["scaler"])
+        rng.setstate(state["paths"])
+        generator.set_state(state["data"])
+        set_random_states(state["random"], device)
+        history, start = state["history"], state["step"]
+
+    def checkpoint(done: int) -> dict:
+        return {"step": done, "supernet": {name: block.state_dict() for name, block in supernet.items()},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": precision.scaler.state_dict(), "paths": rng.getstate(), "data": generator.get_state(),
+                "random": random_states(device), "history": history}
+
+    bar = tqdm(range(start, config.steps), desc="distill", disable=not progress, initial=start, total=config.steps)
     for step in bar:
         batch = noisy_batch(data, scheduler, config.batch_size, generator, device, context.shard)
         with precision.autocast():
@@ -161,6 +184,8 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
         schedule.step()
         history.append(record)
         bar.set_postfix(mse=f"{sum(v for k, v in record.items() if k != 'step') / len(supernet):.4f}")
+        if checkpoints is not None and checkpoints.due(step + 1, config.steps):
+            checkpoints.save(step + 1, lambda done=step + 1: checkpoint(done))
     for block in supernet.values():
         block.eval()
     return DistillResult(history)

@@ -42,7 +42,7 @@ from pyevo.distributed import SINGLE, Context
 from pyevo.space import searchable_blocks
 from pyevo.teacher import (at_least_float32, conditioning, model_device, noise_to_signal, output_tensors,
                            record_blocks)
-from pyevo.training import MixedPrecision, check_finite
+from pyevo.training import MixedPrecision, StepCheckpoints, check_finite, random_states, set_random_states
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,14 @@ def end_loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> to
 
 def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, scheduler,
                     config: RetrainConfig, seed: int, progress: bool = True,
-                    train_dtype: torch.dtype = torch.float32, context: Context = SINGLE) -> list[dict[str, float]]:
+                    train_dtype: torch.dtype = torch.float32, context: Context = SINGLE,
+                    checkpoints: StepCheckpoints | None = None) -> list[dict[str, float]]:
     """Train ``student`` in place; on return it holds the EMA weights. Returns the loss history
-    (under torchrun the full batch's figures, the same on every rank)."""
+    (under torchrun the full batch's figures, the same on every rank).
+
+    With ``checkpoints`` the loop starts from the last good checkpoint there (student, EMA, optimiser,
+    schedule, loss scaler, the data random state, the history) and writes one every
+    ``checkpoints.every`` steps: a resumed loop ends as an uninterrupted one."""
     generator = torch.Generator().manual_seed(seed)
     device = model_device(student)
     precision = MixedPrecision(str(device), train_dtype)
@@ -87,11 +92,30 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
     ema = EMAModel(student.parameters(), decay=config.ema_decay)
+    history = []
+    start = 0
+    state = None if checkpoints is None else checkpoints.load()
+    if state is not None:  # before DDP wraps the student (DDP starts from rank 0's weights: these)
+        student.load_state_dict(state["student"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        precision.scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["data"])
+        set_random_states(state["random"], device)
+        history, start = state["history"], state["step"]
+
+    def checkpoint(done: int) -> dict:
+        return {"step": done, "student": student.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": precision.scaler.state_dict(), "data": generator.get_state(),
+                "random": random_states(device), "history": history}
+
     student_blocks = searchable_blocks(student)
     model = context.data_parallel(student)  # the student itself in one process
     student.train()
-    history = []
-    for step in tqdm(range(config.steps), desc="retrain", disable=not progress):
+    for step in tqdm(range(start, config.steps), desc="retrain", disable=not progress, initial=start,
+                     total=config.steps):
         batch = noisy_batch(data, scheduler, config.batch_size, generator, device, context.shard)
         weight = block_weight(step, config.steps, config)
         # The teacher runs only when a term needs it (block targets, or its prediction as the target).
@@ -135,6 +159,8 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
         ema.step(student.parameters())
         record["loss"] = value
         history.append(record)
+        if checkpoints is not None and checkpoints.due(step + 1, config.steps):
+            checkpoints.save(step + 1, lambda done=step + 1: checkpoint(done))
     ema.copy_to(student.parameters())
     if config.checkpointing:
         student.disable_gradient_checkpointing()
