@@ -58,12 +58,11 @@ class SearchConfig:
     rule: str = "diffnas"  # diffnas | block-budget | budget
     slack: float = 2.0  # diffnas: NSR <= teacher-shaped NSR * slack
     budget: float = 0.5  # block-budget / budget: fraction of the teacher's latency
-    # Caps on the student's MACs and parameters, as fractions of the teacher's (1 = no cap),
-    # met after any rule by swapping in cheaper evaluated candidates.
+    # Caps on the student's MACs and parameters, as fractions of the teacher's (1 = no cap). Where
+    # a rule's picks break them, the least-NSR choice of evaluated candidates under them replaces the picks.
     max_macs: float = 0.5
     max_params: float = 0.5
-    # When the caps force swaps, the room left under them buys back NSR with up to this factor of
-    # the rule's summed block latency.
+    # ... preferably within this factor of the rule's picks' summed block latency.
     cap_latency_slack: float = 1.2
 
 

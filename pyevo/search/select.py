@@ -7,14 +7,17 @@
 - ``budget``: a whole-network latency budget split across blocks by a multiple-choice knapsack
   over the fronts (minimise the sum of NSRs subject to the summed latency).
 
-Any rule's picks can then be held to caps on the student's MACs and parameters
-(:func:`meet_cost_caps`).
+Where a rule's picks break the caps on the student's MACs and parameters, :func:`meet_cost_caps`
+replaces them with the least-NSR choice under the caps that keeps the rule's latency promise.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
+
+import numpy as np
 
 from pyevo.search.local import BlockSearchResult, Candidate
 
@@ -102,90 +105,172 @@ class Cost:
         return Cost(self.macs - other.macs, self.params - other.params)
 
 
-def cap_excess(total: Cost, limit: Cost) -> float:
-    """How far ``total`` is over ``limit``, relative, summed over MACs and params (0 = within)."""
-    return max(0.0, total.macs / limit.macs - 1.0) + max(0.0, total.params / limit.params - 1.0)
-
-
 def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSearchResult],
                    cost: Callable[[str, Candidate], Cost], stem: Cost, limit: Cost,
-                   allowed: Callable[[str, Candidate, dict[str, Candidate]], bool] = lambda *_: True,
-                   latency_slack: float = 1.0) -> dict[str, Candidate]:
-    """Swap picks for cheaper evaluated candidates until the network's MACs and params meet ``limit``.
+                   guard: "LatencyGuard | None" = None, latency_slack: float = 1.0, resolution: int = 200
+                   ) -> dict[str, Candidate]:
+    """The least-NSR picks whose network meets ``limit`` on MACs and params, when the rule's do not.
 
     A latency rule alone can leave MACs or parameters above what a user asked for (fast blocks at
-    high resolution hold few parameters). Greedy repair: each round makes the one swap, in any
-    block, that buys the most excess reduction per unit of NSR given up (NSR relative to the
-    block's teacher-shaped NSR, so blocks compare on one scale); swaps that lower the NSR too come
-    first. ``allowed(name, candidate, picks)`` vetoes swaps (e.g. ones that break a latency budget).
-    Once the caps are met, room left under them goes back into NSR (:func:`_spend_slack`), never
-    past ``latency_slack`` x the summed block latency of the rule's own picks, or the repaired
-    picks' latency if that is larger. Picks that meet the caps from the start are returned unchanged.
-    Raises ``BudgetError`` when no swap gets closer and the caps are still not met.
+    high resolution hold few parameters). Then one evaluated candidate per block is chosen that
+    minimises the summed NSR (each relative to its block's teacher-shaped NSR, so blocks compare on
+    one scale) subject to the caps, the rule's ``guard``, and a summed block latency of at most
+    ``latency_slack`` x the rule's own picks' (dropped where no choice meets it: the caps and the
+    guard are promises, the slack a preference). The choice is exact over the evaluated candidates
+    (:func:`_least_nsr_under_caps`), so the caps' room goes to quality first: two runs whose
+    timings differ by noise pick alike wherever their searches evaluated alike. Picks that meet the
+    caps from the start are returned unchanged. Raises ``BudgetError`` when no choice meets the caps.
     """
-    picks = dict(picks)
+    guard = guard or LatencyGuard()
     total = stem + sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
-    if cap_excess(total, limit) == 0:
-        return picks
-    ceiling_ms = latency_slack * sum(c.latency_ms for c in picks.values())
-    while (excess := cap_excess(total, limit)) > 0:
-        best, best_key = None, None
-        for name, result in results.items():
-            current = cost(name, picks[name])
-            for candidate in result.evaluated:
-                after = total - current + cost(name, candidate)
-                gain = excess - cap_excess(after, limit)
-                if gain <= 1e-12 or not allowed(name, candidate, picks):
-                    continue
-                loss = (candidate.nsr - picks[name].nsr) / result.teacher.nsr
-                key = (True, gain - loss) if loss <= 0 else (False, gain / loss)
-                if best_key is None or key > best_key:
-                    best, best_key = (name, candidate, after), key
-        if best is None:
-            raise BudgetError(f"no evaluated genome meets the caps: the student stays at {total.macs / limit.macs:.2f} x "
-                              f"the MACs cap and {total.params / limit.params:.2f} x the params cap")
-        name, candidate, total = best
-        picks[name] = candidate
-    ceiling_ms = max(ceiling_ms, sum(c.latency_ms for c in picks.values()))
-    return _spend_slack(picks, results, cost, total, limit, allowed, ceiling_ms)
+    if total.macs <= limit.macs and total.params <= limit.params:
+        return dict(picks)
+    preferred_ms = min(guard.total_ms, latency_slack * sum(c.latency_ms for c in picks.values()))
+    for ceiling_ms in dict.fromkeys((preferred_ms, guard.total_ms)):
+        # A tight fit can be lost to the rounding: then once more on a finer grid.
+        for grid in (resolution, 8 * resolution):
+            chosen = _least_nsr_under_caps(results, cost, limit - stem, guard, ceiling_ms, grid)
+            if chosen is not None:
+                return _polish(chosen, results, cost, limit - stem, guard, ceiling_ms)
+    raise BudgetError(f"no evaluated genome meets the caps: the rule's picks have {total.macs / limit.macs:.2f} x "
+                      f"the MACs cap and {total.params / limit.params:.2f} x the params cap, and no choice of "
+                      "evaluated candidates within its latency promise gets under both")
 
 
-def _spend_slack(picks: dict[str, Candidate], results: Mapping[str, BlockSearchResult],
-                 cost: Callable[[str, Candidate], Cost], total: Cost, limit: Cost,
-                 allowed: Callable[[str, Candidate, dict[str, Candidate]], bool], ceiling_ms: float
-                 ) -> dict[str, Candidate]:
-    """Greedy repair moves in whole candidates, so it tends to land well under the caps: spend
-    what is left on the swaps that lower the NSR most (relative), within the caps, the rule's
-    guard and ``ceiling_ms`` of summed block latency."""
-    while True:
-        best, best_key = None, None
-        latency = sum(c.latency_ms for c in picks.values())
-        for name, result in results.items():
-            current = cost(name, picks[name])
-            for candidate in result.evaluated:
-                gain = (picks[name].nsr - candidate.nsr) / result.teacher.nsr
-                after = total - current + cost(name, candidate)
-                if (gain <= 1e-12 or cap_excess(after, limit) > 0 or not allowed(name, candidate, picks)
-                        or latency - picks[name].latency_ms + candidate.latency_ms > ceiling_ms):
-                    continue
-                if best_key is None or gain > best_key:
-                    best, best_key = (name, candidate, after), gain
-        if best is None:
-            return picks
-        name, candidate, total = best
-        picks[name] = candidate
+@dataclass(frozen=True)
+class LatencyGuard:
+    """What a selection rule promised about latency, which meeting the cost caps must keep."""
+
+    block_ok: Callable[[str, Candidate], bool] = lambda name, candidate: True  # per block
+    total_ms: float = math.inf  # on the blocks' summed latency
 
 
 def latency_guard(rule: str, results: Mapping[str, BlockSearchResult], budget: float, budget_ms: float
-                  ) -> Callable[[str, Candidate, dict[str, Candidate]], bool]:
-    """The swaps :func:`meet_cost_caps` may make under ``rule`` without breaking its latency promise.
-
-    ``diffnas``: no block slower than the teacher's; ``block-budget``: each block within ``budget``
-    x its teacher block; ``budget``: the blocks' summed latency within ``budget_ms``.
-    """
+                  ) -> LatencyGuard:
+    """``diffnas``: no block slower than the teacher's; ``block-budget``: each block within ``budget``
+    x its teacher block; ``budget``: the blocks' summed latency within ``budget_ms``."""
     if rule == "diffnas":
-        return lambda name, candidate, picks: candidate.latency_ms <= results[name].teacher.latency_ms
+        return LatencyGuard(lambda name, candidate: candidate.latency_ms <= results[name].teacher.latency_ms)
     if rule == "block-budget":
-        return lambda name, candidate, picks: candidate.latency_ms <= budget * results[name].teacher.latency_ms
-    return lambda name, candidate, picks: (
-        candidate.latency_ms + sum(c.latency_ms for n, c in picks.items() if n != name) <= budget_ms)
+        return LatencyGuard(lambda name, candidate: candidate.latency_ms <= budget * results[name].teacher.latency_ms)
+    return LatencyGuard(total_ms=budget_ms)
+
+
+def _least_nsr_under_caps(results: Mapping[str, BlockSearchResult], cost: Callable[[str, Candidate], Cost],
+                          room: Cost, guard: LatencyGuard, ceiling_ms: float, resolution: int
+                          ) -> dict[str, Candidate] | None:
+    """One candidate per block: least summed relative NSR within ``room`` and ``ceiling_ms``.
+
+    A multiple-choice knapsack in MACs and params by dynamic programming, each candidate's share of
+    the room rounded *up* to whole units of ``room / resolution`` so that a returned choice never
+    exceeds it (:func:`_polish` then wins back fits the rounding lost). The summed latency is held
+    under ``ceiling_ms`` by a Lagrange multiplier on it, found by bisection, since timings are not
+    on a grid. None when nothing fits.
+    """
+    if room.macs < 0 or room.params < 0:
+        return None
+
+    def units(value: float, whole: float) -> int:
+        if value <= 0:
+            return 0
+        return math.ceil(value / whole * resolution - 1e-9) if whole > 0 else resolution + 1
+
+    names, options = list(results), []
+    for name in names:
+        block = []
+        for candidate in results[name].evaluated:
+            c = cost(name, candidate)
+            m, p = units(c.macs, room.macs), units(c.params, room.params)
+            if guard.block_ok(name, candidate) and m <= resolution and p <= resolution:
+                block.append((m, p, candidate.nsr / results[name].teacher.nsr, candidate))
+        if not block:
+            return None
+        options.append(block)
+    size = resolution + 1
+
+    def solve(weight: float) -> dict[str, Candidate] | None:
+        """Least sum of relative NSR + ``weight`` x latency / ceiling."""
+        best = np.full((size, size), np.inf)
+        best[0, 0] = 0.0
+        choices = []
+        for block in options:
+            following = np.full((size, size), np.inf)
+            choice = np.full((size, size), -1, dtype=np.int32)
+            for index, (m, p, value, candidate) in enumerate(block):
+                scaled_ms = candidate.latency_ms / ceiling_ms if math.isfinite(ceiling_ms) else 0.0
+                reached = best[:size - m, :size - p] + (value + weight * scaled_ms)
+                region = following[m:, p:]
+                better = reached < region
+                region[better] = reached[better]
+                choice[m:, p:][better] = index
+            choices.append(choice)
+            best = following
+        if not np.isfinite(best).any():
+            return None
+        cell = np.unravel_index(int(np.argmin(best)), best.shape)
+        picks = {}
+        for name, block, choice in zip(reversed(names), reversed(options), reversed(choices)):
+            m, p, _, candidate = block[int(choice[cell])]
+            picks[name] = candidate
+            cell = (int(cell[0]) - m, int(cell[1]) - p)
+        return {name: picks[name] for name in names}
+
+    def fits(picks) -> bool:
+        return sum(c.latency_ms for c in picks.values()) <= ceiling_ms
+
+    def relative(picks) -> float:
+        return sum(c.nsr / results[n].teacher.nsr for n, c in picks.items())
+
+    chosen = solve(0.0)
+    if chosen is None or fits(chosen):
+        return chosen
+    low, high = 0.0, 1.0
+    while not fits(solved := solve(high)):
+        if high > 1e6:
+            return None  # even the fastest choice under the caps is over the ceiling
+        low, high = high, high * 4
+    feasible = [solved]
+    for _ in range(16):
+        middle = (low + high) / 2
+        picks = solve(middle)
+        if fits(picks):
+            high = middle
+            feasible.append(picks)
+        else:
+            low = middle
+    return min(feasible, key=relative)
+
+
+def _polish(picks: dict[str, Candidate], results: Mapping[str, BlockSearchResult],
+            cost: Callable[[str, Candidate], Cost], room: Cost, guard: LatencyGuard, ceiling_ms: float
+            ) -> dict[str, Candidate]:
+    """Swaps in one block, or in two at once, that lower the summed relative NSR and still fit,
+    on exact costs, until none is left."""
+    picks = dict(picks)
+    names = list(results)
+    options = {n: [c for c in results[n].evaluated if guard.block_ok(n, c)] for n in names}
+
+    def relative(name, candidate):
+        return candidate.nsr / results[name].teacher.nsr
+
+    while True:
+        used = sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
+        used_ms = sum(c.latency_ms for c in picks.values())
+        best, best_gain = None, 1e-12
+        for i, first in enumerate(names):
+            for second in [None] + names[i + 1:]:
+                swapped = [first] if second is None else [first, second]
+                base = used - sum((cost(n, picks[n]) for n in swapped), Cost(0, 0))
+                base_ms = used_ms - sum(picks[n].latency_ms for n in swapped)
+                base_value = sum(relative(n, picks[n]) for n in swapped)
+                for combo in itertools.product(*(options[n] for n in swapped)):
+                    gain = base_value - sum(relative(n, c) for n, c in zip(swapped, combo))
+                    if gain <= best_gain:
+                        continue
+                    total = base + sum((cost(n, c) for n, c in zip(swapped, combo)), Cost(0, 0))
+                    if (total.macs <= room.macs and total.params <= room.params
+                            and base_ms + sum(c.latency_ms for c in combo) <= ceiling_ms):
+                        best, best_gain = dict(zip(swapped, combo)), gain
+        if best is None:
+            return picks
+        picks.update(best)
