@@ -11,6 +11,7 @@ the run folder is created.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoenc
 from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
 from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
                             sample_quality)
-from pyevo.latency import DTYPES, LatencyTable, fingerprint, time_calls
+from pyevo.latency import DTYPES, LatencyTable, device_name, fingerprint, time_calls
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, file_digest, read_json, tensor_digest
 from pyevo.sample import ddim_sample, sample_images
@@ -50,7 +51,7 @@ from pyevo.supernet import build_supernet
 from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, is_text_conditional, load_teacher,
                            model_device, num_class_embeds, probe_labels, record_blocks, resolve_teacher_folder,
                            sample_shape)
-from pyevo.training import NonFiniteError, resolve_train_dtype
+from pyevo.training import NonFiniteError, StepCheckpoints, resolve_train_dtype
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,57 @@ def timing_call(teacher, batch: int, seed: int, conditions: Conditions | None = 
                          None if states is None else states.to(device))[0]
 
 
+def recorded_timings(folder: Path, timings_for: dict, blocks: list[str]) -> dict | None:
+    """The teacher timings the run in ``folder`` recorded (``timings.json``: the whole teacher's, its
+    stem's and its blocks' milliseconds), where they are for this teacher, kind of device, dtype and batch;
+    None where the teacher is to be timed now.
+
+    A run from before timings.json has them too: each block's teacher-shaped candidate in its search
+    carries the block's milliseconds, and its selection the teacher's and the stem's; those are marked
+    ``legacy`` (the search's key then stays as it was).
+    """
+    path = folder / "timings.json"
+    if path.is_file():
+        try:
+            data = read_json(path)
+            good = (isinstance(data, dict) and isinstance(data.get("blocks_ms"), dict)
+                    and set(data["blocks_ms"]) == set(blocks)
+                    and all(isinstance(v, (int, float)) and v > 0 for v in
+                            [data.get("teacher_ms"), data.get("stem_ms"), *data["blocks_ms"].values()]))
+        except (OSError, ValueError):
+            good = False
+        if not good:
+            log.warning("--resume: the recorded teacher timings %s are damaged: the teacher is timed again, and the "
+                        "search, whose milliseconds they scale, runs again", path)
+            return None
+        if data.get("for") != timings_for:
+            log.warning("--resume: the recorded teacher timings are for %s, this run is for %s: the teacher is timed "
+                        "again", data.get("for"), timings_for)
+            return None
+        if data.get("device_name") != device_name(timings_for["device"]):
+            log.warning("--resume: the teacher was timed on %s, this is %s: the run goes on with the recorded "
+                        "timings, so that its search's latencies stay on one scale", data.get("device_name"),
+                        device_name(timings_for["device"]))
+        log.info("teacher timings read back from %s (teacher %.3f ms)", path, data["teacher_ms"])
+        return data
+    import yaml
+
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        searched, selected = read_json(folder / "search.json"), read_json(folder / "select.json")
+        same = (torch.device(saved["device"]).type, saved["dtype"], saved["batch"]) == (
+            timings_for["device"], timings_for["dtype"], timings_for["batch"])
+        timings = {"for": timings_for, "legacy": True, "teacher_ms": float(selected["teacher_ms"]),
+                   "stem_ms": float(selected["stem_ms"]),
+                   "blocks_ms": {name: float(searched["blocks"][name]["teacher"]["latency_ms"]) for name in blocks}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, yaml.YAMLError):
+        return None
+    if not same:
+        return None
+    log.info("teacher timings read back from the run's search and selection (teacher %.3f ms)", timings["teacher_ms"])
+    return timings
+
+
 class BlockTimer:
     """Candidate blocks' latencies on the run's device, in milliseconds, through the persisted table.
 
@@ -261,12 +313,13 @@ class Stages:
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, inputs: Any, compute: Callable[[], dict], result_file: str | None = None,
-            artifacts: tuple[Path, ...] = (), where: str = "all") -> dict:
+            artifacts: tuple[Path, ...] = (), where: str = "all", cleanup: tuple[Path, ...] = ()) -> dict:
         """``compute()`` returns a JSON-able dict; it is stored in ``<name>.json`` with its key.
 
         Under torchrun rank 0 decides whether the stage is done (and reads it back for every rank);
         otherwise ``compute()`` runs on every rank (``where="all"``: the data-parallel and spread-out
         stages) or on rank 0 alone (``"main"``), rank 0 writes the result, and every rank returns rank 0's.
+        ``cleanup``: the stage's mid-stage checkpoints, removed once its result is written.
         """
         context = self.context
         self.key = hashlib.sha256(json.dumps([self.key, name, inputs], sort_keys=True, default=str)
@@ -281,8 +334,16 @@ class Stages:
                     return stored
             return None
 
+        def remove_checkpoints() -> None:
+            for path in cleanup:
+                shutil.rmtree(path, ignore_errors=True)
+                if path.parent.name == "checkpoints":  # the last stage's leaves no empty checkpoints/
+                    with contextlib.suppress(OSError):
+                        path.parent.rmdir()
+
         stored = context.on_main(done)
         if stored is not None:
+            context.on_main(remove_checkpoints)  # a run killed between the result and the clean-up left them
             self.seconds[name] = stored["seconds"]
             return stored
         start = time.perf_counter()
@@ -291,6 +352,7 @@ class Stages:
             result.update(key=self.key, seconds=round(time.perf_counter() - start, 2),
                           artifacts=self._digests(artifacts))
             atomic_write_json(path, result)
+            remove_checkpoints()
             return result
 
         if where == "main":
@@ -301,6 +363,33 @@ class Stages:
         self.seconds[name] = result["seconds"]
         log.info("stage %s: %.1f s", name, result["seconds"])
         return result
+
+    def checkpoints(self, name: str, every: int) -> StepCheckpoints:
+        """The mid-stage checkpoints of the stage now running, ``name``, under its key."""
+        return StepCheckpoints(self.folder / "checkpoints" / name, self.key, every, self.context)
+
+    def kept_samples(self, name: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``draw()`` (a stage's samples of one model), kept under the running stage's key in
+        ``checkpoints/<stage>/``, or read back from there when a killed run drew them already (and
+        their file matches its digest). Rank 0's (the evaluation's)."""
+        where = self.folder / "checkpoints" / "evaluate"
+        data, manifest = where / f"{name}.safetensors", where / f"{name}.json"
+        if manifest.is_file():
+            try:
+                entry = read_json(manifest)
+                if entry.get("key") == self.key and data.is_file() and file_digest(data) == entry.get("sha256"):
+                    log.info("evaluate: the %s's samples read back from %s", name, data)
+                    return safetensors.torch.load_file(data)["samples"]
+                if entry.get("key") == self.key:
+                    log.warning("evaluate: %s is missing or damaged; the %s is sampled again", data, name)
+            except (ValueError, OSError, AttributeError, KeyError, safetensors.SafetensorError) as error:
+                log.warning("evaluate: the kept samples %s are damaged (%s); the %s is sampled again",
+                            manifest, error, name)
+        samples = draw()
+        payload = safetensors.torch.save({"samples": samples.contiguous()})
+        atomic_write_bytes(data, payload)
+        atomic_write_json(manifest, {"key": self.key, "sha256": hashlib.sha256(payload).hexdigest()})
+        return samples
 
     def _stored(self, name: str, path: Path) -> dict | None:
         try:
@@ -362,6 +451,8 @@ def prepare(config: RunConfig, resume: bool, check_folder: bool = True):
                                                        resolve_teacher_folder(config.teacher))
     warn_of_zero_guidance(conditions, config.guidance_scale)
     train, heldout, reference, conditions = load_images(config, teacher, scheduler, codec, conditions)
+    if resume and check_folder:
+        check_resume_config(Path(config.out).expanduser() / "config.yaml", config, is_text_conditional(teacher))
     return teacher, scheduler, codec, spaces, train, heldout, reference, conditions
 
 
@@ -377,21 +468,95 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[s
     return changes
 
 
-def log_config_changes(saved_path: Path, config: RunConfig) -> None:
-    """Name, on --resume, what differs from the run's saved config: the stages that depend on those
-    keys (and the ones after them) run again; the others are read back."""
+# The stages in run order (the report follows them all); a config key re-runs the first stage that
+# depends on it and, the keys being chained, every stage after it.
+STAGE_ORDER = ("encode", "distill", "search", "select", "retrain", "evaluate")
+# The search keys only the selection reads (changing them re-runs selection, not the search).
+SELECTION_KEYS = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
+# Keys that change how often a stage checkpoints itself, not what it computes: in no stage's key.
+CHECKPOINT_KEYS = ("checkpoint_every",)
+
+
+def first_stage(key: str, config: RunConfig, text_conditional: bool = False) -> str | None:
+    """The first stage whose result depends on the dotted config ``key`` (None: no stage's)."""
+    section, _, name = key.partition(".")
+    if key == "out" or section == "distributed" or name in CHECKPOINT_KEYS:
+        return None  # where the run lives, how its processes wait, how often it checkpoints
+    if section == "search":
+        if name in SELECTION_KEYS:
+            return "select"
+        # An image folder's held-out split and a data-free run's sample count follow the held-out size,
+        # so the training images do too; the digits' held-out set is fixed.
+        return "distill" if name == "heldout_size" and config.data != "digits" else "search"
+    if section == "latency":
+        # The whole-network timings are the evaluation's (the run's teacher timings are recorded once).
+        return "evaluate" if name == "network_repeats" else "search"
+    if section in ("retrain", "evaluate"):
+        return section
+    if key in ("dtype", "batch"):  # the deployment settings latency is measured at
+        return "search"
+    if key == "guidance_scale" and not text_conditional:
+        return None  # only text-conditional teachers are guided
+    # The teacher, its schedule and autoencoder, the data, the conditions, the device, the training
+    # dtype, the seed and distill.*: what the supernet is distilled from and how.
+    return "distill"
+
+
+def check_resume_config(saved_path: Path, config: RunConfig, text_conditional: bool = False) -> None:
+    """On --resume, compare ``config`` with the run's saved one (before anything is written).
+
+    A difference in a key the distillation (or the latents' encoding) depends on is refused, naming the
+    keys: the run's trained supernet would no longer be this config's. A difference that only touches
+    later stages (search, select, retrain, evaluate) is logged with the stages that run again; the
+    stages before them are read back. Keys the saved config lacks (a run of an older pyevo) count as
+    their defaults.
+    """
     import yaml
 
     try:
         saved = yaml.safe_load(saved_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, yaml.YAMLError):
         log.warning("--resume: the saved %s cannot be read; its stages are checked by their keys alone", saved_path)
         return
-    for key, old, new in config_changes(saved, config.to_dict()):
-        # Where the run lives (a moved folder) and how its processes wait for one another, not what it computes.
-        if key == "out" or key.split(".")[0] == "distributed":
+    current = config.to_dict()
+    changes = [(key, old, new) for key, old, new in config_changes(_with_defaults(saved, RunConfig().to_dict()),
+                                                                    current)
+               if _has_key(current, key)]  # a key this pyevo no longer has changes nothing
+    stages = {key: first_stage(key, config, text_conditional) for key, _, _ in changes}
+    refused = [(key, old, new) for key, old, new in changes if stages[key] in ("encode", "distill")]
+    if refused:
+        named = ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in refused)
+        raise RunError(f"--resume: {named} differ from the run's saved config ({saved_path}), and its supernet was "
+                       "distilled with the saved values: resume with those, or start a new run with another --out")
+    for key, old, new in changes:
+        if stages[key] is None:
             continue
-        log.warning("--resume: %s was %r, now %r: the stages that depend on it run again", key, old, new)
+        again = STAGE_ORDER[STAGE_ORDER.index(stages[key]):]
+        log.warning("--resume: %s was %r, now %r: %s run again (and the report)", key, old, new,
+                    ", ".join(stage for stage in again if stage != "encode"))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in saved.items():
+        merged[key] = (_with_defaults(value, defaults[key]) if isinstance(value, dict)
+                       and isinstance(defaults.get(key), dict) else value)
+    return merged
+
+
+def _has_key(config: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
+
+
+def stage_config(section) -> dict:
+    """A config section as a stage's key holds it: without how often the stage checkpoints itself."""
+    return {key: value for key, value in asdict(section).items() if key not in CHECKPOINT_KEYS}
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -449,16 +614,30 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
     deployment_states = condition_rows(conditions, config.batch)
 
-    def checks() -> dict:
-        # The teacher and its blocks are timed afresh every run, in turn, so its stem (the network with
-        # its blocks replayed) and the candidates' milliseconds (ratios to the teacher's blocks) describe
-        # one machine state. The latency budget is checked before anything is written: the fastest genome
-        # of each block (everything skipped) bounds what any selection can reach. Under torchrun rank 0
-        # times the teacher, and every rank's candidates are that many milliseconds times their ratio.
+    folder = Path(config.out)
+    timings_for = {"teacher": teacher_id, "device": torch.device(config.device).type, "dtype": config.dtype,
+                   "batch": config.batch}
+
+    def teacher_timings() -> dict:
+        # The teacher and its blocks are timed in turn, so its stem (the network with its blocks replayed)
+        # and the candidates' milliseconds (ratios to the teacher's blocks) describe one machine state.
+        # A run times them once and records them (timings.json): a resumed run reads them back, so the
+        # candidates its search still has to score are on the same scale as the ones scored before.
+        recorded = recorded_timings(folder, timings_for, list(spaces)) if resume else None
+        if recorded is not None:
+            return recorded
         timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
                                 config.latency, deployment_states)["teacher"]
-        teacher_ms, timer.reference_ms = timed["latency_ms"], timed["blocks_ms"]
-        stem_ms = timed["stem_ms"]
+        return {"for": timings_for, "device_name": device_name(config.device), "teacher_ms": timed["latency_ms"],
+                "stem_ms": timed["stem_ms"], "blocks_ms": timed["blocks_ms"]}
+
+    def checks() -> dict:
+        # The latency budget is checked before anything is written: the fastest genome of each block
+        # (everything skipped) bounds what any selection can reach. Under torchrun rank 0 times the
+        # teacher (or reads its recorded timings), and every rank's candidates are that many milliseconds
+        # times their ratio.
+        timings = teacher_timings()
+        teacher_ms, timer.reference_ms, stem_ms = timings["teacher_ms"], dict(timings["blocks_ms"]), timings["stem_ms"]
         if config.search.rule in ("budget", "block-budget"):
             fastest = {n: timer(n, s.minimal_genome()) for n, s in spaces.items()}
             if config.search.rule == "budget":
@@ -484,7 +663,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
             raise BudgetError(f"caps max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g} are "
                               f"impossible: the smallest student has {floor_cost.macs / teacher_cost.macs:.2f} x the "
                               f"teacher's MACs and {floor_cost.params / teacher_cost.params:.2f} x its params")
-        return {"teacher_ms": teacher_ms, "reference_ms": timer.reference_ms, "stem_ms": stem_ms,
+        return {"teacher_ms": teacher_ms, "reference_ms": timer.reference_ms, "stem_ms": stem_ms, "timings": timings,
                 "coster": coster, "teacher_cost": teacher_cost, "stem_cost": stem_cost, "cost_limit": cost_limit,
                 # The per-block searches go to ranks largest block first (the teacher block's MACs).
                 "owners": distributed.assign_blocks({n: c.macs for n, c in teacher_blocks.items()},
@@ -503,14 +682,12 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     teacher_ms, stem_ms, owners = checked["teacher_ms"], checked["stem_ms"], checked["owners"]
     teacher_cost, stem_cost, cost_limit = checked["teacher_cost"], checked["stem_cost"], checked["cost_limit"]
 
-    folder = Path(config.out)
-
     def create() -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        table.save()
-        if resume:
-            log_config_changes(folder / "config.yaml", config)
+        # The timings before the config: a folder with a config.yaml holds them.
+        atomic_write_json(folder / "timings.json", checked["timings"])
         save_config(config, folder / "config.yaml")
+        table.save()
 
     context.on_main(create)  # rank 0 alone writes the run folder
     stages = Stages(folder, resume, context)
@@ -540,7 +717,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
     def distill() -> dict:
         result = distill_supernet(teacher, supernet, spaces, train, scheduler, config.distill, config.seed, progress,
-                                  train_dtype, context)
+                                  train_dtype, context, stages.checkpoints("distill", config.distill.checkpoint_every))
         if main:
             atomic_write_bytes(supernet_file, safetensors.torch.save(
                 {k: v.contiguous() for k, v in supernet.state_dict().items()}))
@@ -549,10 +726,10 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     # The teacher's weights and the data themselves are in the key, not only their names: a teacher
     # retrained in place, or other images in the same folder, re-run what depends on them.
     data_digest = tensor_digest([t for part in (train, heldout) for t in part.tensors()])
-    stages.run("distill", [asdict(config.distill), config.teacher, config.scheduler, config.data, config.seed,
+    stages.run("distill", [stage_config(config.distill), config.teacher, config.scheduler, config.data, config.seed,
                            config.device, config.train_dtype, tensor_digest(teacher.state_dict().values()),
                            data_digest, {k: v for k, v in scheduler.config.items() if not k.startswith("_")}],
-               distill, artifacts=(supernet_file,))
+               distill, artifacts=(supernet_file,), cleanup=(folder / "checkpoints" / "distill",))
     if main:
         supernet.load_state_dict(safetensors.torch.load_file(supernet_file, device=str(model_device(teacher))))
     context.broadcast_module(supernet)  # rank 0's weights (trained alike, or read back) on every rank
@@ -597,11 +774,14 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
                 "ranks": {name: owners[name] for name in spaces}}
 
     # The search does not depend on the selection's settings (changing them re-runs selection only),
-    # nor on how often whole networks are timed.
-    selection_keys = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
+    # nor on how often whole networks are timed. It depends on the teacher timings its milliseconds are
+    # scaled by: timed again (a damaged timings.json), they re-run it, from its first generation.
+    selection_keys = SELECTION_KEYS
     search_inputs = [asdict(config.search) | dict.fromkeys(selection_keys),
                      asdict(config.latency) | {"network_repeats": None}, config.device, config.dtype, config.batch]
-    searched = stages.run("search", search_inputs, search_ranks)
+    if not checked["timings"].get("legacy"):  # a run from before timings.json keeps its search's key
+        search_inputs.append({key: checked["timings"][key] for key in ("teacher_ms", "stem_ms", "blocks_ms")})
+    searched = stages.run("search", search_inputs, search_ranks, cleanup=(folder / "search",))
     results = {name: BlockSearchResult.from_dict(data, spaces[name]) for name, data in searched["blocks"].items()}
 
     # --- selection (rank 0; the genomes go to every rank)
@@ -637,12 +817,13 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     def retrain() -> dict:
         student = student_class(teacher).from_supernet(teacher, supernet, genomes).to(config.device)
         history = retrain_student(teacher, student, train, scheduler, config.retrain, config.seed, progress,
-                                  train_dtype, context)
+                                  train_dtype, context, stages.checkpoints("retrain", config.retrain.checkpoint_every))
         if main:
             _save_pretrained_atomic(student, student_folder)
         return {"history": history}
 
-    stages.run("retrain", asdict(config.retrain), retrain, artifacts=(student_folder,))
+    stages.run("retrain", stage_config(config.retrain), retrain, artifacts=(student_folder,),
+               cleanup=(folder / "checkpoints" / "retrain",))
     # Evaluation and the report are rank 0's, alone: every rank leaves the process group here.
     context.leave()
     if not main:
@@ -652,7 +833,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     # --- evaluation
     def evaluate() -> dict:
         return _evaluate(config, teacher, student, scheduler, codec, reference, train, timer.calls, folder,
-                         progress, conditions)
+                         progress, conditions, stages.kept_samples)
 
     reference_digest = None if reference is None else tensor_digest([reference.images])
     # The samples follow the conditions and their guidance (keyed only for a text-conditional teacher,
@@ -661,7 +842,8 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     evaluated = stages.run("evaluate", [asdict(config.evaluate), asdict(config.latency), config.batch,
                                         config.dtype, config.device, config.vae, reference_digest, vae_digest,
                                         *text_inputs],
-                           evaluate, artifacts=(folder / "samples.safetensors",))
+                           evaluate, artifacts=(folder / "samples.safetensors",),
+                           cleanup=(folder / "checkpoints" / "evaluate",))
 
     from pyevo.report import write_report
 
@@ -685,7 +867,8 @@ def _sum_costs(costs) -> Cost:
 
 
 def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, reference: ImageSet | None,
-              train: ImageSet, calls, folder: Path, progress: bool, conditions: Conditions | None = None) -> dict:
+              train: ImageSet, calls, folder: Path, progress: bool, conditions: Conditions | None = None,
+              kept: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] = lambda name, draw: draw()) -> dict:
     # Same noise and, for a class-conditional teacher, the same labels (equal counts of every class
     # in the data), for a text-conditional one the same prompts' states (each equally often) and
     # guidance, for both models: the paired figures compare like with like.
@@ -700,9 +883,10 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
         # A latent teacher's samples are decoded: every figure below is in image space.
-        samples[name] = sample_images(model, scheduler.config, config.evaluate.num_samples,
-                                      config.evaluate.ddim_steps, config.seed, codec, progress=progress,
-                                      class_labels=labels, **text)
+        # Each model's samples are kept once drawn: a run killed later in the evaluation reads them back.
+        samples[name] = kept(name, lambda model=model: sample_images(
+            model, scheduler.config, config.evaluate.num_samples, config.evaluate.ddim_steps, config.seed, codec,
+            progress=progress, class_labels=labels, **text))
         finite = torch.isfinite(samples[name].flatten(1)).all(dim=1)
         if not bool(finite.all()):
             raise NonFiniteError(f"evaluate: {int((~finite).sum())} of the {name}'s {len(finite)} samples are not "

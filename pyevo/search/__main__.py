@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
-from pyevo.config import PRESETS, ConfigError, describe_keys, load_config
+from pyevo.config import PRESETS, ConfigError, RunConfig, describe_keys, load_config
+from pyevo.config import _read_yaml as read_yaml
 
 # Flags that set one config key each (dest -> dotted key).
 FLAGS = {
@@ -44,6 +46,39 @@ FLAGS = {
 }
 
 
+def run_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
+    """The run's config: the defaults, ``--preset``, ``--config`` and the flags; on ``--resume`` the run's
+    saved config (``<out>/config.yaml``) takes the defaults' place, so ``--out DIR --resume`` alone continues
+    the run as it was configured, and whatever else the command line gives is a change to it."""
+    saved = Path(str(overrides.get("out", RunConfig().out))).expanduser() / "config.yaml"
+    data = None
+    if args.resume and saved.is_file():
+        try:
+            data = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None  # the run's own check of the folder says what is wrong with it
+    if not isinstance(data, dict):
+        return load_config(args.config, overrides, args.preset)
+    known = _dotted(RunConfig().to_dict())
+    base = {key: value for key, value in _dotted(data).items() if key in known and key != "out"}
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    given = {**(PRESETS[args.preset] if args.preset else {}),
+             **(_dotted(read_yaml(Path(args.config))) if args.config else {}), **overrides}
+    return load_config(None, {**base, **given})
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested config mapping as {dotted key: value}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pyevo.search", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set distill.steps=200 (repeatable)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out, skipping the stages already done")
+                        help="continue the run in --out from its last finished stage or checkpoint, with its saved "
+                             "config (other flags change it: a change the distillation depends on is refused)")
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config (defaults, preset, --config, flags, --set) as YAML and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -98,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key.strip()] = value
     if args.show_config:
         try:
-            config = load_config(args.config, overrides, args.preset)
+            config = run_config(args, overrides)
         except ConfigError as error:
             print(f"pyevo.search: error: {error}", file=sys.stderr)
             return 2
@@ -123,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyevo.search: error{where}: {text or error}", file=sys.stderr)
 
     try:
-        config = load_config(args.config, overrides, args.preset)
+        config = run_config(args, overrides)
         report = run(config, resume=args.resume, progress=not args.quiet)
     except user_errors as error:
         say(error)
@@ -139,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         say(error, f"{first} (another rank died or stopped answering; its own output says why)")
         return 1
     except KeyboardInterrupt:
-        print("pyevo.search: interrupted; finished stages are kept, continue with --resume", file=sys.stderr)
+        print("pyevo.search: interrupted; finished stages and the last checkpoint are kept, continue with --resume",
+              file=sys.stderr)
         return 130
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

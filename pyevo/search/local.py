@@ -6,6 +6,8 @@ lets an interrupted search resume where it stopped and end with the same result.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -127,9 +129,8 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
     start, population = 0, None
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        latest = sorted(checkpoint_dir.glob("gen_*.json"))
-        if latest:
-            state = read_json(latest[-1])
+        state = _latest_checkpoint(checkpoint_dir, space.name)
+        if state is not None:
             cache = {k: tuple(v) for k, v in state["cache"].items()}
             logbook = state["logbook"]
             population = [creator.PyevoGenome(genes) for genes in state["population"]]
@@ -182,14 +183,36 @@ def search_block(space, evaluate: Callable[[tuple[int, ...]], tuple[float, float
 def _checkpoint(folder: Path | None, generation: int, population, cache, logbook) -> None:
     if folder is None:
         return
-    atomic_write_json(folder / f"gen_{generation:04d}.json", {
+    state = {
         "generation": generation,
         "population": [list(ind) for ind in population],
         "crowding": [ind.fitness.crowding_dist for ind in population],
         "cache": {k: list(v) for k, v in cache.items()},
         "logbook": logbook,
         "random_state": _random_state_to_json(random.getstate()),
-    })
+    }
+    atomic_write_json(folder / f"gen_{generation:04d}.json", state | {"sha256": _state_digest(state)})
+
+
+def _state_digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _latest_checkpoint(folder: Path, block: str) -> dict | None:
+    """The newest generation checkpoint in ``folder`` that reads back whole (its sha256 matches); a damaged
+    one is passed over with a log line, for the generation before it (or a search from the start)."""
+    for path in sorted(folder.glob("gen_*.json"), reverse=True):
+        try:
+            state = read_json(path)
+            digest = state.pop("sha256", None)  # checkpoints written before digests have none
+            if digest is not None and digest != _state_digest(state):
+                raise ValueError("its sha256 differs")
+            state["generation"], state["population"], state["cache"]  # noqa: B018 - the fields a resume reads
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("%s: the search checkpoint %s is damaged (%s); ignored", block, path, error)
+            continue
+        return state
+    return None
 
 
 def _random_state_to_json(state) -> list:
