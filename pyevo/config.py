@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be {bounds}, got {value}")
         if self.search.population % 4:  # DEAP's selTournamentDCD takes the population in fours
             raise ConfigError(f"search.population must be a multiple of 4, got {self.search.population}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self
 
@@ -207,7 +208,8 @@ BOUNDS: dict[str, Bounds] = {
     "retrain.steps": Bounds(0), "retrain.batch_size": POSITIVE, "retrain.lr": Bounds(0, low_closed=False),
     "retrain.lambda_share": Bounds(0, 1, low_closed=False), "retrain.static_lambda": Bounds(0, 1),
     "retrain.ema_decay": Bounds(0, 1), "retrain.snr_gamma": Bounds(0), "retrain.checkpoint_every": Bounds(0),
-    "evaluate.num_samples": POSITIVE, "evaluate.ddim_steps": POSITIVE,
+    # FD needs a covariance and KID a subset of two: at least two samples.
+    "evaluate.num_samples": Bounds(2), "evaluate.ddim_steps": POSITIVE,
     "distributed.timeout": Bounds(0, low_closed=False),
 }
 
@@ -346,6 +348,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: "
                           f"{str(error).splitlines()[0]}") from None
@@ -355,4 +359,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from pyevo.runfolder import atomic_write_text  # (torch) only when a run saves its config
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

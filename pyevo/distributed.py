@@ -365,6 +365,9 @@ def setup(config):
     from pyevo.latency import device_name
 
     if not launched():
+        error = _device_error(config.device)
+        if error is not None:
+            raise error
         return replace(SINGLE, device=config.device, ranks=[_rank_entry(0, config.device, device_name)]), config
     world, rank, local = (int(os.environ[name]) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     error = _check(config, world, local)
@@ -402,13 +405,27 @@ def _check(config, world: int, local: int) -> ConfigError | None:
                                f"evenly (batch_size / world size per rank); make it a multiple of {world}")
     if config.device.startswith("cuda"):
         if not torch.cuda.is_available():
-            return ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
+            return _device_error(config.device)
         if config.device not in ("cuda", f"cuda:{local}"):
             return ConfigError(f"under torchrun each rank runs on cuda:LOCAL_RANK; pass --device cuda, "
                                f"not {config.device!r}")
         if local >= torch.cuda.device_count():
             return ConfigError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA "
                                "device(s): start at most that many processes per node")
+    return None
+
+
+def _device_error(device: str) -> ConfigError | None:
+    """Why the run's ``--device`` cannot be used on this machine (None if it can): the one check of it,
+    made before anything touches the device."""
+    if not device.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return ConfigError(f"device {device!r} asked for, but this torch sees no CUDA device")
+    index, count = torch.device(device).index, torch.cuda.device_count()
+    if index is not None and index >= count:
+        return ConfigError(f"device {device!r} asked for, but this machine has {count} CUDA device(s) "
+                           f"(cuda:0 to cuda:{count - 1})")
     return None
 
 

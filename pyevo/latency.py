@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import statistics
 import time
@@ -153,13 +156,73 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+class LatencyCacheError(ValueError):
+    """The latency cache a user named (``latency.cache``) cannot be read as a table or cannot be written."""
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    """The entries of the cache file at ``path`` ({} when there is none), or a LatencyCacheError in one line.
+
+    A file that is not a JSON object of numbers is refused rather than replaced: it is the user's file
+    (another tool's, or a table edited by hand), and nothing pyevo did not write is overwritten."""
+    if not path.exists():
+        return {}
+    fix = "move it away (pyevo re-times what it needs) or set latency.cache to another file"
+    if not path.is_file():
+        raise LatencyCacheError(f"latency.cache {path} is not a file; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LatencyCacheError(f"latency.cache {path} is not valid JSON ({getattr(error, 'msg', error)}); "
+                                f"{fix}") from None
+    except OSError as error:
+        raise LatencyCacheError(f"latency.cache {path} cannot be read ({error.strerror or error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise LatencyCacheError(f"latency.cache {path} must hold a JSON object (a pyevo latency table), not a "
+                                f"{type(data).__name__}; {fix}")
+    bad = next((key for key, value in data.items()
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)), None)
+    if bad is not None:
+        raise LatencyCacheError(f"latency.cache {path} is not a pyevo latency table (entry {bad!r} is "
+                                f"{data[bad]!r}, not a finite number); {fix}")
+    return data
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, a cache that could not be written at the end: its folder (or the nearest
+    existing one above it) must take a new file (the lock file and the atomic write's temporary)."""
+    from pyevo.runfolder import folder_write_error
+
+    problem = folder_write_error(path.parent)
+    if problem is not None:
+        raise LatencyCacheError(f"latency.cache {path} cannot be written: {problem}; set latency.cache to a "
+                                "writable file (\"\" keeps the table in the run folder)")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``<cache>.lock`` beside the cache, held while it is read, merged and
+    replaced, so two processes saving at once both keep their entries."""
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # the user's usual mode (0666 less the umask)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class LatencyTable:
     """Block latencies relative to the teacher-shaped block, keyed by timing method, device, torch,
     dtype, batch, teacher, block and genome.
 
-    Persisted as JSON (written atomically) so every run on the same device reuses a measurement. A
-    ratio of two blocks timed in turn holds when the machine as a whole runs faster or slower than
-    when it was stored; milliseconds would not.
+    Persisted as JSON, shared by every run on the machine, so every run on the same device reuses a
+    measurement. A ratio of two blocks timed in turn holds when the machine as a whole runs faster or
+    slower than when it was stored; milliseconds would not. The file is checked when the table is
+    opened (a JSON object of numbers, in a folder that takes new files: else a
+    :class:`LatencyCacheError`, before any work) and saved by read-merge-write under a lock on
+    ``<cache>.lock``, written atomically: runs that time different entries at the same time all keep
+    theirs.
     """
 
     def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
@@ -168,11 +231,10 @@ class LatencyTable:
         self.prefix = "|".join([TIMING_METHOD, device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}",
                                 teacher_id])
         self.entries: dict[str, float] = {}
-        if self.path is not None and self.path.is_file():
-            try:
-                self.entries = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                log.warning("latency table %s is unreadable; starting a new one", self.path)
+        self._measured: set[str] = set()  # keys this process put (they win over the file's on save)
+        if self.path is not None:
+            self.entries = _read_cache(self.path)
+            _check_writable(self.path)
 
     def key(self, block: str, genome: str) -> str:
         return f"{self.prefix}|{block}|{genome}"
@@ -181,7 +243,9 @@ class LatencyTable:
         return self.entries.get(self.key(block, genome))
 
     def put(self, block: str, genome: str, ratio: float) -> None:
-        self.entries[self.key(block, genome)] = float(ratio)
+        key = self.key(block, genome)
+        self.entries[key] = float(ratio)
+        self._measured.add(key)
 
     def lookup(self, block: str, genome: str, measure: Callable[[], float]) -> float:
         """The stored ratio, or ``measure()`` stored for next time."""
@@ -192,13 +256,15 @@ class LatencyTable:
         return value
 
     def save(self) -> None:
+        """Merge this table into the file: under the lock, what other runs saved meanwhile is read back and
+        kept, this process's own measurements (and entries the file lacks) are added, and the result
+        replaces the file atomically. This table then holds the merged entries too."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Another run may have added entries meanwhile: merge rather than overwrite them.
-        merged = {}
-        if self.path.is_file():
-            with contextlib.suppress(json.JSONDecodeError):
-                merged = json.loads(self.path.read_text())
-        merged.update(self.entries)
-        atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))
+        with _locked(self.path):
+            merged = _read_cache(self.path)
+            merged.update({key: value for key, value in self.entries.items()
+                           if key in self._measured or key not in merged})
+            atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))
+        self.entries = merged

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -39,7 +38,8 @@ from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, 
                             sample_quality)
 from pyevo.latency import DTYPES, LatencyTable, device_name, fingerprint, time_calls
 from pyevo.retrain import retrain_student
-from pyevo.runfolder import atomic_write_bytes, atomic_write_json, file_digest, read_json, tensor_digest
+from pyevo.runfolder import (atomic_write_bytes, atomic_write_json, file_digest, folder_write_error, read_json,
+                             tensor_digest)
 from pyevo.sample import ddim_sample, sample_images
 from pyevo.search.local import BlockSearchResult, search_block
 from pyevo.search.population import block_evaluator
@@ -417,12 +417,13 @@ class Stages:
 def prepare(config: RunConfig, resume: bool, check_folder: bool = True):
     """Load and check everything a user can get wrong; create nothing yet (``check_folder``: the run
     folder too; under torchrun only rank 0, which writes it, checks it)."""
-    config.validate()
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {config.device!r} asked for, but this torch sees no CUDA device")
+    config.validate()  # the device itself was checked by distributed.setup
     if check_folder:
         check_run_folder(config.out, resume)
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
+    if config.evaluate.ddim_steps > scheduler.config.num_train_timesteps:  # DDIM steps are a subset of them
+        raise ConfigError(f"evaluate.ddim_steps must be <= the teacher's {scheduler.config.num_train_timesteps} "
+                          f"training timesteps, got {config.evaluate.ddim_steps}")
     codec = teacher_autoencoder(config.teacher, config.vae or None)
     if codec is not None:
         check_latent_teacher(codec, teacher)
@@ -572,12 +573,9 @@ def check_run_folder(out: str, resume: bool) -> None:
         raise RunError(f"--resume: {folder} holds no pyevo run (no config.yaml)")
     if folder.exists() and not folder.is_dir():
         raise RunError(f"run folder {folder} is a file, not a folder")
-    ancestor = folder
-    while not ancestor.exists():  # the nearest existing folder decides whether --out can be created
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise RunError(f"cannot create or write the run folder {folder}: {ancestor} is "
-                       f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
+    problem = folder_write_error(folder)  # the nearest existing folder decides whether --out can be created
+    if problem is not None:
+        raise RunError(f"cannot create or write the run folder {folder}: {problem}; choose another --out")
 
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict | None:

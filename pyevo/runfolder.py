@@ -36,9 +36,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a full disk says which file it stopped
         raise
 
 
@@ -72,3 +74,23 @@ def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
         digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:16]
+
+
+def folder_write_error(folder: str | Path) -> str | None:
+    """Why no file could be created in ``folder`` (created with its parents if missing), or None if one can.
+
+    Asked of the nearest folder that exists: it must be a folder, and a probe file must be creatable and
+    removable in it. The probe, not ``os.access``, decides: root passes every permission check, but not a
+    read-only file system or /proc. Nothing is left behind."""
+    ancestor = Path(folder).expanduser().absolute()
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".pyevo-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        return f"{ancestor} is not writable ({error.strerror or error})"
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[ModelMixin, D
         raise TeacherError(f"teacher folder not found: {folder}")
     unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
     config = read_config_json(unet_folder / "config.json", f"{folder} is not a diffusers UNet folder "
-                                                     "(no config.json or unet/config.json)")
+                                                     "(no config.json or unet/config.json)", UNET_FIELDS)
     class_name = config.get("_class_name")
     if class_name not in SUPPORTED_UNETS:
         raise TeacherError(f"{unet_folder} holds a {class_name}; pyevo supports {', '.join(SUPPORTED_UNETS)}")
@@ -122,7 +123,7 @@ def _load_scheduler(folder: Path, unet_folder: Path, override: str | None) -> DD
         kind = "pipeline folder" if unet_folder != folder else "bare UNet folder"
         raise TeacherError(f"{folder} is a {kind} without scheduler/: pass --scheduler DIR "
                            "(the noise schedule the teacher was trained with)")
-    read_config_json(where / "scheduler_config.json", f"{where} holds no scheduler config")
+    read_config_json(where / "scheduler_config.json", f"{where} holds no scheduler config", SCHEDULER_FIELDS)
     try:
         scheduler = DDPMScheduler.from_pretrained(where, local_files_only=True)
         prediction_type(scheduler)
@@ -131,8 +132,42 @@ def _load_scheduler(folder: Path, unet_folder: Path, override: str | None) -> DD
     return scheduler
 
 
-def read_config_json(path: Path, missing: str) -> dict:
-    """A model folder's JSON config as a dict, or a TeacherError in one line (missing, not JSON, not an object)."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_ints(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_positive_int(v) for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Fields of a UNet's and a scheduler's config.json that pyevo reads itself, and what each must be
+# (diffusers takes a string sample_size, say, and fails much later, or never).
+UNET_FIELDS = {
+    "sample_size": (lambda v: _positive_int(v) or (_positive_ints(v) and len(v) == 2),
+                    "a positive integer or [height, width]"),
+    "in_channels": (_positive_int, "a positive integer"),
+    "out_channels": (_positive_int, "a positive integer"),
+    "block_out_channels": (_positive_ints, "a list of positive integers"),
+    "layers_per_block": (lambda v: _positive_int(v) or _positive_ints(v), "a positive integer (or one per block)"),
+    "norm_num_groups": (lambda v: v is None or _positive_int(v), "a positive integer"),
+    "num_class_embeds": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+}
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": (_positive_int, "a positive integer"),
+    "beta_start": (_number, "a number"),
+    "beta_end": (_number, "a number"),
+    "beta_schedule": (lambda v: isinstance(v, str), "a string"),
+    "prediction_type": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_config_json(path: Path, missing: str, fields: dict | None = None) -> dict:
+    """A model folder's JSON config as a dict, or a TeacherError in one line (missing, not JSON, not an
+    object, or one of ``fields``, name -> (check, what it must be), present with a value of another kind)."""
     if not path.is_file():
         raise TeacherError(missing)
     try:
@@ -141,6 +176,9 @@ def read_config_json(path: Path, missing: str) -> dict:
         raise TeacherError(f"{path} is not valid JSON ({getattr(error, 'msg', error)})") from None
     if not isinstance(data, dict):
         raise TeacherError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    for key, (check, kind) in (fields or {}).items():
+        if key in data and not check(data[key]):
+            raise TeacherError(f"{path}: {key} must be {kind}, got {data[key]!r}")
     return data
 
 
