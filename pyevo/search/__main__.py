@@ -5,6 +5,7 @@ With no arguments it runs the default search on the built-in digits teacher on t
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -44,6 +45,20 @@ FLAGS = {
     "out": ("out", "run folder"),
     "seed": ("seed", "random seed (same seed, same genomes)"),
 }
+
+
+# Writes that fail for a reason the user can remove: a full disk or quota, a file too large, no permission,
+# a read-only file system. What was written before stays (every artifact is written atomically).
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+WRITE_ERRNOS = FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_failure(error: OSError, out: str) -> str:
+    """The one line for a write that failed: which file, why, and how to go on."""
+    what = "free some space" if error.errno in FULL else "make it writable"
+    go_on = ("continue with --resume (finished stages are kept)" if (Path(out).expanduser() / "config.yaml").is_file()
+             else "run again")
+    return f"cannot write {error.filename or out}: {error.strerror or error}; {what} and {go_on}"
 
 
 def run_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
@@ -148,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.teacher import TeacherError  # AutoencoderError is one
     from pyevo.training import NonFiniteError
     from pyevo.distributed import DistributedError, PeerFailed
+    from pyevo.latency import LatencyCacheError
     from torch.distributed import DistError
 
-    user_errors = (ConfigError, TeacherError, ConditionsError, RunError, BudgetError, UnsupportedBlockError)
+    user_errors = (ConfigError, TeacherError, ConditionsError, RunError, BudgetError, UnsupportedBlockError,
+                   LatencyCacheError)
     where = f" (rank {rank})" if rank else ""
 
     def say(error: BaseException, text: str | None = None) -> None:
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(error, "pyevo_quiet", False):
             print(f"pyevo.search: error{where}: {text or error}", file=sys.stderr)
 
+    config = None
     try:
         config = run_config(args, overrides)
         report = run(config, resume=args.resume, progress=not args.quiet)
@@ -174,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(error).strip().splitlines() or [""])[0]
         say(error, f"{first} (another rank died or stopped answering; its own output says why)")
         return 1
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        say(error, write_failure(error, config.out if config else overrides.get("out", "")))
+        return 2
     except KeyboardInterrupt:
         print("pyevo.search: interrupted; finished stages and the last checkpoint are kept, continue with --resume",
               file=sys.stderr)
