@@ -219,12 +219,31 @@ def _absent_gradient(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _check_like(op: str, reference_name: str, reference: Tensor, **tensors) -> None:
+    """What the C++ kernels check first (csrc/checks.cpp, check_like), for fake tensors too, so a
+    traced or compiled call fails as an eager one does: every tensor argument (a list: each of its
+    tensors) on the main input's device and of its dtype."""
+    for name, value in tensors.items():
+        items = [(name, value)] if not isinstance(value, (list, tuple)) else [
+            (f"{name}[{i}]", item) for i, item in enumerate(value)]
+        for label, tensor in items:
+            if tensor is None:
+                continue
+            torch._check(tensor.device == reference.device,
+                         lambda: f"pyevo::{op}: {label} is on {tensor.device} but {reference_name} is on "
+                                 f"{reference.device}; all tensor arguments must be on the same device")
+            torch._check(tensor.dtype == reference.dtype,
+                         lambda: f"pyevo::{op}: {label} has dtype {tensor.dtype} but {reference_name} has "
+                                 f"dtype {reference.dtype}; all tensor arguments must have the same dtype")
+
+
 def _conv2d_output_size(size, kernel_size: int, stride: int):
     return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
 
 
 @torch.library.register_fake("pyevo::shared_conv2d")
 def _shared_conv2d_fake(input, weight, bias, out_channels, kernel_size, stride=1):
+    _check_like("shared_conv2d", "input", input, weight=weight, bias=bias)
     torch._check(input.dim() == 4, lambda: f"pyevo::shared_conv2d: input must be 4-D, got "
                                            f"{input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"pyevo::shared_conv2d: weight must be 4-D, got "
@@ -242,6 +261,7 @@ def _shared_conv2d_fake(input, weight, bias, out_channels, kernel_size, stride=1
 @torch.library.register_fake("pyevo::shared_conv2d_backward")
 def _shared_conv2d_backward_fake(grad_output, input, weight, bias, out_channels, kernel_size,
                                  stride, output_mask):
+    _check_like("shared_conv2d_backward", "input", input, grad_output=grad_output, weight=weight, bias=bias)
     grad_input = input.new_empty(input.shape) if output_mask[0] else _absent_gradient(input)
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else _absent_gradient(input)
     grad_bias = (bias.new_empty(bias.shape) if output_mask[2] and bias is not None
@@ -251,6 +271,7 @@ def _shared_conv2d_backward_fake(grad_output, input, weight, bias, out_channels,
 
 @torch.library.register_fake("pyevo::shared_group_norm_silu")
 def _shared_group_norm_silu_fake(input, weight, bias, channels_per_group, eps):
+    _check_like("shared_group_norm_silu", "input", input, weight=weight, bias=bias)
     torch._check(input.dim() >= 2, lambda: "pyevo::shared_group_norm_silu: input must be "
                                            "(N, C, *spatial)")
     torch._check(input.shape[1] % channels_per_group == 0,
@@ -262,12 +283,17 @@ def _shared_group_norm_silu_fake(input, weight, bias, channels_per_group, eps):
 @torch.library.register_fake("pyevo::shared_group_norm_silu_backward")
 def _shared_group_norm_silu_backward_fake(grad_output, input, weight, bias, channels_per_group,
                                           eps):
+    _check_like("shared_group_norm_silu_backward", "input", input, grad_output=grad_output, weight=weight,
+                bias=bias)
     return input.new_empty(input.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 @torch.library.register_fake("pyevo::shared_attention")
 def _shared_attention_fake(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight,
                            k_bias, v_weight, v_bias, out_weight, out_bias, heads, head_dim):
+    _check_like("shared_attention", "hidden_states", hidden_states, encoder_hidden_states=encoder_hidden_states,
+                q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
+                v_bias=v_bias, out_weight=out_weight, out_bias=out_bias)
     torch._check(hidden_states.dim() == 3, lambda: "pyevo::shared_attention: hidden_states "
                                                    "must be (B, S, C)")
     inner = heads * head_dim
@@ -281,6 +307,10 @@ def _shared_attention_fake(hidden_states, encoder_hidden_states, q_weight, q_bia
 def _shared_attention_backward_fake(grad_output, hidden_states, encoder_hidden_states, q_weight,
                                     q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
                                     out_bias, heads, head_dim):
+    _check_like("shared_attention_backward", "hidden_states", hidden_states, grad_output=grad_output,
+                encoder_hidden_states=encoder_hidden_states, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
+                k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, out_weight=out_weight, out_bias=out_bias)
+
     def gradient_like(tensor):
         return tensor.new_empty(tensor.shape) if tensor is not None else _absent_gradient(
             hidden_states)
@@ -294,6 +324,8 @@ def _population_conv2d_fake(inputs, weight, bias, in_channels, out_channels, ker
                             stride=1):
     count = len(out_channels)
     torch._check(count >= 1, lambda: "pyevo::population_conv2d: no candidates")
+    torch._check(len(inputs) >= 1, lambda: "pyevo::population_conv2d: no inputs")
+    _check_like("population_conv2d", "inputs[0]", inputs[0], inputs=inputs, weight=weight, bias=bias)
     torch._check(len(inputs) in (1, count) and len(kernel_sizes) == count
                  and len(in_channels) in (0, count),
                  lambda: "pyevo::population_conv2d: list lengths do not match the candidates")
@@ -313,6 +345,7 @@ def _population_conv2d_fake(inputs, weight, bias, in_channels, out_channels, ker
 @torch.library.register_fake("pyevo::population_group_norm_silu")
 def _population_group_norm_silu_fake(inputs, weight, bias, channels_per_group, eps):
     torch._check(len(inputs) >= 1, lambda: "pyevo::population_group_norm_silu: no inputs")
+    _check_like("population_group_norm_silu", "inputs[0]", inputs[0], inputs=inputs, weight=weight, bias=bias)
     for x in inputs:
         torch._check(x.dim() >= 2 and x.shape[1] % channels_per_group == 0,
                      lambda: "pyevo::population_group_norm_silu: input channels are not "
@@ -327,6 +360,9 @@ def _population_attention_fake(hidden_states, q_weight, q_bias, k_weight, k_bias
     torch._check(count >= 1 and len(hidden_states) in (1, count),
                  lambda: "pyevo::population_attention: hidden_states must hold one tensor or one "
                          "per candidate")
+    _check_like("population_attention", "hidden_states[0]", hidden_states[0], hidden_states=hidden_states,
+                q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
+                v_bias=v_bias, out_weight=out_weight, out_bias=out_bias)
     outputs = []
     for i in range(count):
         x = hidden_states[0] if len(hidden_states) == 1 else hidden_states[i]
