@@ -18,15 +18,18 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class ImageSet:
     """Images in [-1, 1] (N, C, H, W) (or a latent teacher's latents) and their conditions: for
     class-conditional teachers their labels (N,), for text-conditional ones the encoder states each
-    image was drawn for (N, L, D)."""
+    image was drawn for (N, L, D), and for SDXL-shaped ones also its ``added_cond_kwargs`` rows
+    (``text_embeds`` (N, P), ``time_ids`` (N, K))."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("labels", "encoder_hidden_states"):
-            value = getattr(self, name)
+        named = {"labels": self.labels, "encoder_hidden_states": self.encoder_hidden_states,
+                 **(self.added_cond_kwargs or {})}
+        for name, value in named.items():
             if value is not None and len(value) != len(self.images):
                 raise ValueError(f"{len(value)} {name} for {len(self.images)} images")
 
@@ -35,11 +38,22 @@ class ImageSet:
 
     def subset(self, index: torch.Tensor | slice) -> "ImageSet":
         return ImageSet(self.images[index], None if self.labels is None else self.labels[index],
-                        None if self.encoder_hidden_states is None else self.encoder_hidden_states[index])
+                        None if self.encoder_hidden_states is None else self.encoder_hidden_states[index],
+                        select_rows(self.added_cond_kwargs, index))
 
     def tensors(self) -> list[torch.Tensor]:
         """The images and whichever conditions the set has (for digests)."""
-        return [t for t in (self.images, self.labels, self.encoder_hidden_states) if t is not None]
+        added = [self.added_cond_kwargs[key] for key in sorted(self.added_cond_kwargs or {})]
+        return [t for t in (self.images, self.labels, self.encoder_hidden_states, *added) if t is not None]
+
+
+def select_rows(tensors: dict[str, torch.Tensor] | None, index, device: torch.device | str | None = None
+                ) -> dict[str, torch.Tensor] | None:
+    """Some rows of every tensor of a dict of row-aligned tensors (``added_cond_kwargs``), optionally
+    moved to ``device``; None stays None."""
+    if tensors is None:
+        return None
+    return {key: value[index] if device is None else value[index].to(device) for key, value in tensors.items()}
 
 
 @dataclass
@@ -52,6 +66,7 @@ class NoisyBatch:
     target: torch.Tensor  # the true target of the teacher's prediction type
     labels: torch.Tensor | None
     encoder_hidden_states: torch.Tensor | None = None
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
 
 def prediction_type(scheduler) -> str:
@@ -91,9 +106,10 @@ def noisy_batch(data: ImageSet, scheduler, batch_size: int, generator: torch.Gen
     clean = data.images[index]
     labels = None if data.labels is None else data.labels[index].to(device)
     states = None if data.encoder_hidden_states is None else data.encoder_hidden_states[index].to(device)
+    added = select_rows(data.added_cond_kwargs, index, device)
     clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
     return NoisyBatch(scheduler.add_noise(clean, noise, timesteps), timesteps, noise,
-                      training_target(scheduler, clean, noise, timesteps), labels, states)
+                      training_target(scheduler, clean, noise, timesteps), labels, states, added)
 
 
 def uniform_labels(count: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from pyevo.config import DistillConfig
-from pyevo.diffusion import ImageSet, noisy_batch
+from pyevo.diffusion import ImageSet, noisy_batch, select_rows
 from pyevo.distributed import SINGLE, Context
 from pyevo.teacher import (BlockCall, at_least_float32, model_device, noise_to_signal, output_tensors,
                            record_blocks)
@@ -54,7 +54,8 @@ def heldout_calls(teacher: nn.Module, data: ImageSet, scheduler, size: int, seed
     states = None if held.encoder_hidden_states is None else held.encoder_hidden_states.to(device)
     parts = [record_blocks(teacher, noisy[i:i + chunk], timesteps[i:i + chunk],
                            None if labels is None else labels[i:i + chunk],
-                           None if states is None else states[i:i + chunk])[0]
+                           None if states is None else states[i:i + chunk],
+                           select_rows(held.added_cond_kwargs, slice(i, i + chunk), device))[0]
              for i in range(0, len(noisy), chunk)]
     return {name: _concat_calls([part[name] for part in parts]) for name in parts[0]}
 
@@ -148,7 +149,7 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
         batch = noisy_batch(data, scheduler, config.batch_size, generator, device, context.shard)
         with precision.autocast():
             calls, teacher_prediction = record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels,
-                                                      batch.encoder_hidden_states)
+                                                      batch.encoder_hidden_states, batch.added_cond_kwargs)
         context.check_teacher_finite(teacher_prediction, batch.timesteps, "distill", step)
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step}

@@ -24,11 +24,13 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidden_states: torch.Tensor | None = None
+def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidden_states: torch.Tensor | None = None,
+             added_cond_kwargs: dict[str, torch.Tensor] | None = None
              ) -> Iterator[tuple[Callable[[], Any], nn.Module]]:
     """One forward of ``unet`` at the deployment batch, dtype and device, as a call to time, and
     the model that call runs (whose blocks are the ones to time alone). A text-conditional UNet
-    attends to ``encoder_hidden_states`` (batch, L, D), cast likewise.
+    attends to ``encoder_hidden_states`` (batch, L, D), cast likewise, and an SDXL-shaped one embeds its
+    ``added_cond_kwargs`` (batch rows each), moved to the device.
 
     A model not already in the deployment dtype and device is timed as a cast copy, so the caller's
     model keeps its weights exactly (a float16 round trip would round them) and stays where it is.
@@ -41,7 +43,8 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidde
     sample = torch.randn(batch, *sample_shape(unet), device=device, dtype=DTYPES[dtype])
     timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
     states = None if encoder_hidden_states is None else encoder_hidden_states.to(device, DTYPES[dtype])
-    kwargs = conditioning(unet, probe_labels(unet, batch, device), states)
+    added = None if added_cond_kwargs is None else {k: v.to(device) for k, v in added_cond_kwargs.items()}
+    kwargs = conditioning(unet, probe_labels(unet, batch, device), states, added)
     try:
         yield (lambda: model(sample, timesteps, **kwargs)), model
     finally:
@@ -49,8 +52,8 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidde
 
 
 def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, BlockCall], batch: int, dtype: str,
-                    device: str, config: LatencyConfig, encoder_hidden_states: torch.Tensor | None = None
-                    ) -> dict[str, dict]:
+                    device: str, config: LatencyConfig, encoder_hidden_states: torch.Tensor | None = None,
+                    added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Each network whole, block by block, and its stem alone, all timed in turn
     (:func:`pyevo.latency.time_calls`).
 
@@ -60,12 +63,14 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     replaced by a replay of its recorded output: conv_in, the time embedding, the head and what
     passes between blocks, which no block search changes; measured, not a difference, so it is
     never negative) and ``unaccounted_ms``, the whole minus stem and blocks (caches, allocator).
-    Text-conditional networks attend to ``encoder_hidden_states`` (batch, L, D), as their blocks' calls do.
+    Text-conditional networks attend to ``encoder_hidden_states`` (batch, L, D), as their blocks' calls do
+    (and SDXL-shaped ones take ``added_cond_kwargs``, which their blocks' calls hold in ``temb``).
     """
     with contextlib.ExitStack() as stack:
         fns = {}
         for network, unet in networks.items():
-            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states))
+            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states,
+                                                               added_cond_kwargs))
             for name, call in calls.items():
                 block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)

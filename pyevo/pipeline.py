@@ -26,8 +26,8 @@ import safetensors.torch
 import torch
 
 from pyevo import distributed
-from pyevo.conditions import (Conditions, caption_conditions, condition_rows, guidance, load_conditions,
-                              warn_of_zero_guidance, with_unconditional_rows)
+from pyevo.conditions import (Conditions, added_condition_rows, caption_conditions, condition_rows, guidance,
+                              load_conditions, warn_of_zero_guidance, with_unconditional_rows)
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
@@ -103,12 +103,12 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
             labels = uniform_labels(count, classes, torch.Generator().manual_seed(config.seed + 7919))
         # A text-conditional teacher is sampled at its prompts' states, each prompt as often as the others,
         # guided as the evaluation (and a Stable Diffusion pipeline) guides it.
-        states = condition_rows(conditions, count)
+        states, added = condition_rows(conditions, count), added_condition_rows(conditions, count)
         log.info("data-free: sampling %d %s from the teacher", count, "images" if codec is None else "latents")
         images = ddim_sample(teacher, scheduler.config, count, steps=25, seed=config.seed + 7919, progress=False,
                              class_labels=labels, clip_output=codec is None, encoder_hidden_states=states,
-                             **guidance(conditions, config.guidance_scale))
-        generated = ImageSet(images, labels, states)
+                             added_cond_kwargs=added, **guidance(conditions, config.guidance_scale))
+        generated = ImageSet(images, labels, states, added)
         split = count - config.search.heldout_size
         return generated.subset(slice(0, split)), generated.subset(slice(split, None)), None, conditions
     from pyevo.data import ImageFolder, UnreadableImage
@@ -131,7 +131,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     if text:  # each image at its own caption's states
         conditions = caption_conditions(dataset.captions_of(dataset.read_paths), teacher,
                                         resolve_teacher_folder(config.teacher), folder)
-        data = ImageSet(data.images, data.labels, conditions.states)
+        data = ImageSet(data.images, data.labels, conditions.states, conditions.added)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     held = max(1, min(config.search.heldout_size, len(data) // 10))
     return data.subset(order[held:]), data.subset(order[:held]), data, conditions
@@ -144,7 +144,8 @@ def training_sets(train: ImageSet, heldout: ImageSet, conditions: Conditions | N
     (:func:`pyevo.conditions.with_unconditional_rows`)."""
     if not guidance(conditions, guidance_scale):
         return train, heldout
-    return with_unconditional_rows(train, conditions.negative), with_unconditional_rows(heldout, conditions.negative)
+    return tuple(with_unconditional_rows(data, conditions.negative, conditions.negative_added)
+                 for data in (train, heldout))
 
 
 def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str, seed: int, path: Path
@@ -158,6 +159,8 @@ def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str,
             tensors[f"{name}.labels"] = data.labels.contiguous()
         if data.encoder_hidden_states is not None:
             tensors[f"{name}.encoder_hidden_states"] = data.encoder_hidden_states.contiguous()
+        for key, value in (data.added_cond_kwargs or {}).items():
+            tensors[f"{name}.added.{key}"] = value.contiguous()
     atomic_write_bytes(path, safetensors.torch.save(tensors))
     return _latent_sets(tensors, sets)
 
@@ -168,8 +171,12 @@ def read_latents(path: Path, names) -> dict[str, ImageSet]:
 
 
 def _latent_sets(tensors: dict[str, torch.Tensor], names) -> dict[str, ImageSet]:
+    def added(name: str) -> dict[str, torch.Tensor] | None:
+        prefix = f"{name}.added."
+        return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)} or None
+
     return {name: ImageSet(tensors[f"{name}.latents"], tensors.get(f"{name}.labels"),
-                           tensors.get(f"{name}.encoder_hidden_states")) for name in names}
+                           tensors.get(f"{name}.encoder_hidden_states"), added(name)) for name in names}
 
 
 def _check_labels(data: ImageSet, classes: int | None, where: str) -> None:
@@ -185,9 +192,10 @@ def timing_call(teacher, batch: int, seed: int, conditions: Conditions | None = 
     device = model_device(teacher)
     sample = torch.randn(batch, *sample_shape(teacher), generator=generator).to(device)
     timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
-    states = condition_rows(conditions, batch)
+    states, added = condition_rows(conditions, batch), added_condition_rows(conditions, batch)
     return record_blocks(teacher, sample, timesteps, probe_labels(teacher, batch, device),
-                         None if states is None else states.to(device))[0]
+                         None if states is None else states.to(device),
+                         None if added is None else {key: value.to(device) for key, value in added.items()})[0]
 
 
 def recorded_timings(folder: Path, timings_for: dict, blocks: list[str]) -> dict | None:
@@ -611,6 +619,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     supernet = build_supernet(teacher)
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
     deployment_states = condition_rows(conditions, config.batch)
+    deployment_added = added_condition_rows(conditions, config.batch)
 
     folder = Path(config.out)
     timings_for = {"teacher": teacher_id, "device": torch.device(config.device).type, "dtype": config.dtype,
@@ -625,7 +634,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
         if recorded is not None:
             return recorded
         timed = network_latency({"teacher": teacher}, timer.calls, config.batch, config.dtype, config.device,
-                                config.latency, deployment_states)["teacher"]
+                                config.latency, deployment_states, deployment_added)["teacher"]
         return {"for": timings_for, "device_name": device_name(config.device), "teacher_ms": timed["latency_ms"],
                 "stem_ms": timed["stem_ms"], "blocks_ms": timed["blocks_ms"]}
 
@@ -854,8 +863,9 @@ def network_cost(unet, conditions: Conditions | None = None) -> Cost:
     parameters of a whole UNet."""
     device = model_device(unet)
     probe = torch.zeros(1, *sample_shape(unet), device=device)
-    states = condition_rows(conditions, 1)
-    kwargs = conditioning(unet, probe_labels(unet, 1, device), None if states is None else states.to(device))
+    states, added = condition_rows(conditions, 1), added_condition_rows(conditions, 1)
+    kwargs = conditioning(unet, probe_labels(unet, 1, device), None if states is None else states.to(device),
+                          None if added is None else {key: value.to(device) for key, value in added.items()})
     return Cost(count_macs(unet, probe, torch.zeros(1, dtype=torch.long, device=device), **kwargs),
                 count_params(unet))
 
@@ -874,6 +884,7 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     if is_class_conditional(teacher):
         labels = balanced_labels(config.evaluate.num_samples, torch.unique(train.labels))
     text = {"encoder_hidden_states": condition_rows(conditions, config.evaluate.num_samples),
+            "added_cond_kwargs": added_condition_rows(conditions, config.evaluate.num_samples),
             **guidance(conditions, config.guidance_scale)} if conditions is not None else {}
     image_shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
     extractor, features_kind, features_note = quality_features(config.evaluate, image_shape)
@@ -900,7 +911,8 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     # Teacher and student timed in turn, whole, block by block and stem alone: the per-block
     # estimate (the student's own stem plus its blocks) is checked against one machine state.
     timed = network_latency({"teacher": teacher, "student": student}, calls, config.batch, config.dtype,
-                            config.device, config.latency, condition_rows(conditions, config.batch))
+                            config.device, config.latency, condition_rows(conditions, config.batch),
+                            added_condition_rows(conditions, config.batch))
     for name, latency in timed.items():
         out[name].update(latency)
     out["student"]["latency_estimate_ms"] = timed["student"]["stem_ms"] + sum(timed["student"]["blocks_ms"].values())

@@ -122,13 +122,14 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
         to_teacher = config.end_target == "teacher"
         with precision.autocast():
             calls, teacher_prediction = (record_blocks(teacher, batch.noisy, batch.timesteps, batch.labels,
-                                                       batch.encoder_hidden_states)
+                                                       batch.encoder_hidden_states, batch.added_cond_kwargs)
                                          if weight > 0 or to_teacher else ({}, None))
             if teacher_prediction is not None:
                 context.check_teacher_finite(teacher_prediction, batch.timesteps, "retrain", step)
             target = teacher_prediction if to_teacher else batch.target
             prediction = model(batch.noisy, batch.timesteps,
-                               **conditioning(student, batch.labels, batch.encoder_hidden_states)).sample
+                               **conditioning(student, batch.labels, batch.encoder_hidden_states,
+                                              batch.added_cond_kwargs)).sample
             # A mean over samples (weighted or not): under torchrun the mean of equal shards is the batch's.
             squared = (at_least_float32(prediction) - at_least_float32(target)) ** 2
             weights = end_loss_weights(scheduler, batch.timesteps, config.snr_gamma)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from pyevo.autoencoder import check_latent_teacher, teacher_autoencoder
 from pyevo.data import to_unit_range
 from pyevo.teacher import (TeacherError, conditioning, is_class_conditional, is_text_conditional, load_teacher,
-                           model_device, num_class_embeds, resolve_teacher_folder, sample_shape)
+                           model_device, num_class_embeds, resolve_teacher_folder, sample_shape,
+                           takes_added_conditions)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def ddim_sample(
     encoder_hidden_states: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     negative_encoder_hidden_states: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``n`` DDIM samples (N, C, H, W), deterministic given ``seed``: images clamped to [-1, 1], or,
     with ``clip_output=False``, latents as they come (a latent teacher's, for its decoder).
@@ -62,6 +65,9 @@ def ddim_sample(
     ``encoder_hidden_states`` (n, L, D). With ``guidance_scale`` > 1 the prediction is classifier-free
     guided as StableDiffusionPipeline guides it, ``uncond + scale * (cond - uncond)``, the unconditional
     prediction made from ``negative_encoder_hidden_states`` (1, L, D), both in one doubled batch.
+    An SDXL-shaped UNet (``addition_embed_type="text_time"``) also needs ``added_cond_kwargs``
+    (``text_embeds`` (n, P), ``time_ids`` (n, K)) and, guided, ``negative_added_cond_kwargs`` ((1, P),
+    (1, K)), batched as StableDiffusionXLPipeline batches them.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
@@ -73,9 +79,16 @@ def ddim_sample(
         raise ValueError("encoder_hidden_states are needed exactly when the UNet is text-conditional")
     if encoder_hidden_states is not None and (encoder_hidden_states.ndim != 3 or len(encoder_hidden_states) != n):
         raise ValueError(f"encoder_hidden_states must be ({n}, L, D), got {tuple(encoder_hidden_states.shape)}")
+    if takes_added_conditions(unet) != (added_cond_kwargs is not None):
+        raise ValueError("added_cond_kwargs are needed exactly when the UNet's addition_embed_type is 'text_time'")
+    if added_cond_kwargs is not None and any(len(t) != n for t in added_cond_kwargs.values()):
+        raise ValueError(f"added_cond_kwargs must have {n} rows, got "
+                         f"{ {k: tuple(t.shape) for k, t in added_cond_kwargs.items()} }")
     guided = guidance_scale > 1.0
     if guided and (encoder_hidden_states is None or negative_encoder_hidden_states is None):
         raise ValueError("guidance_scale > 1 needs encoder_hidden_states and negative_encoder_hidden_states")
+    if guided and (added_cond_kwargs is None) != (negative_added_cond_kwargs is None):
+        raise ValueError("guidance_scale > 1 with added_cond_kwargs needs negative_added_cond_kwargs")
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
@@ -88,20 +101,27 @@ def ddim_sample(
     chunks = len(noise.split(batch_size))
     labels = [None] * chunks if class_labels is None else class_labels.split(batch_size)
     states = [None] * chunks if encoder_hidden_states is None else encoder_hidden_states.split(batch_size)
+    added = ([None] * chunks if added_cond_kwargs is None else
+             [dict(zip(added_cond_kwargs, parts)) for parts in zip(*(t.split(batch_size)
+                                                                      for t in added_cond_kwargs.values()))])
     negative = None if not guided else negative_encoder_hidden_states.to(device)
-    for x, y, s in zip(noise.split(batch_size), labels, states):
+    negative_added = (None if not guided or negative_added_cond_kwargs is None else
+                      {k: t.to(device) for k, t in negative_added_cond_kwargs.items()})
+    for x, y, s, a in zip(noise.split(batch_size), labels, states, added):
         x = x.to(device)  # the noise is drawn on the CPU, so every device gets the same samples
         y = None if y is None else y.to(device)
         s = None if s is None else s.to(device)
+        a = None if a is None else {k: t.to(device) for k, t in a.items()}
         if guided:  # one forward of [unconditional rows; conditional rows], as StableDiffusionPipeline runs it
             s = torch.cat([negative.expand(len(x), *negative.shape[1:]), s])
             y = None if y is None else torch.cat([y, y])
+            a = None if a is None else {k: torch.cat([negative_added[k].expand(len(x), -1), t]) for k, t in a.items()}
         for t in scheduler.timesteps:
             if guided:
-                unconditional, conditional = unet(torch.cat([x, x]), t, **conditioning(unet, y, s)).sample.chunk(2)
+                unconditional, conditional = unet(torch.cat([x, x]), t, **conditioning(unet, y, s, a)).sample.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             else:
-                prediction = unet(x, t, **conditioning(unet, y, s)).sample
+                prediction = unet(x, t, **conditioning(unet, y, s, a)).sample
             x = scheduler.step(prediction, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
         outputs.append((x.clamp(-1.0, 1.0) if clip_output else x).cpu())
@@ -115,7 +135,8 @@ def sample_images(unet: UNet2DModel, scheduler_config: dict, n: int, steps: int 
                   batch_size: int = 250, **conditions) -> torch.Tensor:
     """``n`` images in [-1, 1] from ``unet``: its DDIM samples, or, for a latent teacher (``codec``, a
     :class:`pyevo.autoencoder.LatentCodec`), its latent samples decoded as a latent pipeline decodes them.
-    ``conditions``: a text-conditional UNet's ``encoder_hidden_states`` and guidance, as ddim_sample takes them."""
+    ``conditions``: a text-conditional UNet's ``encoder_hidden_states`` (and ``added_cond_kwargs``) and
+    guidance, as ddim_sample takes them."""
     samples = ddim_sample(unet, scheduler_config, n, steps, seed, batch_size=batch_size, progress=progress,
                           class_labels=class_labels, clip_output=codec is None, **conditions)
     return samples if codec is None else codec.decode(samples)
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SampleConfig(**vars(parser.parse_args(argv)))
     if cfg.n < 1 or cfg.steps < 1:
         raise SystemExit(f"error: --n and --steps must be positive (got n={cfg.n}, steps={cfg.steps})")
-    from pyevo.conditions import ConditionsError, condition_rows, guidance, load_conditions
+    from pyevo.conditions import ConditionsError, added_condition_rows, condition_rows, guidance, load_conditions
 
     try:
         unet, scheduler = load_teacher(cfg.teacher, cfg.scheduler or None)
@@ -184,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             labels = torch.arange(cfg.n) % classes
     samples = sample_images(unet, scheduler.config, cfg.n, steps=cfg.steps, seed=cfg.seed, codec=codec,
                             class_labels=labels, encoder_hidden_states=condition_rows(conditions, cfg.n),
+                            added_cond_kwargs=added_condition_rows(conditions, cfg.n),
                             **guidance(conditions, cfg.guidance_scale))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

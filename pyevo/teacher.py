@@ -2,7 +2,8 @@
 
 A teacher is a ``UNet2DModel`` (pixel or latent; unconditional or class-conditional) or a
 ``UNet2DConditionModel`` (text-conditional, Stable-Diffusion-shaped: its forward takes
-``encoder_hidden_states``, see :mod:`pyevo.conditions`). The searchable blocks are
+``encoder_hidden_states``; SDXL-shaped ones, ``addition_embed_type="text_time"``, also
+``added_cond_kwargs``: see :mod:`pyevo.conditions`). The searchable blocks are
 ``down_blocks[i]``, ``mid_block`` and ``up_blocks[i]``; the stem and the head (conv_in, time
 embedding, conv_norm_out, conv_out) stay the teacher's.
 """
@@ -35,6 +36,9 @@ SUPPORTED_UNETS = tuple(UNET_CLASSES)
 BUILT_IN_TEACHERS = ("digits", "latent-digits")
 # class_embed_type values whose class_labels are integer labels (None: an nn.Embedding table).
 LABEL_EMBEDDINGS = (None, "timestep")
+# The one addition_embed_type pyevo feeds: SDXL's pooled text embeddings and size/crop ids (added_cond_kwargs).
+TEXT_TIME = "text_time"
+ADDED_KEYS = ("text_embeds", "time_ids")
 
 
 def load_teacher(spec: str, scheduler: str | None = None) -> tuple[ModelMixin, DDPMScheduler]:
@@ -79,10 +83,15 @@ def load_teacher(spec: str, scheduler: str | None = None) -> tuple[ModelMixin, D
 def _check_text_conditional_config(config: dict, unet_folder: Path) -> None:
     """Refuse, in one line, the UNet2DConditionModel options whose extra inputs pyevo does not feed.
 
-    pyevo feeds a text-conditional UNet its timestep and ``encoder_hidden_states`` only; block types and
-    attention variants are checked by the search space (:func:`pyevo.space.unet_space`)."""
+    pyevo feeds a text-conditional UNet its timestep, ``encoder_hidden_states`` and, for SDXL's
+    ``addition_embed_type="text_time"``, ``added_cond_kwargs`` (text_embeds and time_ids); block types
+    and attention variants are checked by the search space (:func:`pyevo.space.unet_space`)."""
+    if config.get("addition_embed_type") not in (None, TEXT_TIME):
+        raise TeacherError(f"{unet_folder}: addition_embed_type {config['addition_embed_type']!r} takes "
+                           "added_cond_kwargs pyevo does not feed (image embeddings, hints, text alone); pyevo "
+                           f"supports text-conditional UNet2DConditionModels with addition_embed_type None or "
+                           f"{TEXT_TIME!r} (SDXL's text_embeds and time_ids)")
     refusals = {
-        "addition_embed_type": "takes added_cond_kwargs (SDXL's text_embeds / time_ids and the like)",
         "encoder_hid_dim_type": "projects its encoder states first (encoder_hid_proj)",
         "num_class_embeds": "is class- as well as text-conditional",
         "class_embed_type": "is class- as well as text-conditional",
@@ -91,7 +100,8 @@ def _check_text_conditional_config(config: dict, unet_folder: Path) -> None:
     for key, why in refusals.items():
         if config.get(key) is not None:
             raise TeacherError(f"{unet_folder}: {key} {config[key]!r} {why}; pyevo supports text-conditional "
-                               "UNet2DConditionModels conditioned by encoder_hidden_states alone")
+                               "UNet2DConditionModels conditioned by encoder_hidden_states (and SDXL's "
+                               "added_cond_kwargs)")
     if config.get("attention_type", "default") != "default":
         raise TeacherError(f"{unet_folder}: attention_type {config['attention_type']!r} (GLIGEN's gated "
                            "attention) is not supported; pyevo supports attention_type 'default'")
@@ -204,11 +214,25 @@ def cross_attention_dim(unet: nn.Module) -> int:
     return int(dims[0] if isinstance(dims, (list, tuple)) else dims)
 
 
+def takes_added_conditions(unet: nn.Module) -> bool:
+    """Whether the UNet's forward takes SDXL's ``added_cond_kwargs`` (``addition_embed_type="text_time"``:
+    ``text_embeds`` [B, P] and ``time_ids`` [B, K], which its time embedding adds to ``temb``)."""
+    return is_text_conditional(unet) and unet.config.get("addition_embed_type") == TEXT_TIME
+
+
+def added_condition_width(unet: nn.Module) -> int:
+    """P + K * addition_time_embed_dim, what the UNet's ``add_embedding`` takes: the width of the pooled
+    text embeddings P plus K time ids, each embedded in ``addition_time_embed_dim`` sinusoids."""
+    return int(unet.config.projection_class_embeddings_input_dim)
+
+
 def conditioning(unet: nn.Module, class_labels: torch.Tensor | None = None,
-                 encoder_hidden_states: torch.Tensor | None = None) -> dict[str, Any]:
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The keyword arguments of ``unet``'s forward for its conditions: ``class_labels`` (None for an
-    unconditional UNet), and ``encoder_hidden_states`` for a text-conditional one (UNet2DModel's forward
-    has no such argument)."""
+    unconditional UNet), ``encoder_hidden_states`` for a text-conditional one (UNet2DModel's forward
+    has no such argument) and ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) for an SDXL-shaped
+    one; each exactly where the UNet takes it, rows as many as the sample's."""
     kwargs: dict[str, Any] = {"class_labels": class_labels}
     if is_text_conditional(unet):
         if encoder_hidden_states is None:
@@ -216,6 +240,16 @@ def conditioning(unet: nn.Module, class_labels: torch.Tensor | None = None,
         kwargs["encoder_hidden_states"] = encoder_hidden_states
     elif encoder_hidden_states is not None:
         raise ValueError(f"a {type(unet).__name__} takes no encoder_hidden_states")
+    if takes_added_conditions(unet):
+        if added_cond_kwargs is None or set(added_cond_kwargs) != set(ADDED_KEYS):
+            raise ValueError(f"an addition_embed_type {TEXT_TIME!r} UNet needs added_cond_kwargs with "
+                             f"{' and '.join(ADDED_KEYS)}, got {None if added_cond_kwargs is None else sorted(added_cond_kwargs)}")
+        rows = {len(t) for t in added_cond_kwargs.values()} | {len(encoder_hidden_states)}
+        if len(rows) != 1:
+            raise ValueError(f"added_cond_kwargs and encoder_hidden_states differ in rows ({sorted(rows)})")
+        kwargs["added_cond_kwargs"] = dict(added_cond_kwargs)
+    elif added_cond_kwargs is not None:
+        raise ValueError(f"this {type(unet).__name__} takes no added_cond_kwargs")
     return kwargs
 
 
@@ -297,14 +331,17 @@ def _detached(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
-                  class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None
+                  class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                  added_cond_kwargs: dict[str, torch.Tensor] | None = None
                   ) -> tuple[dict[str, BlockCall], torch.Tensor]:
     """Run the teacher once; return every searchable block's inputs and output, and its prediction.
 
     The blocks see the labels through the time embedding they are handed (``temb``), so a recorded
-    call of a class-conditional teacher carries its labels without naming them. A text-conditional
-    teacher hands its cross-attention blocks ``encoder_hidden_states`` as a keyword argument, so the
-    recorded call carries them too, and replaying it feeds them to a student or super block.
+    call of a class-conditional teacher carries its labels without naming them; so it carries an
+    SDXL-shaped teacher's ``added_cond_kwargs``, which UNet2DConditionModel embeds and adds to ``temb``
+    before any block runs (no block takes them). A text-conditional teacher hands its cross-attention
+    blocks ``encoder_hidden_states`` as a keyword argument, so the recorded call carries them too, and
+    replaying it feeds them to a student or super block.
     """
     calls: dict[str, BlockCall] = {}
     pending: dict[str, tuple] = {}
@@ -321,7 +358,8 @@ def record_blocks(unet: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
         with torch.no_grad():
-            prediction = unet(sample, timesteps, **conditioning(unet, class_labels, encoder_hidden_states)).sample
+            prediction = unet(sample, timesteps, **conditioning(unet, class_labels, encoder_hidden_states,
+                                                                added_cond_kwargs)).sample
     finally:
         for handle in handles:
             handle.remove()

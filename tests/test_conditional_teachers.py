@@ -309,10 +309,13 @@ def test_held_out_calls_carry_the_states_and_plain_blocks_score_alike_through_th
         assert population_nsr(block, calls[name], genomes) == pytest.approx(expected, rel=1e-4, abs=1e-7), name
 
 
-def write_tiny_clip(folder, max_length: int = 6) -> None:
+def write_tiny_clip(folder, max_length: int = 6, suffix: str = "", projection: bool = False, layers: int = 1,
+                    seed: int = 4) -> None:
     """A tiny CLIP tokenizer (a handful of BPE tokens) and text encoder of width TEXT_DIM, as a pipeline's
-    tokenizer/ and text_encoder/ (random weights, built here: no download)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    tokenizer/ and text_encoder/ (random weights, built here: no download). ``suffix`` "_2" and
+    ``projection``: an SDXL pipeline's second ones, tokenizer_2/ and text_encoder_2/, a
+    CLIPTextModelWithProjection (its pooled output projected to TEXT_DIM)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "a", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "s</w>",
              "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
@@ -320,11 +323,12 @@ def write_tiny_clip(folder, max_length: int = 6) -> None:
     (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
-                  pad_token="<|endoftext|>").save_pretrained(folder / "tokenizer")
-    torch.manual_seed(4)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=max_length, projection_dim=TEXT_DIM,
-                                 bos_token_id=23, eos_token_id=24, pad_token_id=24)).save_pretrained(folder / "text_encoder")
+                  pad_token="<|endoftext|>").save_pretrained(folder / f"tokenizer{suffix}")
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=max_length, projection_dim=TEXT_DIM,
+                         bos_token_id=23, eos_token_id=24, pad_token_id=24)).save_pretrained(folder / f"text_encoder{suffix}")
 
 
 def write_tiny_clip_model(folder, image_size: int = 16) -> None:
@@ -428,7 +432,7 @@ def test_caption_folder_trains_each_image_at_its_captions_states(text_teacher, t
     assert report["clip"]["model"] == str(tmp_path / "clip") and "CLIP score (" in (out / "report.md").read_text()
     cached = safetensors.torch.load_file(out / "latents.safetensors")
     captions = [path.read_text().strip() for path in sorted(images.glob("*.txt"))]
-    expected, _ = encode_prompts(captions, text_teacher / "pipeline")
+    expected = encode_prompts(captions, text_teacher / "pipeline").states
     every = torch.cat([cached["train.encoder_hidden_states"], cached["heldout.encoder_hidden_states"]])
     assert len(every) == 12 and every.shape[1:] == expected.shape[1:]
     # Each cached row is one caption's states (the split reorders the images).

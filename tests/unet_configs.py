@@ -30,3 +30,28 @@ SD15_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, block_out_chan
 # 4x4 / 8x8 heads' sizes, text states of width 32.
 SD15_SMALL_CONFIG = {**SD15_CONFIG, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
                      "norm_num_groups": 8}
+
+# Stable Diffusion XL base 1.0's UNet2DConditionModel (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json):
+# 2.57 B parameters. No cross-attention in the first block; 1, 2 and 10 transformer layers in the others (10 in the
+# mid block); linear projections; 5, 10, 20 heads of 64 (`attention_head_dim`, diffusers' name for the number of
+# heads); text states of the two CLIP encoders side by side (768 + 1280); added conditions `text_embeds` [B, 1280]
+# (OpenCLIP bigG's pooled output) and `time_ids` [B, 6], embedded in 256 sinusoids each: 1280 + 6 x 256 = 2816.
+SDXL_CONFIG = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                   layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=(5, 10, 20),
+                   transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+                   addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=2816, act_fn="silu", center_input_sample=False,
+                   downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+                   norm_num_groups=32, upcast_attention=None)
+
+# SDXL's shape at tiny width (random init, CPU tests): the same block types and options, 1 resnet per block, 1, 2, 3
+# transformer layers (the mid block's 3), 1, 2, 4 heads of 8; text states of width 32 (two encoders of 16),
+# text_embeds of 16 and 6 time ids of 8 sinusoids each (16 + 6 x 8 = 64).
+SDXL_TEXT_DIM, SDXL_POOLED_DIM, SDXL_TIME_DIM = 32, 16, 8
+SDXL_SMALL_CONFIG = {**SDXL_CONFIG, "sample_size": 8, "block_out_channels": (8, 16, 32), "layers_per_block": 1,
+                     "attention_head_dim": (1, 2, 4), "transformer_layers_per_block": (1, 2, 3),
+                     "cross_attention_dim": SDXL_TEXT_DIM, "addition_time_embed_dim": SDXL_TIME_DIM,
+                     "projection_class_embeddings_input_dim": SDXL_POOLED_DIM + 6 * SDXL_TIME_DIM,
+                     "norm_num_groups": 4}
