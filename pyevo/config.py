@@ -129,7 +129,8 @@ class RunConfig:
     # Text-conditional teachers (UNet2DConditionModel): a .txt file of prompts (one a line) for the teacher
     # pipeline's tokenizer/ and text_encoder/, or a safetensors file of pre-computed text states, tensor
     # encoder_hidden_states [N, L, D] (and optionally negative_encoder_hidden_states [1, L, D], the
-    # unconditional states for classifier-free guidance; zeros when absent). See pyevo/conditions.py.
+    # unconditional states for classifier-free guidance; zeros when absent); SDXL-shaped teachers also
+    # text_embeds [N, P] and time_ids [N, 6] (and a pipeline's two text encoders). See pyevo/conditions.py.
     conditions: str = ""
     # Classifier-free guidance of text-conditional sampling (data-free trajectories and the evaluation's
     # samples); <= 1 samples the conditional prediction alone. 7.5 is StableDiffusionPipeline's default.

@@ -30,7 +30,10 @@ FLAGS = {
                                  "line) for the teacher pipeline's tokenizer/ and text_encoder/, or a safetensors "
                                  "file of pre-computed text states, encoder_hidden_states [N, L, D] (D = the UNet's "
                                  "cross_attention_dim), optionally negative_encoder_hidden_states [1, L, D] for "
-                                 "guidance (else zeros); data-free runs sample the teacher at these states"),
+                                 "guidance (else zeros); SDXL-shaped teachers also take text_embeds [N, P] and "
+                                 "time_ids [N, 6] (optionally negative_text_embeds, negative_time_ids), and their "
+                                 "prompts are encoded by tokenizer_2/ and text_encoder_2/ as well; data-free runs "
+                                 "sample the teacher at these states"),
     "guidance_scale": ("guidance_scale", "text-conditional teachers: classifier-free guidance scale of the "
                                          "data-free and evaluation samples (<= 1: no guidance)"),
     "rule": ("search.rule", "selection rule: diffnas | block-budget | budget"),
