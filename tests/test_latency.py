@@ -2,9 +2,11 @@
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,76 @@ def test_table_keys_persist_and_merge(tmp_path):
     assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "r0:skip") is None
     assert LatencyTable(path, "cpu", "float16", 64, "abc").get("mid_block", "r0:skip") is None
     assert LatencyTable(path, "cpu", "float32", 64, "xyz").get("mid_block", "r0:skip") is None
+
+
+def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path):
+    """Read-merge-write under flock: two real processes put disjoint entries and save after each one, at
+    the same time, into one cache; every entry of both survives, and the files get the user's usual mode."""
+    path = tmp_path / "shared" / "latency.json"
+    go = tmp_path / "go"
+    script = textwrap.dedent("""
+        import os, sys, time
+        from pyevo.latency import LatencyTable
+        path, go, name = sys.argv[1:4]
+        table = LatencyTable(path, "cpu", "float32", 2, "teacher")
+        open(go + "." + name, "w").close()  # ready
+        while not os.path.exists(go):  # start together
+            time.sleep(0.01)
+        for i in range(40):
+            table.put(name, f"g{i}", float(i + 1))
+            table.save()
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    old_mask = os.umask(0o027)  # the children inherit it: files must come out 0640, not the 0600 of mkstemp
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(go), name], env=env)
+                 for name in ("down_blocks.0", "up_blocks.1")]
+    finally:
+        os.umask(old_mask)
+    # Both have imported torch and opened the table (an empty one) before either saves.
+    import time
+    while not all(Path(f"{go}.{name}").exists() for name in ("down_blocks.0", "up_blocks.1")):
+        assert all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.write_text("")
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    table = LatencyTable(path, "cpu", "float32", 2, "teacher")
+    for name in ("down_blocks.0", "up_blocks.1"):
+        assert [table.get(name, f"g{i}") for i in range(40)] == [float(i + 1) for i in range(40)]
+    assert len(json.loads(path.read_text())) == 80
+    assert {p.name for p in path.parent.iterdir()} == {"latency.json", "latency.json.lock"}  # no temporaries
+    for file in path.parent.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o640, file
+
+
+def test_saving_keeps_what_another_run_stored_for_a_key_this_one_only_read(tmp_path):
+    path = tmp_path / "latency.json"
+    first = LatencyTable(path, "cpu", "float32", 2, "t")
+    first.put("mid_block", "a", 1.0)
+    first.save()
+    mine, theirs = LatencyTable(path, "cpu", "float32", 2, "t"), LatencyTable(path, "cpu", "float32", 2, "t")
+    theirs.put("mid_block", "a", 2.0)  # re-timed elsewhere
+    theirs.save()
+    mine.put("mid_block", "b", 3.0)
+    mine.save()
+    assert LatencyTable(path, "cpu", "float32", 2, "t").get("mid_block", "a") == 2.0
+    assert mine.get("mid_block", "a") == 2.0 and mine.get("mid_block", "b") == 3.0  # merged back into the table
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "must hold a JSON object (a pyevo latency table), not a list"),
+    ('{"a": ', "is not valid JSON"),
+    ('{"a": "fast"}', "entry 'a' is 'fast', not a finite number"),
+    ('{"a": NaN}', "entry 'a' is nan, not a finite number"),
+])
+def test_a_cache_that_is_not_a_table_is_refused_and_left_as_it_is(tmp_path, content, message):
+    from pyevo.latency import LatencyCacheError
+
+    path = tmp_path / "latency.json"
+    path.write_text(content)
+    with pytest.raises(LatencyCacheError, match=re.escape(message)):
+        LatencyTable(path, "cpu", "float32", 2, "t")
+    assert path.read_text() == content and os.listdir(tmp_path) == ["latency.json"]
 
 
 def test_fingerprint_ignores_private_keys_only():
