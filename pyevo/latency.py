@@ -226,7 +226,7 @@ class LatencyTable:
     """
 
     def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
-                 teacher_id: str):
+                 teacher_id: str, writes: bool = True):
         self.path = Path(path).expanduser() if path else None
         self.prefix = "|".join([TIMING_METHOD, device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}",
                                 teacher_id])
@@ -234,7 +234,8 @@ class LatencyTable:
         self._measured: set[str] = set()  # keys this process put (they win over the file's on save)
         if self.path is not None:
             self.entries = _read_cache(self.path)
-            _check_writable(self.path)
+            if writes:  # under torchrun only rank 0 saves the table (and must be able to)
+                _check_writable(self.path)
 
     def key(self, block: str, genome: str) -> str:
         return f"{self.prefix}|{block}|{genome}"

@@ -225,7 +225,7 @@ def recorded_timings(folder: Path, timings_for: dict, blocks: list[str]) -> dict
             log.warning("--resume: the recorded teacher timings are for %s, this run is for %s: the teacher is timed "
                         "again", data.get("for"), timings_for)
             return None
-        if data.get("device_name") != device_name(timings_for["device"]):
+        if data.get("device_name") not in (None, device_name(timings_for["device"])):  # None: a legacy run
             log.warning("--resume: the teacher was timed on %s, this is %s: the run goes on with the recorded "
                         "timings, so that its search's latencies stay on one scale", data.get("device_name"),
                         device_name(timings_for["device"]))
@@ -614,8 +614,9 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     teacher_id = fingerprint(dict(teacher.config) | ({} if conditions is None else
                                                      {"encoder_sequence_length": conditions.sequence_length}))
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
-    # Keyed by this rank's own device: under torchrun each rank times its candidates where it runs.
-    table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id)
+    # Keyed by this rank's own device: under torchrun each rank times its candidates where it runs, and
+    # rank 0 saves them all (the other ranks write nothing, not even a probe of the cache's folder).
+    table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id, writes=main)
     supernet = build_supernet(teacher)
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
     deployment_states = condition_rows(conditions, config.batch)
@@ -691,9 +692,10 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
     def create() -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        # The timings before the config: a folder with a config.yaml holds them.
-        atomic_write_json(folder / "timings.json", checked["timings"])
+        # The config first: a run killed here leaves an empty folder or a resumable one (a resume that
+        # finds no timings.json times the teacher again; no search has scored on the lost timings).
         save_config(config, folder / "config.yaml")
+        atomic_write_json(folder / "timings.json", checked["timings"])
         table.save()
 
     context.on_main(create)  # rank 0 alone writes the run folder

@@ -98,6 +98,7 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
     if state is not None:  # before DDP wraps the student (DDP starts from rank 0's weights: these)
         student.load_state_dict(state["student"])
         ema.load_state_dict(state["ema"])
+        ema.to(device)  # read back on the CPU
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         precision.scaler.load_state_dict(state["scaler"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pyevo.distributed import SINGLE, Context
+from pyevo.distributed import SINGLE, Context, PeerFailed, quiet
 from pyevo.runfolder import atomic_write_bytes, atomic_write_json, file_digest
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,21 @@ class StepCheckpoints:
 
     def save(self, done: int, state) -> None:
         """Rank 0 writes ``state()`` (a dict of tensors, numbers, lists, tuples) as the checkpoint after
-        ``done`` steps; every rank returns once it is written (or with rank 0's error)."""
-        self.context.on_main(lambda: self._write(done, state()))
+        ``done`` steps; every rank returns once it is written, or raises rank 0's error. (Collectives, not
+        the heartbeat wait of :meth:`Context.agree`: a rank that hangs ends the job after the timeout.)"""
+        failure = None
+        if self.context.is_main:
+            try:
+                self._write(done, state())
+            except Exception as error:  # noqa: BLE001 - told to the other ranks, then raised
+                failure = error
+        if self.context.active:
+            outcome = self.context.broadcast_object(None if failure is None else (type(failure).__name__,
+                                                                                   str(failure)))
+            if failure is None and outcome is not None:
+                raise quiet(PeerFailed(0, *outcome))
+        if failure is not None:
+            raise failure
 
     def _write(self, done: int, state: dict) -> None:
         buffer = io.BytesIO()
@@ -123,7 +136,7 @@ class StepCheckpoints:
 
     def load(self) -> dict | None:
         """The newest good checkpoint's state (on every rank: rank 0's), or None."""
-        return self.context.on_main(self._read)
+        return self.context.broadcast_object(self._read() if self.context.is_main else None)
 
     def _read(self) -> dict | None:
         for manifest in self._manifests():
