@@ -16,16 +16,10 @@ import time
 import pytest
 import safetensors.torch
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from conftest import TOY, save_tiny_teacher
+from diffusers import DDPMScheduler
 
 from pyevo.distributed import SINGLE, assign_blocks
-
-TOY = {
-    "distill.steps": 2, "distill.batch_size": 8, "search.population": 4, "search.generations": 1,
-    "search.heldout_size": 16, "retrain.steps": 2, "retrain.batch_size": 8, "evaluate.num_samples": 8,
-    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.network_repeats": 2,
-    "latency.threads": 1, "batch": 4,
-}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 WORKER = textwrap.dedent('''
@@ -96,11 +90,7 @@ WORKER = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder / "teacher")
+    save_tiny_teacher(folder / "teacher")
     (folder / "worker.py").write_text(WORKER)
     return folder
 

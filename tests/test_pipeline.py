@@ -6,29 +6,17 @@ import sys
 import textwrap
 
 import pytest
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from conftest import TOY
+from diffusers import UNet2DModel
 
 from pyevo.config import load_config
 from pyevo.pipeline import run
 
-TOY = {
-    "distill.steps": 2, "distill.batch_size": 8, "search.population": 4, "search.generations": 1,
-    "search.heldout_size": 16, "retrain.steps": 2, "retrain.batch_size": 8, "evaluate.num_samples": 8,
-    "evaluate.ddim_steps": 2, "latency.warmup": 1, "latency.repeats": 2, "latency.network_repeats": 2,
-    "latency.threads": 1, "batch": 4,
-}
-
 
 @pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory):
-    """A small random digits-shaped teacher (1x16x16, attention at one level, several heads)."""
-    folder = tmp_path_factory.mktemp("teacher")
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
-    return folder
+def teacher_folder(tiny_teacher):
+    """A small random digits-shaped teacher (tests/conftest.py)."""
+    return tiny_teacher
 
 
 def toy_config(teacher_folder, out, cache, **extra):
@@ -270,17 +258,55 @@ def _umask() -> int:
 
 
 def test_resume_names_the_config_keys_that_differ_from_the_saved_run(finished_run, tmp_path, caplog):
+    """A change that touches only later stages re-runs them (the log names the key and the stages); a
+    change the distillation depends on is refused in one line naming the keys, before anything is written."""
     import shutil
 
-    from pyevo.pipeline import config_changes
+    from pyevo.pipeline import RunError, config_changes
 
     root, config, report = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(root / "a", copy)
-    changed = load_config(None, {**config.to_dict(), "out": str(copy), "search.slack": 3.0})
+    before = {path: path.read_bytes() for path in sorted(copy.rglob("*")) if path.is_file()}
+    for change, named in (({"distill.steps": 3}, "distill.steps (2 -> 3)"), ({"seed": 1}, "seed (0 -> 1)"),
+                          ({"distill.lr": 0.01, "retrain.lr": 0.01}, "distill.lr (0.001 -> 0.01)")):
+        refused = load_config(None, {**config.to_dict(), "out": str(copy), **change})
+        with pytest.raises(RunError, match=r"^--resume: .*differ from the run's saved config") as error:
+            run(refused, resume=True, progress=False)
+        assert named in str(error.value) and "\n" not in str(error.value)
+        assert "retrain.lr" not in str(error.value)  # only the keys that refuse are named
+    assert {path: path.read_bytes() for path in sorted(copy.rglob("*")) if path.is_file()} == before
+
+    # How often a stage checkpoints itself is in no stage's key: not even named.
+    changed = load_config(None, {**config.to_dict(), "out": str(copy), "search.slack": 3.0,
+                                 "distill.checkpoint_every": 1, "retrain.checkpoint_every": 7})
     with caplog.at_level("INFO", logger="pyevo.pipeline"):
         run(changed, resume=True, progress=False)
-    assert "--resume: search.slack was 2.0, now 3.0" in caplog.text
+    assert "--resume: search.slack was 2.0, now 3.0: select, retrain, evaluate run again" in caplog.text
     assert "--resume: out was" not in caplog.text  # a moved folder changes no stage
-    assert "stage search: done already" in caplog.text and "stage select: done already" not in caplog.text
+    assert "checkpoint_every" not in caplog.text
+    assert "stage distill: done already" in caplog.text and "stage search: done already" in caplog.text
+    assert "stage select: done already" not in caplog.text
     assert config_changes({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "c": 2}) == [("a.b", 1, 2)]
+
+
+def test_stages_keys_say_where_a_config_key_first_matters():
+    from pyevo.config import RunConfig, describe_keys
+    from pyevo.pipeline import first_stage
+
+    config = RunConfig()
+    assert first_stage("retrain.lr", config) == "retrain" and first_stage("search.max_macs", config) == "select"
+    assert first_stage("search.generations", config) == "search" and first_stage("batch", config) == "search"
+    assert first_stage("evaluate.num_samples", config) == "evaluate"
+    assert first_stage("latency.network_repeats", config) == "evaluate"
+    assert first_stage("teacher", config) == first_stage("distill.steps", config) == "distill"
+    # The held-out size splits an image folder (and sizes a data-free set): the training images follow it.
+    assert first_stage("search.heldout_size", config) == "search"
+    config.data = "data-free"
+    assert first_stage("search.heldout_size", config) == "distill"
+    assert first_stage("guidance_scale", config) is None and first_stage("guidance_scale", config, True) == "distill"
+    for key in ("out", "distributed.timeout", "distill.checkpoint_every", "retrain.checkpoint_every"):
+        assert first_stage(key, config) is None
+    # Every key has a stage (or none on purpose): a new key defaults to refusing, the safe side.
+    assert {first_stage(key, config) for key, _, _ in describe_keys()} <= {None, "distill", "search", "select",
+                                                                             "retrain", "evaluate"}
