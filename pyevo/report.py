@@ -1,6 +1,7 @@
 """The run's report: ``report.json``, ``report.md`` and PNG plots in the run folder."""
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch  # noqa: E402
 
 from pyevo.diffusion import prediction_type  # noqa: E402
 from pyevo.latency import device_name  # noqa: E402
-from pyevo.runfolder import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from pyevo.runfolder import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from pyevo.teacher import is_class_conditional, is_text_conditional  # noqa: E402
 from pyevo.training import resolve_train_dtype  # noqa: E402
 
@@ -252,8 +253,7 @@ def _plot_fronts(path: Path, results, selected: dict) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_losses(path: Path, distill_history: list[dict], retrain_history: list[dict]) -> None:
@@ -274,8 +274,7 @@ def _plot_losses(path: Path, distill_history: list[dict], retrain_history: list[
         twin.set_ylabel("λ")
         right.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _plot_samples(path: Path, samples: dict[str, torch.Tensor], count: int = 32) -> None:
@@ -287,5 +286,12 @@ def _plot_samples(path: Path, samples: dict[str, torch.Tensor], count: int = 32)
         ax.set_title(f"{name} (same noise)", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """PNG bytes through the run folder's atomic writer: a kill never leaves half a plot."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
