@@ -226,7 +226,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pixel default gives to match the teacher, and learns it best from the teacher's own prediction
     # under Min-SNR-5 weights, with the block-wise term over the first fifth of the steps only; the
     # distillation (0.37 s a step alone on 2 cores, against 0.15 s for a retraining step) is halved so
-    # the whole run stays well within 15 minutes on a 2-core CPU (9 min 51 s from a fresh clone).
+    # the whole run stays within 15 minutes on a 2-core CPU (11 min 4 s from a fresh clone, session 9).
     "latent-digits": {"distill.steps": 100, "retrain.steps": 3000, "retrain.lr": 1e-3, "retrain.end_target": "teacher",
                       "retrain.snr_gamma": 5.0, "retrain.lambda_share": 0.2},
 }
