@@ -16,7 +16,7 @@ import time
 import pytest
 import safetensors.torch
 import torch
-from conftest import TOY, save_tiny_teacher
+from toy_pipeline import TOY, save_tiny_teacher
 from diffusers import DDPMScheduler
 
 from pyevo.distributed import SINGLE, assign_blocks

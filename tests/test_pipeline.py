@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import TOY
+from toy_pipeline import TOY
 from diffusers import UNet2DModel
 
 from pyevo.config import load_config

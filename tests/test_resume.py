@@ -22,7 +22,7 @@ import textwrap
 import pytest
 import safetensors.torch
 import torch
-from conftest import TOY
+from toy_pipeline import TOY
 
 # Long enough for checkpoints inside each stage (every 2 of 6 steps, 3 generations). The selection is the
 # paper's rule with a wide slack (each block's fastest candidate within 10 x the teacher-shaped NSR) and no
