@@ -113,6 +113,9 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
                 "random": random_states(device), "history": history}
 
     student_blocks = searchable_blocks(student)
+    # Min-SNR weights of every training timestep, once, on the device: a step indexes them (no host sync).
+    timestep_weights = end_loss_weights(scheduler, torch.arange(scheduler.config.num_train_timesteps, device=device),
+                                        config.snr_gamma)
     model = context.data_parallel(student)  # the student itself in one process
     student.train()
     for step in tqdm(range(start, config.steps), desc="retrain", disable=not progress, initial=start,
@@ -133,7 +136,7 @@ def retrain_student(teacher: nn.Module, student: nn.Module, data: ImageSet, sche
                                               batch.added_cond_kwargs)).sample
             # A mean over samples (weighted or not): under torchrun the mean of equal shards is the batch's.
             squared = (at_least_float32(prediction) - at_least_float32(target)) ** 2
-            weights = end_loss_weights(scheduler, batch.timesteps, config.snr_gamma)
+            weights = None if timestep_weights is None else timestep_weights[batch.timesteps]
             end_loss = squared.mean() if weights is None else (squared.flatten(1).mean(1) * weights).mean()
             loss = (1.0 - weight) * end_loss
             if not context.active:
