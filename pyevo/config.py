@@ -28,6 +28,8 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3
     random_paths: int = 1  # random paths per step, besides the largest and the smallest
+    # The teacher-shaped path too, every step (the sandwich without it trains that path only by chance).
+    teacher_path: bool = False
     checkpointing: bool = False  # recompute block activations in the backward (less memory)
     # Steps between mid-stage checkpoints (weights, optimiser, random states) a --resume continues from; 0: none.
     checkpoint_every: int = 50
@@ -56,7 +58,9 @@ class SearchConfig:
     crossover_prob: float = 0.6
     mutation_prob: float = 0.4
     heldout_size: int = 256
-    rule: str = "diffnas"  # diffnas | block-budget | budget
+    # diffnas | block-budget | budget | global (the least summed NSR under the caps, latency not considered:
+    # DNA-style global selection over every block's evaluated candidates)
+    rule: str = "diffnas"
     slack: float = 2.0  # diffnas: NSR <= teacher-shaped NSR * slack
     budget: float = 0.5  # block-budget / budget: fraction of the teacher's latency
     # Caps on the student's MACs and parameters, as fractions of the teacher's (1 = no cap). Where
@@ -65,6 +69,9 @@ class SearchConfig:
     max_params: float = 0.5
     # ... preferably within this factor of the rule's picks' summed block latency.
     cap_latency_slack: float = 1.2
+    # A network genome (encode_network's string form, as report.md prints it) to retrain instead of the
+    # rule's picks: a hand-picked architecture in the space (it must meet the caps). "": the rule picks.
+    genome: str = ""
 
 
 @dataclass
@@ -189,7 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float16", "bfloat16"),
     "train_dtype": ("auto", "float32", "bfloat16", "float16"),
     "vae_posterior": ("mode", "sample"),
-    "search.rule": ("diffnas", "block-budget", "budget"),
+    "search.rule": ("diffnas", "block-budget", "budget", "global"),
     "retrain.loss": ("dynamic", "static", "hard", "end-only"),
     "retrain.end_target": ("true", "teacher"),
     "evaluate.features": ("auto", "inception", "digits", "none"),

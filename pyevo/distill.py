@@ -2,7 +2,8 @@
 
 Every super-block is fed the teacher's input to that block (teacher forcing) and learns the
 teacher's output of it. One teacher forward per batch feeds all blocks. Paths per step follow the
-sandwich rule: the largest, the smallest and some random genomes of each block. Training minimises
+sandwich rule: the largest, the smallest and some random genomes of each block (and, with
+``teacher_path``, the teacher-shaped one). Training minimises
 the MSE; blocks are ranked by the scale-free NSR = ||S - T||^2 / ||T||^2.
 
 Everything runs where the supernet's weights are (the run's device), under the run's autocast
@@ -157,6 +158,8 @@ def distill_supernet(teacher: nn.Module, supernet: Mapping[str, nn.Module], spac
         for name, block in supernet.items():
             space = spaces[name]
             paths = [space.largest_genome(), space.smallest_genome()]
+            if config.teacher_path:
+                paths.append(space.teacher_genome())
             paths += [space.random_genome(rng) for _ in range(config.random_paths)]
             total = 0.0
             for genome in paths:

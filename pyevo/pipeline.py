@@ -31,7 +31,7 @@ from pyevo.conditions import (Conditions, added_condition_rows, caption_conditio
 from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
-from pyevo.distill import distill_supernet, heldout_calls
+from pyevo.distill import block_nsr, distill_supernet, heldout_calls
 from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoencoder
 from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
 from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
@@ -41,11 +41,11 @@ from pyevo.retrain import retrain_student
 from pyevo.runfolder import (atomic_write_bytes, atomic_write_json, file_digest, folder_write_error, read_json,
                              tensor_digest)
 from pyevo.sample import ddim_sample, sample_images
-from pyevo.search.local import BlockSearchResult, search_block
+from pyevo.search.local import BlockSearchResult, Candidate, search_block
 from pyevo.search.population import block_evaluator
 from pyevo.search.select import (BudgetError, Cost, latency_guard, meet_cost_caps, select_block_budget, select_budget,
-                                 select_diffnas)
-from pyevo.space import BlockSpace, encode_network, unet_space
+                                 select_diffnas, select_global)
+from pyevo.space import BlockSpace, decode_network, encode_network, unet_space
 from pyevo.student import build_static_block, student_class
 from pyevo.supernet import build_supernet
 from pyevo.teacher import (BlockCall, conditioning, is_class_conditional, is_text_conditional, load_teacher,
@@ -481,7 +481,7 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[s
 # depends on it and, the keys being chained, every stage after it.
 STAGE_ORDER = ("encode", "distill", "search", "select", "retrain", "evaluate")
 # The search keys only the selection reads (changing them re-runs selection, not the search).
-SELECTION_KEYS = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack")
+SELECTION_KEYS = ("rule", "slack", "budget", "max_macs", "max_params", "cap_latency_slack", "genome")
 # Keys that change how often a stage checkpoints itself, not what it computes: in no stage's key.
 CHECKPOINT_KEYS = ("checkpoint_every",)
 
@@ -563,9 +563,16 @@ def _has_key(config: dict, dotted: str) -> bool:
     return True
 
 
+# Keys added after runs were made with their defaults: a key holds them only where they are set, so
+# that such a run resumes with its stages' keys as they were.
+LATER_KEYS = {"teacher_path": False, "genome": ""}
+
+
 def stage_config(section) -> dict:
-    """A config section as a stage's key holds it: without how often the stage checkpoints itself."""
-    return {key: value for key, value in asdict(section).items() if key not in CHECKPOINT_KEYS}
+    """A config section as a stage's key holds it: without how often the stage checkpoints itself (nor the
+    later keys at their defaults)."""
+    return {key: value for key, value in asdict(section).items()
+            if key not in CHECKPOINT_KEYS and not (key in LATER_KEYS and value == LATER_KEYS[key])}
 
 
 def check_run_folder(out: str, resume: bool) -> None:
@@ -586,8 +593,11 @@ def check_run_folder(out: str, resume: bool) -> None:
         raise RunError(f"cannot create or write the run folder {folder}: {problem}; choose another --out")
 
 
-def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict | None:
-    """The whole pipeline; returns the report (also written to ``<out>/report.json``).
+def run(config: RunConfig, resume: bool = False, progress: bool = True, until: str | None = None) -> dict | None:
+    """The whole pipeline; returns the report (also written to ``<out>/report.json``). With
+    ``until="retrain"`` it stops once the student is retrained and saved (``<out>/student``) and returns
+    None: for callers that evaluate students their own way (``python -m pyevo.study``); ``until="select"``
+    stops after the selection (a distilled and searched run that others resume from with other selections).
 
     Under torchrun (pyevo/distributed.py) every rank calls it: distillation and retraining are data
     parallel, the block searches are spread over the ranks, rank 0 alone writes the run folder and
@@ -595,12 +605,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict 
     """
     context, config = distributed.setup(config)
     try:
-        return _run(config, resume, progress and context.is_main, context)
+        return _run(config, resume, progress and context.is_main, context, until)
     finally:
         context.close()
 
 
-def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.Context) -> dict | None:
+def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.Context, until: str | None = None
+         ) -> dict | None:
+    if until not in (None, "select", "retrain"):
+        raise ValueError(f"until must be None, 'select' or 'retrain', got {until!r}")
     main = context.is_main
     teacher, scheduler, codec, spaces, train, heldout, reference, conditions = context.agree(
         lambda: prepare(config, resume, check_folder=main))
@@ -618,6 +631,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     # rank 0 saves them all (the other ranks write nothing, not even a probe of the cache's folder).
     table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id, writes=main)
     supernet = build_supernet(teacher)
+    fixed_genomes = fixed_network_genome(config.search.genome, spaces)
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
     deployment_states = condition_rows(conditions, config.batch)
     deployment_added = added_condition_rows(conditions, config.batch)
@@ -671,6 +685,13 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
             raise BudgetError(f"caps max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g} are "
                               f"impossible: the smallest student has {floor_cost.macs / teacher_cost.macs:.2f} x the "
                               f"teacher's MACs and {floor_cost.params / teacher_cost.params:.2f} x its params")
+        if fixed_genomes is not None:  # a hand-picked genome is held to the caps as the rules' picks are
+            fixed_cost = stem_cost + _sum_costs(coster(n, supernet[n], spaces[n], g) for n, g in fixed_genomes.items())
+            if fixed_cost.macs > cost_limit.macs or fixed_cost.params > cost_limit.params:
+                raise BudgetError(f"search.genome has {fixed_cost.macs / teacher_cost.macs:.3f} x the teacher's MACs "
+                                  f"and {fixed_cost.params / teacher_cost.params:.3f} x its params, over the caps "
+                                  f"max_macs {config.search.max_macs:g} / max_params {config.search.max_params:g}: "
+                                  "raise them (1 = no cap)")
         return {"teacher_ms": teacher_ms, "reference_ms": timer.reference_ms, "stem_ms": stem_ms, "timings": timings,
                 "coster": coster, "teacher_cost": teacher_cost, "stem_cost": stem_cost, "cost_limit": cost_limit,
                 # The per-block searches go to ranks largest block first (the teacher block's MACs).
@@ -786,7 +807,8 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     # nor on how often whole networks are timed. It depends on the teacher timings its milliseconds are
     # scaled by: timed again (a damaged timings.json), they re-run it, from its first generation.
     selection_keys = SELECTION_KEYS
-    search_inputs = [asdict(config.search) | dict.fromkeys(selection_keys),
+    search_inputs = [{k: v for k, v in asdict(config.search).items() if k not in LATER_KEYS}
+                     | dict.fromkeys(k for k in selection_keys if k not in LATER_KEYS),
                      asdict(config.latency) | {"network_repeats": None}, config.device, config.dtype, config.batch]
     if not checked["timings"].get("legacy"):  # a run from before timings.json keeps its search's key
         search_inputs.append({key: checked["timings"][key] for key in ("teacher_ms", "stem_ms", "blocks_ms")})
@@ -797,18 +819,24 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     def select() -> dict:
         rule, budget = config.search.rule, config.search.budget
         budget_ms = budget * teacher_ms - stem_ms
-        if rule == "diffnas":
-            picks = select_diffnas(results, config.search.slack)
-        elif rule == "block-budget":
-            picks = select_block_budget(results, budget)
-        else:
-            picks = select_budget(results, budget_ms)
 
         def block_cost(name, candidate) -> Cost:
             return coster(name, supernet[name], spaces[name], candidate.genome)
 
-        picks = meet_cost_caps(picks, results, block_cost, stem_cost, cost_limit,
-                               latency_guard(rule, results, budget, budget_ms), config.search.cap_latency_slack)
+        if fixed_genomes is not None:  # search.genome: the user's architecture (its caps checked up front)
+            rule = "genome"
+            picks = fixed_picks(fixed_genomes, results, supernet, timer, teacher, heldout, scheduler, config)
+        elif rule == "global":
+            picks = select_global(results, block_cost, stem_cost, cost_limit)
+        else:
+            if rule == "diffnas":
+                picks = select_diffnas(results, config.search.slack)
+            elif rule == "block-budget":
+                picks = select_block_budget(results, budget)
+            else:
+                picks = select_budget(results, budget_ms)
+            picks = meet_cost_caps(picks, results, block_cost, stem_cost, cost_limit,
+                                   latency_guard(rule, results, budget, budget_ms), config.search.cap_latency_slack)
         genomes = {name: pick.genome for name, pick in picks.items()}
         estimate = stem_cost + _sum_costs(block_cost(n, p) for n, p in picks.items())
         return {"rule": rule, "genome": encode_network(genomes, list(spaces.values())),
@@ -817,8 +845,13 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
                 "latency_estimate_ms": stem_ms + sum(p.latency_ms for p in picks.values()),
                 "macs_ratio": estimate.macs / teacher_cost.macs, "params_ratio": estimate.params / teacher_cost.params}
 
-    selected = stages.run("select", [getattr(config.search, key) for key in selection_keys], select, where="main")
+    selected = stages.run("select", [getattr(config.search, key) for key in selection_keys
+                                     if key not in LATER_KEYS or getattr(config.search, key) != LATER_KEYS[key]],
+                          select, where="main")
     genomes = {name: spaces[name].decode(item["genome"]) for name, item in selected["blocks"].items()}
+    if until == "select":
+        context.leave()
+        return None
 
     # --- retraining
     student_folder = folder / "student"
@@ -835,7 +868,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
                cleanup=(folder / "checkpoints" / "retrain",))
     # Evaluation and the report are rank 0's, alone: every rank leaves the process group here.
     context.leave()
-    if not main:
+    if not main or until == "retrain":
         return None
     student = student_class(teacher).from_pretrained(student_folder, low_cpu_mem_usage=False).eval().to(config.device)
 
@@ -858,6 +891,36 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
     return write_report(folder, config, spaces, results, selected, evaluated, stages.seconds, teacher, student,
                         scheduler, codec, context, searched.get("ranks"))
+
+
+def fixed_network_genome(text: str, spaces: dict[str, BlockSpace]) -> dict[str, tuple[int, ...]] | None:
+    """``search.genome`` decoded in this teacher's space (None when it is empty), or a ConfigError."""
+    if not text:
+        return None
+    try:
+        return decode_network(text, list(spaces.values()))
+    except ValueError as error:
+        raise ConfigError(f"search.genome: {error}") from None
+
+
+def fixed_picks(genomes: dict[str, tuple[int, ...]], results: dict[str, BlockSearchResult], supernet, timer,
+                teacher, heldout: ImageSet, scheduler, config: RunConfig) -> dict[str, Candidate]:
+    """Each block's candidate of a hand-picked genome: the search's own where it evaluated that genome,
+    else scored now as the search scores (NSR on its held-out set, latency through the run's table)."""
+    picks, calls = {}, None
+    for name, genome in genomes.items():
+        space = supernet[name].space
+        code = space.encode(genome)
+        found = [c for c in results[name].evaluated if c.code == code]
+        if found:
+            picks[name] = found[0]
+            continue
+        if calls is None:
+            calls = heldout_calls(teacher, heldout, scheduler, config.search.heldout_size, config.seed)
+        block = supernet[name]
+        block.set_genome(genome)
+        picks[name] = Candidate(genome, code, block_nsr(block, calls[name]), float(timer(name, genome)))
+    return picks
 
 
 def network_cost(unet, conditions: Conditions | None = None) -> Cost:

@@ -284,3 +284,28 @@ def test_a_diverged_block_stops_distillation_naming_the_block_and_step(setup):
     with pytest.raises(NonFiniteError, match=rf"distill step 0, block {name}, path .*: the block loss is (nan|inf)"):
         distill_supernet(unet, supernet, spaces, ImageSet(images), scheduler, DistillConfig(steps=2, batch_size=4),
                          seed=0, progress=False)
+
+
+@pytest.mark.parametrize("teacher_path", [False, True])
+def test_the_sandwich_takes_the_teacher_shaped_path_only_when_asked(setup, teacher_path, monkeypatch):
+    """``distill.teacher_path`` adds the teacher-shaped genome to every block's paths of every step (the
+    distillation ablation); without it the paths are the largest, the smallest and the random ones."""
+    from pyevo.supernet import SuperBlock
+
+    unet, scheduler, spaces, images = setup
+    supernet = build_supernet(unet)
+    seen = []
+    original = SuperBlock.set_genome
+
+    def recording(self, genome):
+        seen.append((self.space.name, tuple(genome)))
+        return original(self, genome)
+
+    monkeypatch.setattr(SuperBlock, "set_genome", recording)
+    distill_supernet(unet, supernet, spaces, ImageSet(images), scheduler,
+                     DistillConfig(steps=2, batch_size=8, random_paths=0, teacher_path=teacher_path), seed=0,
+                     progress=False)
+    for name, space in spaces.items():
+        paths = [genome for block, genome in seen if block == name]
+        expected = [space.largest_genome(), space.smallest_genome()] + ([space.teacher_genome()] if teacher_path else [])
+        assert paths == expected * 2

@@ -310,3 +310,52 @@ def test_stages_keys_say_where_a_config_key_first_matters():
     # Every key has a stage (or none on purpose): a new key defaults to refusing, the safe side.
     assert {first_stage(key, config) for key, _, _ in describe_keys()} <= {None, "distill", "search", "select",
                                                                              "retrain", "evaluate"}
+
+
+def test_a_hand_picked_genome_is_retrained_from_the_runs_search_and_until_stops_early(finished_run, tmp_path):
+    """``search.genome`` replaces the rule's picks (scored as the search scores where it did not evaluate
+    them), the distillation and search are read back, and ``run(until=...)`` stops after the selection or
+    the retraining; a genome that breaks the caps, or is not of this teacher's space, is refused before
+    anything is written."""
+    import shutil
+
+    from pyevo.config import ConfigError
+    from pyevo.search.select import BudgetError
+    from pyevo.space import decode_network, encode_network, unet_space
+    from pyevo.student import load_student
+    from pyevo.teacher import load_teacher
+
+    root, config, report = finished_run
+    spaces = unet_space(load_teacher(config.teacher)[0])
+    narrow = encode_network({s.name: s.narrow_genome() for s in spaces}, spaces)
+    assert narrow != json.loads((root / "a" / "select.json").read_text())["genome"]
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "a", copy)
+    for stale in ("retrain.json", "evaluate.json", "report.json", "student"):
+        shutil.rmtree(copy / stale) if (copy / stale).is_dir() else (copy / stale).unlink()
+    picked = load_config(None, {**config.to_dict(), "out": str(copy), "search.genome": narrow,
+                                "search.max_macs": 1.0, "search.max_params": 1.0})
+    assert run(picked, resume=True, progress=False, until="select") is None
+    selected = json.loads((copy / "select.json").read_text())
+    assert selected["rule"] == "genome" and selected["genome"] == narrow
+    searched = json.loads((root / "a" / "search.json").read_text())
+    for name, block in selected["blocks"].items():
+        evaluated = {c["genome"]: c for c in searched["blocks"][name]["evaluated"]}
+        if block["genome"] in evaluated:  # the search's own figures where it has them
+            assert block["nsr"] == evaluated[block["genome"]]["nsr"]
+        assert block["nsr"] > 0 and block["latency_ms"] > 0
+    assert not (copy / "retrain.json").exists()
+    assert run(picked, resume=True, progress=False, until="retrain") is None
+    assert not (copy / "evaluate.json").exists()
+    student = load_student(copy / "student")
+    assert decode_network(student.config.genome, spaces) == decode_network(narrow, spaces)
+
+    fresh = tmp_path / "fresh"
+    over = load_config(None, {**config.to_dict(), "out": str(fresh), "search.genome": narrow,
+                              "search.max_macs": 0.3})
+    with pytest.raises(BudgetError, match="search.genome has .* over the caps"):
+        run(over, progress=False)
+    wrong = load_config(None, {**config.to_dict(), "out": str(fresh), "search.genome": "mid_block=r0:skip"})
+    with pytest.raises(ConfigError, match="^search.genome: "):
+        run(wrong, progress=False)
+    assert not fresh.exists()

@@ -235,3 +235,32 @@ def test_cost_caps_drop_the_latency_slack_before_giving_up():
     with pytest.raises(BudgetError):
         meet_cost_caps({"a": a[0]}, results, lambda n, c: costs[c.code], Cost(0, 0), Cost(10, 50),
                        LatencyGuard(total_ms=2.0))
+
+
+def test_global_selection_is_the_least_summed_nsr_under_the_caps_whatever_the_latency():
+    """``rule: global`` (DNA-style) against brute force: exact at whole-unit resolution, latency ignored
+    (the least-NSR choice even where it is the slowest), and an error where nothing fits."""
+    from pyevo.search.select import select_global
+
+    checked = 0
+    for seed in range(20):
+        rng = random.Random(100 + seed)
+        results, cost = _costed(rng, blocks=3, size=6)
+        stem, room = Cost(50, 50), rng.randint(60, 200)
+        limit = stem + Cost(room, room)
+        expected = _brute_force(results, cost, stem, limit, LatencyGuard(), math.inf)
+        if expected is None:
+            with pytest.raises(BudgetError, match="no evaluated genome meets the caps"):
+                select_global(results, cost, stem, limit, resolution=room)
+            continue
+        checked += 1
+        picks = select_global(results, cost, stem, limit, resolution=room)
+        total = stem + sum((cost(n, c) for n, c in picks.items()), Cost(0, 0))
+        assert total.macs <= limit.macs and total.params <= limit.params
+        assert _relative_nsr(picks, results) == pytest.approx(expected)
+    assert checked >= 8
+    # Caps off: every block's least-NSR candidate, however slow.
+    rng = random.Random(7)
+    results, cost = _costed(rng, blocks=3, size=6)
+    picks = select_global(results, cost, Cost(0, 0), Cost(10 ** 9, 10 ** 9))
+    assert picks == {n: min(r.evaluated, key=lambda c: c.nsr) for n, r in results.items()}

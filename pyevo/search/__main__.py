@@ -36,7 +36,7 @@ FLAGS = {
                                  "sample the teacher at these states"),
     "guidance_scale": ("guidance_scale", "text-conditional teachers: classifier-free guidance scale of the "
                                          "data-free and evaluation samples (<= 1: no guidance)"),
-    "rule": ("search.rule", "selection rule: diffnas | block-budget | budget"),
+    "rule": ("search.rule", "selection rule: diffnas | block-budget | budget | global"),
     "budget": ("search.budget", "latency budget as a fraction of the teacher's (block-budget, budget)"),
     "device": ("device", "where every stage runs: distillation, held-out NSR, search, latency, retraining, "
                          "sampling and evaluation: cpu | cuda[:N]"),

@@ -6,6 +6,8 @@
   latency.
 - ``budget``: a whole-network latency budget split across blocks by a multiple-choice knapsack
   over the fronts (minimise the sum of NSRs subject to the summed latency).
+- ``global`` (DNA-style, the ablation of the local rules): the least summed NSR over every block's
+  evaluated candidates under the MACs and params caps, latency not considered (:func:`select_global`).
 
 Where a rule's picks break the caps on the student's MACs and parameters, :func:`meet_cost_caps`
 replaces them with the least-NSR choice under the caps that keeps the rule's latency promise.
@@ -137,6 +139,19 @@ def meet_cost_caps(picks: Mapping[str, Candidate], results: Mapping[str, BlockSe
                       "evaluated candidates within its latency promise gets under both")
 
 
+def select_global(results: Mapping[str, BlockSearchResult], cost: Callable[[str, Candidate], Cost], stem: Cost,
+                  limit: Cost, resolution: int = 200) -> dict[str, Candidate]:
+    """One evaluated candidate per block with the least summed relative NSR (each block's NSR over its
+    teacher-shaped candidate's) whose network meets ``limit``: the caps' knapsack of
+    :func:`meet_cost_caps` without any latency promise. Raises ``BudgetError`` when nothing fits."""
+    unbounded = LatencyGuard()
+    for grid in (resolution, 8 * resolution):
+        chosen = _least_nsr_under_caps(results, cost, limit - stem, unbounded, math.inf, grid)
+        if chosen is not None:
+            return _polish(chosen, results, cost, limit - stem, unbounded, math.inf)
+    raise BudgetError("no evaluated genome meets the caps (max_macs / max_params): raise them")
+
+
 @dataclass(frozen=True)
 class LatencyGuard:
     """What a selection rule promised about latency, which meeting the cost caps must keep."""
@@ -148,7 +163,9 @@ class LatencyGuard:
 def latency_guard(rule: str, results: Mapping[str, BlockSearchResult], budget: float, budget_ms: float
                   ) -> LatencyGuard:
     """``diffnas``: no block slower than the teacher's; ``block-budget``: each block within ``budget``
-    x its teacher block; ``budget``: the blocks' summed latency within ``budget_ms``."""
+    x its teacher block; ``budget``: the blocks' summed latency within ``budget_ms``; ``global``: nothing."""
+    if rule == "global":
+        return LatencyGuard()
     if rule == "diffnas":
         return LatencyGuard(lambda name, candidate: candidate.latency_ms <= results[name].teacher.latency_ms)
     if rule == "block-budget":
