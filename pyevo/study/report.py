@@ -1,0 +1,333 @@
+"""The study's results page (markdown) and plots, written from whatever units have finished.
+
+Every quality figure is a mean ± std over the evaluation noise seeds, and each model/teacher ratio is a
+ratio of the means. Verdicts compare two arms on a figure: *better* or *worse* where the means differ by
+more than the two standard deviations combined (sqrt(s1² + s2²)), *within noise* otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import statistics
+from importlib import metadata
+from pathlib import Path
+
+from pyevo.runfolder import atomic_write_text, read_json
+from pyevo.study.plan import Arm, target_name
+from pyevo.study.quality import FIGURES, summarise
+from pyevo.study.units import StudyContext
+
+FIGURE_NAMES = {"fd": "FD", "kid": "KID", "balanced_fd": "class-balanced FD", "mixture_tv": "class-mixture TV",
+                "psnr": "PSNR vs teacher (dB)", "ssim": "SSIM vs teacher", "agreement": "same class as teacher"}
+FAMILY_MARKERS = {"pyevo": "o", "ablation": "s", "random": "x", "bk-sdm": "D", "uniform": "^", "diff-pruning": "v"}
+
+
+def unit_result(context: StudyContext, name: str) -> dict | None:
+    path = context.out / "units" / f"{name}.json"
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if data.get("key") == context.keys.get(name) else None
+
+
+def collect(context: StudyContext, arms: list[Arm]) -> tuple[dict | None, dict[str, dict]]:
+    """The teacher's result and, per arm, what has finished of it (made, quality summary, latency)."""
+    teacher = unit_result(context, "teacher")
+    teacher_seeds = teacher["result"]["per_seed"] if teacher else None
+    rows = {}
+    for arm in arms:
+        made, quality, latency = (unit_result(context, n) for n in (arm.name, f"quality-{arm.name}",
+                                                                     f"latency-{arm.name}"))
+        rows[arm.name] = {"arm": arm, "made": made and made["result"], "made_seconds": made and made["seconds"],
+                          "quality": quality and quality["result"],
+                          "summary": summarise(quality["result"]["per_seed"], teacher_seeds) if quality else None,
+                          "latency": latency and latency["result"]}
+    return teacher, rows
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _figure(row: dict, figure: str, digits: int = 2) -> str:
+    summary = row["summary"]
+    if not summary or figure not in summary:
+        return "pending" if row["made"] is not None or summary is None else "—"
+    entry = summary[figure]
+    text = f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+    return text + (f" ({entry['ratio']:.3f}x)" if entry["ratio"] is not None else "")
+
+
+def verdict(a: dict | None, b: dict | None, figure: str, lower_is_better: bool = True) -> str:
+    """How arm ``a`` compares with arm ``b`` on ``figure`` (their summaries)."""
+    if not a or not b or figure not in a or figure not in b:
+        return "pending"
+    difference = a[figure]["mean"] - b[figure]["mean"]
+    noise = math.hypot(a[figure]["std"], b[figure]["std"])
+    if abs(difference) <= noise:
+        return "within noise"
+    return "better" if (difference < 0) == lower_is_better else "worse"
+
+
+def write_results(path: Path, context: StudyContext, arms: list[Arm], command: str) -> None:
+    teacher, rows = collect(context, arms)
+    plots = path.parent / "results_plots"
+    lines = [f"# Evidence study ({context.settings.name}): pyevo against the simple alternatives on the "
+             f"`{context.settings.teacher}` teacher", "",
+             "Written by `" + command + "` (regenerated after every finished unit; rows not yet run say *pending*).",
+             "", *_setup_lines(context), ""]
+    lines += _teacher_lines(teacher)
+    lines += _main_table(context, rows)
+    lines += _seed_table(context, rows)
+    lines += _ablation_lines(context, rows)
+    lines += _verdict_lines(context, rows)
+    drawn = _plots(plots, teacher, rows)
+    if drawn:
+        lines += ["## Plots", ""] + [f"![{title}]({plots.name}/{file})" for title, file in drawn] + [""]
+    lines += _time_lines(context, rows)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _setup_lines(context: StudyContext) -> list[str]:
+    s = context.settings
+    versions = []
+    for package in ("torch", "diffusers", "deap", "torch-pruning", "torchmetrics"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    done = sum(unit_result(context, name) is not None for name in context.units)
+    return [f"- Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {done} of "
+            f"{len(context.units)} units finished. Machine: {cpu}, {len(_cores())} core(s); Python "
+            f"{platform.python_version()}; {', '.join(versions)}.",
+            f"- Targets (MACs, fraction of the teacher's): {', '.join(target_name(t) + '%' for t in s.targets)}; "
+            f"evaluation noise seeds {list(s.eval_seeds)} ({s.num_samples} DDIM samples of {s.ddim_steps} steps "
+            f"per model and seed, the teacher's from the same noise); training seeds {list(s.training_seeds)} at "
+            f"{target_name(s.main_target)}%.",
+            "- Quality is in the digits classifier's features against the 500 held-out digits. Class-balanced FD: "
+            "70 samples of each predicted class (the class mixture drops out); class-mixture TV: total-variation "
+            "distance of the predicted class shares to the held-out ones. Ratios (in brackets) are the model's "
+            "mean over the teacher's mean. PSNR, SSIM and same class are paired with the teacher's samples.",
+            "- Every in-space arm (pyevo, random genomes, BK-SDM removal, ablations) is retrained from the "
+            "distilled supernet with pyevo's retraining (dynamic joint loss unless the ablation says otherwise). "
+            "The pruned arms (uniform width, Diff-Pruning) change block widths, so no block-wise term applies: "
+            "they retrain with the end loss alone, same steps, batch, learning rate, schedule and EMA. Caps on "
+            "params are off everywhere (targets are MACs).",
+            f"- Latency: each model's whole forward beside the teacher's, timed in turn, batch {s.latency_batch}, "
+            f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running."]
+
+
+def _cores() -> list[int]:
+    import os
+
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _teacher_lines(teacher: dict | None) -> list[str]:
+    lines = ["## The teacher's quality bar", ""]
+    if teacher is None:
+        return lines + ["pending", ""]
+    bar = teacher["result"]["bar"]
+    lines += ["The bar: class-balanced FD at most 1.5x the real-vs-real class-balanced floor (training digits "
+              "against the held-out ones), every class share within 5–15%; the FD against an i.i.d. draw of "
+              "training digits beside it.", "",
+              "| seed | class-balanced FD | floor | ratio | FD | FD floor | FD of i.i.d. draws (min–max) "
+              "| class shares (min–max) | passes |", "|---|---|---|---|---|---|---|---|---|"]
+    for seed, b in bar.items():
+        iid = b["fd_iid_reference"]
+        lines.append(f"| {seed} | {b['balanced_fd']:.2f} | {b['balanced_floor']:.2f} | {b['balanced_ratio']:.3f} | "
+                     f"{b['fd']:.2f} | {b['fd_floor']:.2f} | {min(iid):.2f}–{max(iid):.2f} | "
+                     f"{min(b['class_shares']):.3f}–{max(b['class_shares']):.3f} | {'yes' if b['passed'] else 'no'} |")
+    ratios = [b["balanced_ratio"] for b in bar.values()]
+    mean = statistics.mean(ratios)
+    passes = mean <= 1.5 and all(0.05 <= share <= 0.15 for b in bar.values() for share in b["class_shares"])
+    lines += ["", f"Mean class-balanced ratio {mean:.3f}" + (f" ± {statistics.stdev(ratios):.3f}" if len(ratios) > 1
+                                                             else "") +
+              f": the teacher {'meets' if passes else 'does not meet'} the bar over these seeds.", ""]
+    return lines
+
+
+def _main_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+    lines = ["## Every arm", "",
+             "| arm | target | seed | MACs | params | CPU latency (model / teacher ms) | FD | class-balanced FD | KID "
+             "| class-mixture TV | PSNR vs teacher | SSIM | same class |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        arm, made, quality, latency = row["arm"], row["made"], row["quality"], row["latency"]
+        macs = (quality or made or {}).get("macs_ratio")
+        params = (quality or made or {}).get("params_ratio")
+        lat = "pending" if latency is None else (f"{latency['ratio']:.3f} ({latency['model_ms']:.1f} / "
+                                                 f"{latency['teacher_ms']:.1f})")
+        name = arm.label + (f" `{arm.name}`" if arm.family == "random" else "")
+        lines.append(f"| {name} | {'—' if arm.target is None else target_name(arm.target) + '%'} | "
+                     f"{arm.training_seed} | {_fmt(macs)} | {_fmt(params)} | {lat} | {_figure(row, 'fd')} | "
+                     f"{_figure(row, 'balanced_fd')} | {_figure(row, 'kid', 1)} | {_figure(row, 'mixture_tv', 3)} | "
+                     f"{_figure(row, 'psnr')} | {_figure(row, 'ssim', 3)} | {_figure(row, 'agreement', 3)} |")
+    return lines + [""]
+
+
+def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+    main = context.settings.main_target
+    if len(context.settings.training_seeds) < 2:
+        return []
+    lines = [f"## Training seeds at {target_name(main)}%", "",
+             "Each training seed's ratios (means over the evaluation seeds); then their mean ± std.", "",
+             "| family | " + " | ".join(f"seed {s}" for s in context.settings.training_seeds) + " | mean ± std |",
+             "|---|" + "---|" * (len(context.settings.training_seeds) + 1)]
+    for family in ("pyevo", "uniform", "diff-pruning"):
+        picked = [r for r in rows.values() if r["arm"].family == family and r["arm"].target == main
+                  and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas"))]
+        if not picked:
+            continue
+        for figure in ("balanced_fd", "fd"):
+            values = {r["arm"].training_seed: r["summary"][figure]["ratio"] for r in picked
+                      if r["summary"] and figure in r["summary"]}
+            cells = [_fmt(values.get(s)) for s in context.settings.training_seeds]
+            known = list(values.values())
+            total = (f"{statistics.mean(known):.3f} ± {statistics.stdev(known):.3f}" if len(known) > 1 else "pending")
+            lines.append(f"| {picked[0]['arm'].label}: {FIGURE_NAMES[figure]} ratio | " + " | ".join(cells)
+                         + f" | {total} |")
+    return lines + [""]
+
+
+def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+    m = target_name(context.settings.main_target)
+    reference = rows.get(f"pyevo-diffnas-{m}")
+    ablations = [r for r in rows.values() if r["arm"].family == "ablation"]
+    if reference is None or not ablations:
+        return []
+    lines = [f"## Ablations at {m}% (against pyevo diffnas at {m}%, dynamic loss, end target the true noise)", "",
+             "| ablation | class-balanced FD | FD | same class | verdict on class-balanced FD | verdict on FD |",
+             "|---|---|---|---|---|---|"]
+    for row in [reference] + ablations:
+        lines.append(f"| {row['arm'].label if row is not reference else 'pyevo diffnas (reference)'} | "
+                     f"{_figure(row, 'balanced_fd')} | {_figure(row, 'fd')} | {_figure(row, 'agreement', 3)} | "
+                     + ("—" if row is reference else verdict(row["summary"], reference["summary"], "balanced_fd"))
+                     + " | " + ("—" if row is reference else verdict(row["summary"], reference["summary"], "fd"))
+                     + " |")
+    return lines + [""]
+
+
+def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+    """Plain statements: pyevo against each alternative per target, and the paper's two claims."""
+    lines = ["## Where pyevo wins and where it loses", "",
+             "pyevo diffnas at each target against each alternative (class-balanced FD; FD), as the verdict "
+             "rule in the opening of this page says:", ""]
+
+    def summary(name: str) -> dict | None:
+        row = rows.get(name)
+        return row["summary"] if row else None
+
+    def pooled(names: list[str]) -> dict | None:
+        """The mean over arms (random genomes) of their means, with the std of those means."""
+        parts = [summary(n) for n in names]
+        if not parts or any(p is None for p in parts):
+            return None
+        out = {}
+        for figure in FIGURES:
+            if all(figure in p for p in parts):
+                means = [p[figure]["mean"] for p in parts]
+                out[figure] = {"mean": statistics.mean(means),
+                               "std": statistics.stdev(means) if len(means) > 1 else parts[0][figure]["std"]}
+        return out
+
+    for t in context.settings.targets:
+        n = target_name(t)
+        ours = summary(f"pyevo-diffnas-{n}")
+        others = {"pyevo budget (latency rule)": summary(f"pyevo-budget-{n}"),
+                  "uniform width": summary(f"uniform-{n}"), "Diff-Pruning": summary(f"diff-pruning-{n}"),
+                  "random genomes": pooled([a for a in rows if a.startswith(f"random-{n}-")])}
+        cells = [f"{label}: {verdict(ours, other, 'balanced_fd')}; {verdict(ours, other, 'fd')}"
+                 for label, other in others.items()]
+        lines.append(f"- at {n}%: " + " · ".join(cells))
+    bk = summary("bk-sdm")
+    if "bk-sdm" in rows:
+        made = rows["bk-sdm"]["made"]
+        lines.append(f"- BK-SDM removal (MACs {_fmt(made and made['macs_ratio'])}) against pyevo at "
+                     f"{target_name(context.settings.main_target)}%: pyevo "
+                     f"{verdict(summary('pyevo-diffnas-' + target_name(context.settings.main_target)), bk, 'balanced_fd')}")
+    m = target_name(context.settings.main_target)
+    reference = summary(f"pyevo-diffnas-{m}")
+    if f"ablation-loss-end-only-{m}" in rows:
+        lines += ["", "The paper's claims, at " + m + "%:",
+                  f"- *The joint loss helps* (dynamic against end-only): dynamic is "
+                  f"{verdict(reference, summary(f'ablation-loss-end-only-{m}'), 'balanced_fd')} on class-balanced FD, "
+                  f"{verdict(reference, summary(f'ablation-loss-end-only-{m}'), 'fd')} on FD.",
+                  f"- *Its dynamic weighting is needed* (dynamic against static and hard): against static "
+                  f"{verdict(reference, summary(f'ablation-loss-static-{m}'), 'balanced_fd')}, against hard "
+                  f"{verdict(reference, summary(f'ablation-loss-hard-{m}'), 'balanced_fd')} (class-balanced FD)."]
+    latency_rows = [rows.get(f"ablation-global-{m}"), rows.get(f"pyevo-budget-{m}")]
+    if all(r is not None for r in latency_rows):
+        described = []
+        for label, row in zip(("MACs budget (global)", "measured-latency budget"), latency_rows):
+            lat = row["latency"]
+            described.append(f"{label}: measured latency {_fmt(lat and lat['ratio'])}x the teacher, MACs "
+                             f"{_fmt((row['quality'] or row['made'] or {}).get('macs_ratio'))}")
+        lines += ["", f"- A MACs budget against a measured-latency budget at {m}%: " + "; ".join(described) + "."]
+    return lines + [""]
+
+
+def _plots(folder: Path, teacher: dict | None, rows: dict[str, dict]) -> list[tuple[str, str]]:
+    """Quality against MACs and against measured latency, every arm on one chart per figure."""
+    points = [r for r in rows.values() if r["summary"] and "balanced_fd" in r["summary"]]
+    if not points:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyevo.report import _save_figure
+
+    drawn = []
+    for x_key, x_label, file in (("macs", "MACs / teacher", "quality_vs_macs.png"),
+                                 ("latency", "measured CPU latency / teacher", "quality_vs_latency.png")):
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, figure_key in zip(axes, ("balanced_fd", "fd")):
+            for family, marker in FAMILY_MARKERS.items():
+                xs, ys, es = [], [], []
+                for r in points:
+                    if r["arm"].family != family:
+                        continue
+                    x = (r["quality"]["macs_ratio"] if x_key == "macs"
+                         else (r["latency"] or {}).get("ratio"))
+                    entry = r["summary"][figure_key]
+                    if x is None or entry["ratio"] is None:
+                        continue
+                    scale = entry["ratio"] / entry["mean"]  # the std in units of the teacher's mean
+                    xs.append(x), ys.append(entry["ratio"]), es.append(entry["std"] * scale)
+                if xs:
+                    ax.errorbar(xs, ys, yerr=es, fmt=marker, capsize=2, label=family)
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"{FIGURE_NAMES[figure_key]} / teacher")
+            ax.grid(alpha=0.3)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=8)
+        figure.tight_layout()
+        _save_figure(figure, folder / file)
+        plt.close(figure)
+        drawn.append((f"quality vs {x_label}", file))
+    return drawn
+
+
+def _time_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+    lines = ["## Wall time per unit", "", "| unit | seconds | threads | stages (s) |", "|---|---|---|---|"]
+    total = 0.0
+    for name in context.units:
+        result = unit_result(context, name)
+        if result is None:
+            continue
+        total += result["seconds"]
+        stages = result["result"].get("stages") or {}
+        lines.append(f"| {name} | {result['seconds']:.0f} | {result.get('threads', '—')} | "
+                     + (", ".join(f"{k} {v:.0f}" for k, v in stages.items()) or "—") + " |")
+    return lines + ["", f"Units' wall time summed: {total / 3600:.2f} h (units in the parallel phase overlap).", ""]

@@ -1,0 +1,274 @@
+"""How each kind of unit of the study runs (one process per unit; :mod:`pyevo.study.__main__` schedules them).
+
+Every unit works in its own folder ``<out>/<name>/`` and returns a JSON-able result. Pipeline units
+(bases and in-space arms) are pyevo runs, resumed with ``--resume`` semantics, so a killed unit goes on
+from its last checkpoint; an arm starts from a copy of its base's distillation and search.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from pyevo.config import RunConfig, load_config
+from pyevo.runfolder import atomic_write_bytes, read_json
+from pyevo.study.plan import StudySettings, Unit
+
+log = logging.getLogger(__name__)
+
+# What an arm copies from its base: the run's config and teacher timings, its distillation and search,
+# and (latent teachers) its encoded images. The arm's own selection, retraining and student follow.
+BASE_FILES = ("config.yaml", "timings.json", "encode.json", "latents.safetensors", "distill.json",
+              "supernet.safetensors", "search.json", "select.json")
+# Random genomes: drawn uniformly from the space until one lands this far under the target (MACs ratio).
+RANDOM_WINDOW = 0.05
+RANDOM_POOL, RANDOM_CHUNK, RANDOM_CHUNKS = 256, 1_000_000, 20
+
+
+@dataclasses.dataclass
+class StudyContext:
+    out: Path
+    settings: StudySettings
+    units: dict[str, Unit]
+    keys: dict[str, str]  # each unit's key (pyevo.study.plan.unit_keys)
+
+    def folder(self, name: str) -> Path:
+        return self.out / name
+
+    def result(self, name: str) -> dict:
+        return read_json(self.out / "units" / f"{name}.json")["result"]
+
+
+def pipeline_config(context: StudyContext, overrides: dict[str, Any], seed: int, folder: Path) -> RunConfig:
+    """A pyevo run of the study's teacher: the study's overrides, the unit's seed and folder, and one latency
+    table shared by every unit (merged under a lock)."""
+    return load_config(overrides={"teacher": context.settings.teacher, **overrides, "seed": seed, "out": str(folder),
+                                  "latency.cache": str(context.out / "latency_table.json")})
+
+
+def stage_seconds(folder: Path, base: Path | None = None) -> dict[str, float]:
+    """The seconds of each stage the run in ``folder`` ran itself (not those read back from ``base``'s copies)."""
+    seconds = {}
+    for stage in ("encode", "distill", "search", "select", "retrain"):
+        path = folder / f"{stage}.json"
+        if not path.is_file():
+            continue
+        result = read_json(path)
+        copied = base is not None and (base / path.name).is_file() and read_json(base / path.name)["key"] == result["key"]
+        if not copied:
+            seconds[stage] = result["seconds"]
+    return seconds
+
+
+def run_base(unit: Unit, context: StudyContext) -> dict:
+    from pyevo import pipeline
+
+    folder = context.folder(unit.name)
+    config = pipeline_config(context, unit.spec["overrides"], unit.spec["seed"], folder)
+    pipeline.run(config, resume=(folder / "config.yaml").is_file(), progress=False, until="select")
+    return {"stages": stage_seconds(folder)}
+
+
+def run_arm(unit: Unit, context: StudyContext) -> dict:
+    """An in-space student: its base's search, this arm's selection (or genome), pyevo's retraining."""
+    from pyevo import pipeline
+
+    base = context.units[unit.deps[0]]
+    folder, base_folder = context.folder(unit.name), context.folder(base.name)
+    overrides = {**base.spec["overrides"], **unit.spec["overrides"]}
+    drawn = None
+    if unit.spec.get("genome"):
+        genome, drawn = arm_genome(unit.spec["genome"], context.settings.teacher)
+        overrides["search.genome"] = genome
+    if not (folder / "config.yaml").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in BASE_FILES:
+            if (base_folder / name).is_file():
+                shutil.copy2(base_folder / name, folder / name)
+    config = pipeline_config(context, overrides, base.spec["seed"], folder)
+    pipeline.run(config, resume=True, progress=False, until="retrain")
+    selected = read_json(folder / "select.json")
+    return {"genome": selected["genome"], "rule": selected["rule"], "macs_ratio": selected["macs_ratio"],
+            "params_ratio": selected["params_ratio"],
+            "latency_estimate_ratio": selected["latency_estimate_ms"] / selected["teacher_ms"],
+            "random_draws": drawn, "stages": stage_seconds(folder, base_folder)}
+
+
+def arm_genome(spec: dict, teacher_name: str) -> tuple[str, int | None]:
+    """The network genome of a fixed-genome arm, and for a random one how many draws it took."""
+    from pyevo.pipeline import BlockCoster, network_cost
+    from pyevo.space import encode_network, unet_space
+    from pyevo.supernet import build_supernet
+    from pyevo.teacher import load_teacher
+
+    teacher, _ = load_teacher(teacher_name)
+    spaces = unet_space(teacher)
+    if "bk-sdm" in spec:
+        return encode_network({s.name: bk_sdm_genome(s) for s in spaces}, spaces), None
+    supernet = build_supernet(teacher)
+    coster = BlockCoster(teacher, 0)
+    teacher_macs = network_cost(teacher).macs
+    stem = teacher_macs - sum(coster(s.name, supernet[s.name], s, s.teacher_genome()).macs for s in spaces)
+    target, index = spec["random"]["target"], spec["random"]["index"]
+    # Uniform draws of whole genomes land under 40% of the teacher's MACs about once in a thousand (their
+    # mean is 75% on the digits teacher): each block draws a pool of uniform genomes once, and networks are
+    # drawn uniformly from the pools' combinations (costs summed, not counted again) until one lands in the
+    # window: a uniform draw from the space under the target, up to the pools' size.
+    rng = random.Random(f"pyevo-study-random-{target}-{index}")
+    pools = [[s.random_genome(rng) for _ in range(RANDOM_POOL)] for s in spaces]
+    costs = np.array([[coster(s.name, supernet[s.name], s, g).macs for g in pool] for s, pool in zip(spaces, pools)],
+                     dtype=np.float64)
+    draws = np.random.default_rng(rng.randrange(2 ** 32))
+    rows = np.arange(len(spaces))
+    for chunk in range(RANDOM_CHUNKS):
+        picks = draws.integers(0, RANDOM_POOL, size=(RANDOM_CHUNK, len(spaces)))
+        ratios = (stem + costs[rows, picks].sum(axis=1)) / teacher_macs
+        hits = np.flatnonzero((ratios >= target - RANDOM_WINDOW) & (ratios <= target))
+        if len(hits):
+            first = int(hits[0])
+            genomes = {s.name: pools[b][int(picks[first, b])] for b, s in enumerate(spaces)}
+            return encode_network(genomes, spaces), chunk * RANDOM_CHUNK + first + 1
+    raise RuntimeError(f"no random genome within {RANDOM_WINDOW} under MACs {target} in "
+                       f"{RANDOM_CHUNKS * RANDOM_CHUNK} draws")
+
+
+def bk_sdm_genome(space) -> tuple[int, ...]:
+    """BK-SDM-style removal (Kim et al. 2023): the teacher's block without its second resnet and second
+    attention, and the mid block removed altogether (its resnets skipped, its attentions dropped)."""
+    genes = list(space.teacher_genome())
+    whole = space.name == "mid_block"
+    for index in range(len(space.resnets)):
+        if whole or index == 1:
+            genes[3 * index + 2] = 0  # the width gene's 0 is "skip": the shortcut alone
+    offset = 3 * len(space.resnets)
+    for index in range(len(space.attentions)):
+        if whole or index == 1:
+            genes[offset + index] = 0  # "drop": the identity
+    return space.canonical(tuple(genes))
+
+
+def run_pruned(unit: Unit, context: StudyContext) -> dict:
+    """A structurally pruned teacher (uniform width or Diff-Pruning), retrained with the end loss alone under
+    pyevo's retraining schedule (its block outputs have other widths than the teacher's: no block term)."""
+    from pyevo.pipeline import load_images, network_cost
+    from pyevo.retrain import retrain_student
+    from pyevo.study.pruning import prune_unet, save_pruned
+    from pyevo.teacher import load_teacher
+    from pyevo.training import StepCheckpoints, resolve_train_dtype
+
+    folder = context.folder(unit.name)
+    config = pipeline_config(context, unit.spec["overrides"], unit.spec["seed"], folder)
+    teacher, scheduler = load_teacher(config.teacher)
+    train, _, _, _ = load_images(config, teacher, scheduler)
+    start = time.perf_counter()
+    model, info = prune_unet(teacher, unit.spec["target"], unit.spec["importance"], train, scheduler, config.seed)
+    pruned_seconds = time.perf_counter() - start
+    retrain_config = dataclasses.replace(config.retrain, loss="end-only")
+    start = time.perf_counter()
+    key = context.keys[unit.name]
+    history = retrain_student(teacher, model, train, scheduler, retrain_config, config.seed, progress=False,
+                              train_dtype=resolve_train_dtype(config.train_dtype, config.device),
+                              checkpoints=StepCheckpoints(folder / "checkpoints", key, retrain_config.checkpoint_every))
+    retrain_seconds = time.perf_counter() - start
+    save_pruned(model, folder / "student")
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    cost, teacher_cost = network_cost(model), network_cost(teacher)
+    return {"pruning": info, "macs_ratio": cost.macs / teacher_cost.macs, "params_ratio": cost.params / teacher_cost.params,
+            "final_loss": history[-1]["loss"] if history else None,
+            "stages": {"prune": round(pruned_seconds, 2), "retrain": round(retrain_seconds, 2)}}
+
+
+def load_arm_model(unit: Unit, context: StudyContext):
+    from pyevo.student import load_student
+
+    folder = context.folder(unit.name) / "student"
+    if unit.kind == "pruned":
+        from pyevo.study.pruning import load_pruned
+
+        return load_pruned(folder).eval()
+    return load_student(folder, low_cpu_mem_usage=False).eval()
+
+
+def run_teacher(unit: Unit, context: StudyContext) -> dict:
+    """The teacher's samples at every evaluation seed (kept: the arms' paired figures use them), its figures,
+    and its quality bar (class-balanced FD against the real-vs-real floor, class shares)."""
+    from pyevo.pipeline import network_cost
+    from pyevo.sample import sample_images
+    from pyevo.study.quality import DigitsReference, sample_figures
+    from pyevo.teacher import load_teacher, sample_shape
+    from pyevo.teachers.evaluate import TeacherEvalConfig, evaluate_samples
+
+    teacher, scheduler = load_teacher(unit.spec["teacher"])
+    size = sample_shape(teacher)[-1]
+    reference = DigitsReference(size)
+    folder = context.folder(unit.name)
+    per_seed, bar = {}, {}
+    for seed in unit.spec["seeds"]:
+        samples = sample_images(teacher, scheduler.config, unit.spec["n"], unit.spec["steps"], seed, progress=False)
+        atomic_write_bytes(folder / f"samples-{seed}.safetensors",
+                           safetensors.torch.save({"samples": samples.contiguous()}))
+        per_seed[str(seed)] = sample_figures(samples, None, reference, seed)
+        checked = evaluate_samples(samples, 0.0, TeacherEvalConfig(n_samples=unit.spec["n"], steps=unit.spec["steps"],
+                                                                   seed=seed, bar="balanced"), image_size=size)
+        bar[str(seed)] = {"balanced_fd": checked.fd_balanced_samples, "balanced_floor": checked.fd_balanced_train,
+                          "balanced_ratio": checked.fd_balanced_samples / checked.fd_balanced_train,
+                          "fd": checked.fd_samples, "fd_floor": checked.fd_floor,
+                          "fd_iid_reference": checked.fd_iid_reference, "class_shares": checked.class_shares,
+                          "passed": checked.passed}
+    cost = network_cost(teacher)
+    return {"per_seed": per_seed, "bar": bar, "macs": cost.macs, "params": cost.params}
+
+
+def run_quality(unit: Unit, context: StudyContext) -> dict:
+    from pyevo.pipeline import network_cost
+    from pyevo.sample import sample_images
+    from pyevo.study.quality import DigitsReference, sample_figures
+    from pyevo.teacher import load_teacher, sample_shape
+
+    arm = context.units[unit.deps[0]]
+    teacher, scheduler = load_teacher(context.settings.teacher)
+    model = load_arm_model(arm, context)
+    reference = DigitsReference(sample_shape(teacher)[-1])
+    per_seed = {}
+    for seed in unit.spec["seeds"]:
+        teacher_samples = safetensors.torch.load_file(context.folder("teacher") / f"samples-{seed}.safetensors")["samples"]
+        samples = sample_images(model, scheduler.config, unit.spec["n"], unit.spec["steps"], seed, progress=False)
+        if not bool(torch.isfinite(samples).all()):
+            raise RuntimeError(f"{arm.name}: its samples at seed {seed} are not finite")
+        per_seed[str(seed)] = sample_figures(samples, teacher_samples, reference, seed)
+    cost, teacher_cost = network_cost(model), network_cost(teacher)
+    return {"per_seed": per_seed, "macs": cost.macs, "params": cost.params,
+            "macs_ratio": cost.macs / teacher_cost.macs, "params_ratio": cost.params / teacher_cost.params}
+
+
+def run_latency(unit: Unit, context: StudyContext) -> dict:
+    """The model's whole forward beside the teacher's, timed in turn (one machine state for both), at the
+    study's batch in float32 on the CPU."""
+    from contextlib import ExitStack
+
+    from pyevo.evaluate import deployed
+    from pyevo.latency import time_calls
+    from pyevo.teacher import load_teacher
+
+    arm = context.units[unit.deps[0]]
+    teacher, _ = load_teacher(context.settings.teacher)
+    model = load_arm_model(arm, context)
+    threads = torch.get_num_threads()
+    with ExitStack() as stack:
+        fns = {name: stack.enter_context(deployed(net, unit.spec["batch"], "float32", "cpu"))[0]
+               for name, net in (("teacher", teacher), ("model", model))}
+        times = time_calls(fns, "cpu", warmup=3, repeats=unit.spec["repeats"], threads=threads)
+    return {"teacher_ms": times["teacher"], "model_ms": times["model"], "ratio": times["model"] / times["teacher"],
+            "threads": threads, "batch": unit.spec["batch"]}
+
+
+RUNNERS = {"base": run_base, "arm": run_arm, "pruned": run_pruned, "teacher": run_teacher, "quality": run_quality,
+           "latency": run_latency}
