@@ -2,7 +2,7 @@
 
     python -m pyevo.study                         # the full study into runs/study, then experiments/RESULTS.md
     python -m pyevo.study --mini --out runs/mini --results runs/mini/RESULTS.md   # the miniature (CI)
-    python -m pyevo.study --only 'pyevo-*' 'quality-pyevo-*'                      # some units (and what they need)
+    python -m pyevo.study --only 'pyevo-*' 'latency-pyevo-*'                      # some units (and what they need)
 
 Each unit runs in its own process (``--unit NAME``, which the scheduler calls); units whose result is
 there with the same key are skipped, so a killed study resumes where it stopped. The results page and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyevo.runfolder import atomic_write_json, read_json
 from pyevo.study.plan import FULL, MINI, Unit, build_plan, unit_keys
-from pyevo.study.units import RUNNERS, StudyContext
+from pyevo.study.units import READY, RUNNERS, StudyContext
 
 log = logging.getLogger("pyevo.study")
 
@@ -30,8 +30,10 @@ log = logging.getLogger("pyevo.study")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyevo.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/study", help="work folder (default runs/study)")
+    parser.add_argument("--out", default="runs/study", help="work folder: models, run folders, logs (default runs/study)")
     parser.add_argument("--results", default="experiments/RESULTS.md", help="the results page to write")
+    parser.add_argument("--state", default="experiments/results", help="the units' results, kept to go on from in "
+                        "another sitting (default experiments/results, committed with the page)")
     parser.add_argument("--mini", action="store_true", help="the miniature study (tiny steps, one seed, two arms)")
     parser.add_argument("--workers", type=int, default=0, help="units at once in the parallel phase (default: cores)")
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="run only the units matching these patterns "
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     units, arms = build_plan(settings)
     keys = unit_keys(units)
     out = Path(args.out)
-    context = StudyContext(out, settings, {u.name: u for u in units}, keys)
+    context = StudyContext(out, Path(args.state), settings, {u.name: u for u in units}, keys)
     if args.unit:
         return run_unit(context, args.unit, args.threads)
     from pyevo.study.report import write_results
@@ -85,16 +87,16 @@ def select_units(units: list[Unit], patterns: list[str]) -> set[str]:
     return chosen
 
 
-def result_path(out: Path, name: str) -> Path:
-    return out / "units" / f"{name}.json"
-
-
 def is_done(context: StudyContext, name: str) -> bool:
-    path = result_path(context.out, name)
+    """The unit's result is there with its key (and what later units need of its work folder is too)."""
+    path = context.result_path(name)
     try:
-        return path.is_file() and read_json(path).get("key") == context.keys[name]
+        if not (path.is_file() and read_json(path).get("key") == context.keys[name]):
+            return False
     except (OSError, ValueError):
         return False
+    unit = context.units[name]
+    return unit.kind not in READY or READY[unit.kind](unit, context)
 
 
 def run_unit(context: StudyContext, name: str, threads: int) -> int:
@@ -104,7 +106,7 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
     if threads:
         torch.set_num_threads(threads)
     unit, key = context.units[name], context.keys[name]
-    folder, marker = context.folder(name), context.out / "units" / f"{name}.started"
+    folder, marker = context.folder(name), context.out / "started" / name
     if folder.exists() and (not marker.is_file() or marker.read_text().strip() != key):
         shutil.rmtree(folder)  # another setting's work: it must not be resumed into this unit
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = RUNNERS[unit.kind](unit, context)
-    atomic_write_json(result_path(context.out, name), {"key": key, "kind": unit.kind, "spec": unit.spec,
+    atomic_write_json(context.result_path(name), {"key": key, "kind": unit.kind, "spec": unit.spec,
                                                        "seconds": round(time.perf_counter() - start, 1),
                                                        "threads": torch.get_num_threads(), "result": result})
     return 0
@@ -161,7 +163,8 @@ def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool,
                 break
             threads = cores if alone else max(1, cores // workers)
             log_file = open(context.out / "logs" / f"{unit.name}.log", "a")
-            command = [sys.executable, "-m", "pyevo.study", "--out", str(context.out), "--unit", unit.name,
+            command = [sys.executable, "-m", "pyevo.study", "--out", str(context.out), "--state", str(context.state),
+                       "--unit", unit.name,
                        "--threads", str(threads)] + (["--mini"] if mini else [])
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             running[unit.name] = (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),

@@ -1,15 +1,16 @@
 """What the study runs: its settings, arms and units of work, each keyed by everything it depends on.
 
-A *unit* is one resumable piece of work with a JSON result (``<out>/units/<name>.json``); its key is a
-digest of its spec and of its dependencies' keys, so a changed setting re-runs what depends on it and
-nothing else. Units of ``phase`` 0 (the bases' distillation and search, which time candidate blocks)
-and 2 (whole-network latency) run alone; phase 1 (retraining, sampling) runs in parallel.
+A *unit* is one resumable piece of work with a JSON result (``<state>/units/<name>.json``, small enough to
+commit, so that a study can go on in another sitting on another machine); its key is a digest of its spec and
+of its dependencies' keys, so a changed setting re-runs what depends on it and nothing else. Units of
+``phase`` 0 (the bases' distillation and search, which time candidate blocks) and 2 (whole-network latency)
+run alone; phase 1 (making and evaluating each arm's model; the teacher's samples) runs in parallel.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -60,7 +61,7 @@ class Arm:
 @dataclass(frozen=True)
 class Unit:
     name: str
-    kind: str  # base | arm | pruned | teacher | quality | latency
+    kind: str  # base | arm | pruned | teacher | latency
     spec: dict
     deps: tuple[str, ...] = ()
     phase: int = 1
@@ -148,11 +149,11 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
     units = list(bases.values())
     units.append(Unit("teacher", "teacher", {"seeds": list(settings.eval_seeds), "n": settings.num_samples,
                                              "steps": settings.ddim_steps, "teacher": settings.teacher}))
+    # Each arm is evaluated in its own unit, right after it is made (so a unit's result holds everything
+    # the tables need, and no later unit needs its weights): the evaluation's settings are in its key.
+    evaluation = {"seeds": list(settings.eval_seeds), "n": settings.num_samples, "steps": settings.ddim_steps}
     for arm, unit in arms:
-        units.append(unit)
-        units.append(Unit(f"quality-{arm.name}", "quality", {"seeds": list(settings.eval_seeds),
-                                                             "n": settings.num_samples, "steps": settings.ddim_steps},
-                          (arm.name, "teacher")))
+        units.append(replace(unit, spec={**unit.spec, "evaluate": evaluation}, deps=(*unit.deps, "teacher")))
     for arm, _ in arms:
         units.append(Unit(f"latency-{arm.name}", "latency", {"batch": settings.latency_batch,
                                                              "repeats": settings.latency_repeats}, (arm.name,), phase=2))

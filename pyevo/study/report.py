@@ -24,7 +24,7 @@ FAMILY_MARKERS = {"pyevo": "o", "ablation": "s", "random": "x", "bk-sdm": "D", "
 
 
 def unit_result(context: StudyContext, name: str) -> dict | None:
-    path = context.out / "units" / f"{name}.json"
+    path = context.result_path(name)
     try:
         data = read_json(path)
     except (OSError, ValueError):
@@ -38,11 +38,10 @@ def collect(context: StudyContext, arms: list[Arm]) -> tuple[dict | None, dict[s
     teacher_seeds = teacher["result"]["per_seed"] if teacher else None
     rows = {}
     for arm in arms:
-        made, quality, latency = (unit_result(context, n) for n in (arm.name, f"quality-{arm.name}",
-                                                                     f"latency-{arm.name}"))
+        made, latency = unit_result(context, arm.name), unit_result(context, f"latency-{arm.name}")
         rows[arm.name] = {"arm": arm, "made": made and made["result"], "made_seconds": made and made["seconds"],
-                          "quality": quality and quality["result"],
-                          "summary": summarise(quality["result"]["per_seed"], teacher_seeds) if quality else None,
+                          "quality": made and made["result"],
+                          "summary": summarise(made["result"]["per_seed"], teacher_seeds) if made else None,
                           "latency": latency and latency["result"]}
     return teacher, rows
 
@@ -53,8 +52,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _figure(row: dict, figure: str, digits: int = 2) -> str:
     summary = row["summary"]
-    if not summary or figure not in summary:
-        return "pending" if row["made"] is not None or summary is None else "—"
+    if not summary:
+        return "pending"
+    if figure not in summary:
+        return "—"
     entry = summary[figure]
     text = f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
     return text + (f" ({entry['ratio']:.3f}x)" if entry["ratio"] is not None else "")

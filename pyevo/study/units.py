@@ -2,7 +2,14 @@
 
 Every unit works in its own folder ``<out>/<name>/`` and returns a JSON-able result. Pipeline units
 (bases and in-space arms) are pyevo runs, resumed with ``--resume`` semantics, so a killed unit goes on
-from its last checkpoint; an arm starts from a copy of its base's distillation and search.
+from its last checkpoint; an arm starts from a copy of its base's distillation and search. An arm's unit
+makes its model and evaluates it, and its result names the architecture, so that nothing later needs the
+model's weights: the latency units rebuild the architecture (latency does not depend on the weights).
+
+Only the results and what makes a base reproducible (its saved config and teacher timings, and the latency
+table its search read) are kept in the state folder; a base whose work folder is gone (another sitting, on
+another machine) is distilled and searched again from them, and its result records the digest of its
+search so that the page can tell whether its arms came from one search.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ RANDOM_POOL, RANDOM_CHUNK, RANDOM_CHUNKS = 256, 1_000_000, 20
 
 @dataclasses.dataclass
 class StudyContext:
-    out: Path
+    out: Path  # work folders (models, run folders, samples, logs): not kept
+    state: Path  # units' results, the bases' teacher timings, the latency table: small, committed with the page
     settings: StudySettings
     units: dict[str, Unit]
     keys: dict[str, str]  # each unit's key (pyevo.study.plan.unit_keys)
@@ -43,15 +51,18 @@ class StudyContext:
     def folder(self, name: str) -> Path:
         return self.out / name
 
+    def result_path(self, name: str) -> Path:
+        return self.state / "units" / f"{name}.json"
+
     def result(self, name: str) -> dict:
-        return read_json(self.out / "units" / f"{name}.json")["result"]
+        return read_json(self.result_path(name))["result"]
 
 
 def pipeline_config(context: StudyContext, overrides: dict[str, Any], seed: int, folder: Path) -> RunConfig:
     """A pyevo run of the study's teacher: the study's overrides, the unit's seed and folder, and one latency
     table shared by every unit (merged under a lock)."""
     return load_config(overrides={"teacher": context.settings.teacher, **overrides, "seed": seed, "out": str(folder),
-                                  "latency.cache": str(context.out / "latency_table.json")})
+                                  "latency.cache": str(context.state / "latency_table.json")})
 
 
 def stage_seconds(folder: Path, base: Path | None = None) -> dict[str, float]:
@@ -69,12 +80,30 @@ def stage_seconds(folder: Path, base: Path | None = None) -> dict[str, float]:
 
 
 def run_base(unit: Unit, context: StudyContext) -> dict:
+    """A pyevo run distilled, searched and selected (its arms resume copies of it). Where the state holds this
+    base's saved config and teacher timings from an earlier sitting, the run starts from them (a resumed run
+    reads its teacher timings back), so its search scores candidates on the same scale, from the same table."""
     from pyevo import pipeline
+    from pyevo.runfolder import file_digest
 
-    folder = context.folder(unit.name)
+    folder, kept = context.folder(unit.name), context.state / "bases" / unit.name
+    if not (folder / "config.yaml").is_file() and (kept / "config.yaml").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "timings.json"):
+            shutil.copy2(kept / name, folder / name)
     config = pipeline_config(context, unit.spec["overrides"], unit.spec["seed"], folder)
     pipeline.run(config, resume=(folder / "config.yaml").is_file(), progress=False, until="select")
-    return {"stages": stage_seconds(folder)}
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "timings.json"):
+        shutil.copy2(folder / name, kept / name)
+    return {"stages": stage_seconds(folder), "search_sha256": file_digest(folder / "search.json"),
+            "supernet_sha256": file_digest(folder / "supernet.safetensors")}
+
+
+def base_ready(unit: Unit, context: StudyContext) -> bool:
+    """Whether the base's work folder still holds what its arms copy."""
+    folder = context.folder(unit.name)
+    return all((folder / name).is_file() for name in ("supernet.safetensors", "search.json", "select.json"))
 
 
 def run_arm(unit: Unit, context: StudyContext) -> dict:
@@ -96,10 +125,15 @@ def run_arm(unit: Unit, context: StudyContext) -> dict:
     config = pipeline_config(context, overrides, base.spec["seed"], folder)
     pipeline.run(config, resume=True, progress=False, until="retrain")
     selected = read_json(folder / "select.json")
-    return {"genome": selected["genome"], "rule": selected["rule"], "macs_ratio": selected["macs_ratio"],
-            "params_ratio": selected["params_ratio"],
+    from pyevo.student import load_student
+
+    start = time.perf_counter()
+    quality = evaluate_model(load_student(folder / "student", low_cpu_mem_usage=False).eval(), unit, context)
+    stages = {**stage_seconds(folder, base_folder), "evaluate": round(time.perf_counter() - start, 2)}
+    return {"genome": selected["genome"], "rule": selected["rule"], "selected_macs_ratio": selected["macs_ratio"],
             "latency_estimate_ratio": selected["latency_estimate_ms"] / selected["teacher_ms"],
-            "random_draws": drawn, "stages": stage_seconds(folder, base_folder)}
+            "base_search_sha256": context.result(base.name)["search_sha256"], "random_draws": drawn,
+            **quality, "stages": stages}
 
 
 def arm_genome(spec: dict, teacher_name: str) -> tuple[str, int | None]:
@@ -158,7 +192,7 @@ def bk_sdm_genome(space) -> tuple[int, ...]:
 def run_pruned(unit: Unit, context: StudyContext) -> dict:
     """A structurally pruned teacher (uniform width or Diff-Pruning), retrained with the end loss alone under
     pyevo's retraining schedule (its block outputs have other widths than the teacher's: no block term)."""
-    from pyevo.pipeline import load_images, network_cost
+    from pyevo.pipeline import load_images
     from pyevo.retrain import retrain_student
     from pyevo.study.pruning import prune_unet, save_pruned
     from pyevo.teacher import load_teacher
@@ -180,21 +214,11 @@ def run_pruned(unit: Unit, context: StudyContext) -> dict:
     retrain_seconds = time.perf_counter() - start
     save_pruned(model, folder / "student")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    cost, teacher_cost = network_cost(model), network_cost(teacher)
-    return {"pruning": info, "macs_ratio": cost.macs / teacher_cost.macs, "params_ratio": cost.params / teacher_cost.params,
-            "final_loss": history[-1]["loss"] if history else None,
-            "stages": {"prune": round(pruned_seconds, 2), "retrain": round(retrain_seconds, 2)}}
-
-
-def load_arm_model(unit: Unit, context: StudyContext):
-    from pyevo.student import load_student
-
-    folder = context.folder(unit.name) / "student"
-    if unit.kind == "pruned":
-        from pyevo.study.pruning import load_pruned
-
-        return load_pruned(folder).eval()
-    return load_student(folder, low_cpu_mem_usage=False).eval()
+    start = time.perf_counter()
+    quality = evaluate_model(model.eval(), unit, context)
+    return {"pruning": info, "final_loss": history[-1]["loss"] if history else None, **quality,
+            "stages": {"prune": round(pruned_seconds, 2), "retrain": round(retrain_seconds, 2),
+                       "evaluate": round(time.perf_counter() - start, 2)}}
 
 
 def run_teacher(unit: Unit, context: StudyContext) -> dict:
@@ -227,26 +251,61 @@ def run_teacher(unit: Unit, context: StudyContext) -> dict:
     return {"per_seed": per_seed, "bar": bar, "macs": cost.macs, "params": cost.params}
 
 
-def run_quality(unit: Unit, context: StudyContext) -> dict:
+def evaluate_model(model, unit: Unit, context: StudyContext) -> dict:
+    """The model's figures at each evaluation seed beside the teacher's samples from the same noise
+    (:mod:`pyevo.study.quality`), and its MACs and params against the teacher's."""
     from pyevo.pipeline import network_cost
     from pyevo.sample import sample_images
     from pyevo.study.quality import DigitsReference, sample_figures
     from pyevo.teacher import load_teacher, sample_shape
 
-    arm = context.units[unit.deps[0]]
+    spec = unit.spec["evaluate"]
     teacher, scheduler = load_teacher(context.settings.teacher)
-    model = load_arm_model(arm, context)
     reference = DigitsReference(sample_shape(teacher)[-1])
     per_seed = {}
-    for seed in unit.spec["seeds"]:
+    for seed in spec["seeds"]:
         teacher_samples = safetensors.torch.load_file(context.folder("teacher") / f"samples-{seed}.safetensors")["samples"]
-        samples = sample_images(model, scheduler.config, unit.spec["n"], unit.spec["steps"], seed, progress=False)
+        samples = sample_images(model, scheduler.config, spec["n"], spec["steps"], seed, progress=False)
         if not bool(torch.isfinite(samples).all()):
-            raise RuntimeError(f"{arm.name}: its samples at seed {seed} are not finite")
+            raise RuntimeError(f"{unit.name}: its samples at seed {seed} are not finite")
         per_seed[str(seed)] = sample_figures(samples, teacher_samples, reference, seed)
     cost, teacher_cost = network_cost(model), network_cost(teacher)
     return {"per_seed": per_seed, "macs": cost.macs, "params": cost.params,
             "macs_ratio": cost.macs / teacher_cost.macs, "params_ratio": cost.params / teacher_cost.params}
+
+
+def teacher_ready(context: StudyContext) -> bool:
+    spec = context.units["teacher"].spec
+    return all((context.folder("teacher") / f"samples-{seed}.safetensors").is_file() for seed in spec["seeds"])
+
+
+def rebuild_architecture(arm: Unit, context: StudyContext):
+    """The arm's model with the architecture its result names and weights that do not matter (for timing):
+    an in-space arm's student assembled from an undistilled supernet; a pruned arm pruned again (pruning is
+    deterministic given its seed; its MACs are checked against the recorded ones)."""
+    from pyevo.pipeline import network_cost
+    from pyevo.teacher import load_teacher
+
+    result = context.result(arm.name)
+    teacher, scheduler = load_teacher(context.settings.teacher)
+    if arm.kind == "arm":
+        from pyevo.space import decode_network, unet_space
+        from pyevo.student import student_class
+        from pyevo.supernet import build_supernet
+
+        genomes = decode_network(result["genome"], unet_space(teacher))
+        model = student_class(teacher).from_supernet(teacher, build_supernet(teacher), genomes)
+    else:
+        from pyevo.pipeline import load_images
+        from pyevo.study.pruning import prune_unet
+
+        config = pipeline_config(context, arm.spec["overrides"], arm.spec["seed"], context.folder(arm.name))
+        train, _, _, _ = load_images(config, teacher, scheduler)
+        model, _ = prune_unet(teacher, arm.spec["target"], arm.spec["importance"], train, scheduler, config.seed)
+    if network_cost(model).macs != result["macs"]:
+        raise RuntimeError(f"{arm.name}: the rebuilt architecture has {network_cost(model).macs} MACs, the arm's "
+                           f"result {result['macs']}: it is not the architecture that was evaluated")
+    return model.eval()
 
 
 def run_latency(unit: Unit, context: StudyContext) -> dict:
@@ -260,7 +319,7 @@ def run_latency(unit: Unit, context: StudyContext) -> dict:
 
     arm = context.units[unit.deps[0]]
     teacher, _ = load_teacher(context.settings.teacher)
-    model = load_arm_model(arm, context)
+    model = rebuild_architecture(arm, context)
     threads = torch.get_num_threads()
     with ExitStack() as stack:
         fns = {name: stack.enter_context(deployed(net, unit.spec["batch"], "float32", "cpu"))[0]
@@ -270,5 +329,6 @@ def run_latency(unit: Unit, context: StudyContext) -> dict:
             "threads": threads, "batch": unit.spec["batch"]}
 
 
-RUNNERS = {"base": run_base, "arm": run_arm, "pruned": run_pruned, "teacher": run_teacher, "quality": run_quality,
-           "latency": run_latency}
+RUNNERS = {"base": run_base, "arm": run_arm, "pruned": run_pruned, "teacher": run_teacher, "latency": run_latency}
+# What a unit's result alone does not keep, and later units need from its work folder (else it runs again).
+READY = {"base": base_ready, "teacher": lambda unit, context: teacher_ready(context)}
