@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -376,10 +377,11 @@ class Stages:
         """The mid-stage checkpoints of the stage now running, ``name``, under its key."""
         return StepCheckpoints(self.folder / "checkpoints" / name, self.key, every, self.context)
 
-    def kept_samples(self, name: str, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``draw()`` (a stage's samples of one model), kept under the running stage's key in
-        ``checkpoints/<stage>/``, or read back from there when a killed run drew them already (and
-        their file matches its digest). Rank 0's (the evaluation's)."""
+    def kept_samples(self, name: str, draw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``draw(done, on_batch)`` (a stage's samples of one model; :func:`pyevo.sample.ddim_sample`'s
+        resume arguments), kept under the running stage's key in ``checkpoints/<stage>/``: read back whole
+        when a killed run drew them all already, else continued from the batches it had drawn (each kept as it
+        is drawn, with its digest). Rank 0's (the evaluation's)."""
         where = self.folder / "checkpoints" / "evaluate"
         data, manifest = where / f"{name}.safetensors", where / f"{name}.json"
         if manifest.is_file():
@@ -393,11 +395,38 @@ class Stages:
             except (ValueError, OSError, AttributeError, KeyError, safetensors.SafetensorError) as error:
                 log.warning("evaluate: the kept samples %s are damaged (%s); the %s is sampled again",
                             manifest, error, name)
-        samples = draw()
+        batches = where / f"{name}.batches"
+        done = self._kept_batches(batches, name)
+
+        def keep(index: int, output: torch.Tensor) -> None:
+            payload = safetensors.torch.save({"samples": output.contiguous()})
+            atomic_write_bytes(batches / f"{index:05d}.safetensors", payload)
+            atomic_write_json(batches / f"{index:05d}.json", {"key": self.key,
+                                                              "sha256": hashlib.sha256(payload).hexdigest()})
+
+        samples = draw(done, keep)
         payload = safetensors.torch.save({"samples": samples.contiguous()})
         atomic_write_bytes(data, payload)
         atomic_write_json(manifest, {"key": self.key, "sha256": hashlib.sha256(payload).hexdigest()})
+        shutil.rmtree(batches, ignore_errors=True)
         return samples
+
+    def _kept_batches(self, folder: Path, name: str) -> list[torch.Tensor]:
+        """The first batches a killed evaluation drew of ``name``'s samples under this key, in order, up to
+        the first one missing or damaged."""
+        done = []
+        while True:
+            data, manifest = folder / f"{len(done):05d}.safetensors", folder / f"{len(done):05d}.json"
+            try:
+                entry = read_json(manifest)
+                if entry.get("key") != self.key or file_digest(data) != entry.get("sha256"):
+                    break
+                done.append(safetensors.torch.load_file(data)["samples"])
+            except (ValueError, OSError, AttributeError, safetensors.SafetensorError):
+                break
+        if done:
+            log.info("evaluate: %d batch(es) of the %s's samples read back from %s", len(done), name, folder)
+        return done
 
     def _stored(self, name: str, path: Path) -> dict | None:
         try:
@@ -941,7 +970,8 @@ def _sum_costs(costs) -> Cost:
 
 def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, reference: ImageSet | None,
               train: ImageSet, calls, folder: Path, progress: bool, conditions: Conditions | None = None,
-              kept: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] = lambda name, draw: draw()) -> dict:
+              kept: Callable[[str, Callable[..., torch.Tensor]], torch.Tensor] = lambda name, draw: draw((), None)
+              ) -> dict:
     # Same noise and, for a class-conditional teacher, the same labels (equal counts of every class
     # in the data), for a text-conditional one the same prompts' states (each equally often) and
     # guidance, for both models: the paired figures compare like with like.
@@ -957,10 +987,10 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):
         # A latent teacher's samples are decoded: every figure below is in image space.
-        # Each model's samples are kept once drawn: a run killed later in the evaluation reads them back.
-        samples[name] = kept(name, lambda model=model: sample_images(
+        # Each model's samples are kept once drawn, batch by batch: a run killed in the evaluation reads them back.
+        samples[name] = kept(name, lambda done, on_batch, model=model: sample_images(
             model, scheduler.config, config.evaluate.num_samples, config.evaluate.ddim_steps, config.seed, codec,
-            progress=progress, class_labels=labels, **text))
+            progress=progress, class_labels=labels, done=done, on_batch=on_batch, **text))
         finite = torch.isfinite(samples[name].flatten(1)).all(dim=1)
         if not bool(finite.all()):
             raise NonFiniteError(f"evaluate: {int((~finite).sum())} of the {name}'s {len(finite)} samples are not "
@@ -1012,11 +1042,21 @@ def _clip_scores(folder: str, samples: dict[str, torch.Tensor], conditions: Cond
     return {"model": folder, "note": f"CLIP score in {folder}, {count} samples at their prompts"}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_pretrained_atomic(model, folder: Path) -> None:
     """save_pretrained into a temporary folder beside ``folder``, then swap it in."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         model.save_pretrained(tmp)
+        # The user's usual modes, not mkdtemp's 0700 (nor the 0600 of the weights' temporary file).
+        mask = _umask()
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

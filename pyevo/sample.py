@@ -20,6 +20,7 @@ import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ def ddim_sample(
     negative_encoder_hidden_states: torch.Tensor | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    done: Sequence[torch.Tensor] = (),
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``n`` DDIM samples (N, C, H, W), deterministic given ``seed``: images clamped to [-1, 1], or,
     with ``clip_output=False``, latents as they come (a latent teacher's, for its decoder).
@@ -68,6 +71,11 @@ def ddim_sample(
     An SDXL-shaped UNet (``addition_embed_type="text_time"``) also needs ``added_cond_kwargs``
     (``text_embeds`` (n, P), ``time_ids`` (n, K)) and, guided, ``negative_added_cond_kwargs`` ((1, P),
     (1, K)), batched as StableDiffusionXLPipeline batches them.
+
+    Resuming (the evaluation after a kill): ``done`` holds the outputs of the first batches, drawn before,
+    which are taken as they are, and ``on_batch(index, output)`` is called with each batch drawn now. With
+    ``eta`` 0 every batch depends on its own initial noise alone, so the result equals one uninterrupted
+    call; with ``eta`` > 0 the per-step noise runs through all batches and ``done`` is refused.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
@@ -89,6 +97,8 @@ def ddim_sample(
         raise ValueError("guidance_scale > 1 needs encoder_hidden_states and negative_encoder_hidden_states")
     if guided and (added_cond_kwargs is None) != (negative_added_cond_kwargs is None):
         raise ValueError("guidance_scale > 1 with added_cond_kwargs needs negative_added_cond_kwargs")
+    if done and eta != 0:
+        raise ValueError("done batches can only be resumed from with eta 0 (the per-step noise runs through all batches)")
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +117,13 @@ def ddim_sample(
     negative = None if not guided else negative_encoder_hidden_states.to(device)
     negative_added = (None if not guided or negative_added_cond_kwargs is None else
                       {k: t.to(device) for k, t in negative_added_cond_kwargs.items()})
-    for x, y, s, a in zip(noise.split(batch_size), labels, states, added):
+    if len(done) > chunks or any(len(d) != len(x) for d, x in zip(done, noise.split(batch_size))):
+        raise ValueError(f"done holds {len(done)} batches that are not the first of {chunks} batches of {batch_size}")
+    for index, (x, y, s, a) in enumerate(zip(noise.split(batch_size), labels, states, added)):
+        if index < len(done):
+            outputs.append(done[index])
+            bar.update(steps)
+            continue
         x = x.to(device)  # the noise is drawn on the CPU, so every device gets the same samples
         y = None if y is None else y.to(device)
         s = None if s is None else s.to(device)
@@ -125,6 +141,8 @@ def ddim_sample(
             x = scheduler.step(prediction, t, x, eta=eta, generator=gen).prev_sample
             bar.update()
         outputs.append((x.clamp(-1.0, 1.0) if clip_output else x).cpu())
+        if on_batch is not None:
+            on_batch(index, outputs[-1])
     bar.close()
     unet.train(was_training)
     return torch.cat(outputs)

@@ -231,6 +231,8 @@ def test_resume_re_runs_a_stage_whose_artifact_or_result_is_damaged_and_ends_the
     assert resumed["student"]["macs"] == report["student"]["macs"]
     # Results are written with the user's usual mode, not a temporary file's 0600.
     assert (copy / "evaluate.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    for path in [copy / "student", *(copy / "student").rglob("*")]:  # the swapped-in folder too
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~_umask(), path
 
 
 def test_a_teacher_changed_in_place_re_runs_what_depends_on_it(teacher_folder, tmp_path, caplog):

@@ -325,3 +325,67 @@ def test_step_checkpoints_pass_over_damaged_and_foreign_ones(tmp_path, caplog):
         assert "the stage starts from scratch" in caplog.text
     checkpoints.clear()
     assert not (tmp_path / "c").exists()
+
+
+def test_the_evaluation_resumes_from_the_sample_batches_it_drew(tmp_path):
+    """A kill between two batches of a model's samples loses only the batch in progress: the resumed draw
+    takes the kept batches as they are, draws the rest, and equals an uninterrupted draw; kept batches of
+    another stage key, or a damaged one, are not taken; eta > 0 cannot resume."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from pyevo.pipeline import Stages
+    from pyevo.sample import ddim_sample
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    config = DDPMScheduler(num_train_timesteps=100).config
+
+    def sample(done=(), on_batch=None, eta=0.0):
+        return ddim_sample(unet, config, 10, steps=3, seed=0, eta=eta, batch_size=4, progress=False, done=done,
+                           on_batch=on_batch)
+
+    whole = sample()
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_two(done, on_batch):
+        def keep_then_die(index, output):
+            on_batch(index, output)
+            if index == 1:
+                raise Killed
+        return sample(done, keep_then_die)
+
+    stages = Stages(tmp_path, resume=True)
+    stages.key = "evaluate-key"
+    with pytest.raises(Killed):
+        stages.kept_samples("student", killed_after_two)
+    resumed_from = []
+
+    def draw(done, on_batch):
+        resumed_from.append(len(done))
+        return sample(done, on_batch)
+
+    assert torch.equal(stages.kept_samples("student", draw), whole)
+    assert resumed_from == [2]
+    assert not (tmp_path / "checkpoints" / "evaluate" / "student.batches").exists()  # folded into the whole file
+
+    with pytest.raises(Killed):
+        stages.kept_samples("teacher", killed_after_two)
+    batches = tmp_path / "checkpoints" / "evaluate" / "teacher.batches"
+    (batches / "00001.safetensors").write_bytes(b"half")  # the second batch damaged: the first is kept
+    resumed_from.clear()
+    assert torch.equal(stages.kept_samples("teacher", draw), whole) and resumed_from == [1]
+    other = Stages(tmp_path, resume=True)
+    other.key = "another-key"
+    with pytest.raises(Killed):
+        other.kept_samples("x", killed_after_two)
+    other.key = "a-third-key"
+    resumed_from.clear()
+    other.kept_samples("x", draw)
+    assert resumed_from == [0]
+    with pytest.raises(ValueError, match="eta 0"):
+        sample(done=[whole[:4]], eta=0.5)
