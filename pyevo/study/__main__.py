@@ -121,9 +121,9 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
 
 
 def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool, report) -> list[str]:
-    """Run ``units`` (those not done) as child processes: phase 0 and 2 units alone with every core, phase 1
-    units ``workers`` at a time with cores / workers threads each; a phase starts once the lower ones are
-    through. Returns the names of the units that failed (and those that needed them are left)."""
+    """Run ``units`` (those not done) as child processes in the plan's order: the ones that time things alone
+    with every core, the others ``workers`` at a time with cores / workers threads each; phase 2 once every
+    other unit is through. Returns the names of the units that failed (and those that needed them are left)."""
     cores = os.cpu_count() or 1
     pending = [u for u in units if not is_done(context, u.name)]
     done = {name for name in context.units if is_done(context, name)}
@@ -154,12 +154,11 @@ def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool,
                 failed_closure.add(unit.name)
         lowest = min((u.phase for u in pending), default=None)
         ready = [u for u in pending if u.phase == lowest and all(d in done for d in u.deps)]
-        running_phases = {context.units[n].phase for n in running}
         for unit in ready:
-            alone = unit.phase != 1
+            alone = unit.alone
             if alone and running:
-                break
-            if not alone and (running_phases - {1} or len(running) >= workers):
+                break  # it waits for the running units to finish; nothing starts meanwhile
+            if any(context.units[n].alone for n in running) or len(running) >= workers:
                 break
             threads = cores if alone else max(1, cores // workers)
             log_file = open(context.out / "logs" / f"{unit.name}.log", "a")
@@ -171,7 +170,6 @@ def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool,
                                   time.perf_counter())
             log_file.close()
             pending.remove(unit)
-            running_phases.add(unit.phase)
             log.info("unit %s started (%d thread(s))", unit.name, threads)
             if alone:
                 break

@@ -2,9 +2,9 @@
 
 A *unit* is one resumable piece of work with a JSON result (``<state>/units/<name>.json``, small enough to
 commit, so that a study can go on in another sitting on another machine); its key is a digest of its spec and
-of its dependencies' keys, so a changed setting re-runs what depends on it and nothing else. Units of
-``phase`` 0 (the bases' distillation and search, which time candidate blocks) and 2 (whole-network latency)
-run alone; phase 1 (making and evaluating each arm's model; the teacher's samples) runs in parallel.
+of its dependencies' keys, so a changed setting re-runs what depends on it and nothing else. The bases
+(their searches time candidate blocks) and the latency units (phase 2, after every other unit) run alone;
+making and evaluating each arm's model, and the teacher's samples, run in parallel.
 """
 from __future__ import annotations
 
@@ -64,7 +64,12 @@ class Unit:
     kind: str  # base | arm | pruned | teacher | latency
     spec: dict
     deps: tuple[str, ...] = ()
-    phase: int = 1
+    phase: int = 1  # 2: after every other unit
+
+    @property
+    def alone(self) -> bool:
+        """Whether the unit runs with nothing else of the study beside it (it times candidates or networks)."""
+        return self.kind in ("base", "latency")
 
     def key(self, dep_keys: dict[str, str]) -> str:
         data = json.dumps([self.kind, self.spec, [dep_keys[d] for d in self.deps]], sort_keys=True, default=str)
@@ -84,6 +89,7 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
     """
     arms: list[tuple[Arm, Unit]] = []
     bases: dict[str, Unit] = {}
+    order: list[Unit | Arm] = []  # each base just before the first arm that needs it
     main = settings.main_target
     m = target_name(main)
     families = set(settings.families)
@@ -91,19 +97,21 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
 
     def base(name: str, seed: int, extra: dict | None = None) -> str:
         if name not in bases:
-            bases[name] = Unit(f"base-{name}", "base", {"seed": seed, "overrides": {**settings.pipeline, **(extra or {})}},
-                               phase=0)
+            bases[name] = Unit(f"base-{name}", "base", {"seed": seed, "overrides": {**settings.pipeline, **(extra or {})}})
+            order.append(bases[name])
         return bases[name].name
 
     def pipeline_arm(arm: Arm, base_unit: str, overrides: dict, genome: dict | None = None) -> None:
         if arm.family in families:
             arms.append((arm, Unit(arm.name, "arm", {"overrides": overrides, "genome": genome}, (base_unit,))))
+            order.append(arm)
 
     def pruned_arm(arm: Arm) -> None:
         if arm.family in families:
             importance = {"uniform": "magnitude", "diff-pruning": "diff-pruning"}[arm.family]
             arms.append((arm, Unit(arm.name, "pruned", {"importance": importance, "target": arm.target,
                                                         "seed": arm.training_seed, "overrides": settings.pipeline})))
+            order.append(arm)
 
     def at_target(t: float) -> None:
         n, caps = target_name(t), {"search.max_macs": t, **uncapped}
@@ -146,14 +154,18 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
                               ("diff-pruning", "Diff-Pruning (Taylor, early t)")):
             pruned_arm(Arm(f"{family}-{m}-s{seed}", family, label, main, seed))
 
-    units = list(bases.values())
-    units.append(Unit("teacher", "teacher", {"seeds": list(settings.eval_seeds), "n": settings.num_samples,
-                                             "steps": settings.ddim_steps, "teacher": settings.teacher}))
+    units = [Unit("teacher", "teacher", {"seeds": list(settings.eval_seeds), "n": settings.num_samples,
+                                         "steps": settings.ddim_steps, "teacher": settings.teacher})]
     # Each arm is evaluated in its own unit, right after it is made (so a unit's result holds everything
     # the tables need, and no later unit needs its weights): the evaluation's settings are in its key.
     evaluation = {"seeds": list(settings.eval_seeds), "n": settings.num_samples, "steps": settings.ddim_steps}
-    for arm, unit in arms:
-        units.append(replace(unit, spec={**unit.spec, "evaluate": evaluation}, deps=(*unit.deps, "teacher")))
+    made = {arm.name: unit for arm, unit in arms}
+    for item in order:
+        if isinstance(item, Unit):
+            units.insert(0, item) if item.name == b0 else units.append(item)
+        else:
+            unit = made[item.name]
+            units.append(replace(unit, spec={**unit.spec, "evaluate": evaluation}, deps=(*unit.deps, "teacher")))
     for arm, _ in arms:
         units.append(Unit(f"latency-{arm.name}", "latency", {"batch": settings.latency_batch,
                                                              "repeats": settings.latency_repeats}, (arm.name,), phase=2))

@@ -136,8 +136,9 @@ def run_arm(unit: Unit, context: StudyContext) -> dict:
             **quality, "stages": stages}
 
 
-def arm_genome(spec: dict, teacher_name: str) -> tuple[str, int | None]:
-    """The network genome of a fixed-genome arm, and for a random one how many draws it took."""
+def arm_genome(spec: dict, teacher_name: str, pool: int = 0) -> tuple[str, int | None]:
+    """The network genome of a fixed-genome arm, and for a random one how many draws it took (from pools of
+    ``pool`` genomes per block; default ``RANDOM_POOL``)."""
     from pyevo.pipeline import BlockCoster, network_cost
     from pyevo.space import encode_network, unet_space
     from pyevo.supernet import build_supernet
@@ -157,13 +158,14 @@ def arm_genome(spec: dict, teacher_name: str) -> tuple[str, int | None]:
     # drawn uniformly from the pools' combinations (costs summed, not counted again) until one lands in the
     # window: a uniform draw from the space under the target, up to the pools' size.
     rng = random.Random(f"pyevo-study-random-{target}-{index}")
-    pools = [[s.random_genome(rng) for _ in range(RANDOM_POOL)] for s in spaces]
-    costs = np.array([[coster(s.name, supernet[s.name], s, g).macs for g in pool] for s, pool in zip(spaces, pools)],
-                     dtype=np.float64)
+    pool = pool or RANDOM_POOL
+    pools = [[s.random_genome(rng) for _ in range(pool)] for s in spaces]
+    costs = np.array([[coster(s.name, supernet[s.name], s, g).macs for g in members]
+                      for s, members in zip(spaces, pools)], dtype=np.float64)
     draws = np.random.default_rng(rng.randrange(2 ** 32))
     rows = np.arange(len(spaces))
     for chunk in range(RANDOM_CHUNKS):
-        picks = draws.integers(0, RANDOM_POOL, size=(RANDOM_CHUNK, len(spaces)))
+        picks = draws.integers(0, pool, size=(RANDOM_CHUNK, len(spaces)))
         ratios = (stem + costs[rows, picks].sum(axis=1)) / teacher_macs
         hits = np.flatnonzero((ratios >= target - RANDOM_WINDOW) & (ratios <= target))
         if len(hits):
