@@ -15,9 +15,9 @@ per-layer pruning, not global ranking); they differ in how a group ranks its cha
   loss accumulated over timesteps t = 0, 1, 2, ... : each step one fixed batch of training images with
   one fixed noise, all at the same t, loss = the MSE of the prediction against the true target of the
   scheduler's prediction type; accumulation stops after the first t whose loss is below ``threshold``
-  (0.05) x the largest loss so far, which restricts the importance to the early (low-noise) timesteps
-  where the paper finds the content that pruning must keep. As in the authors' code, the stopping step's
-  gradient is included.
+  (0.05) x the largest loss so far. This is the paper's restriction of the importance to the early,
+  low-noise timesteps: the later steps' losses are small, and their gradients would mostly add noise to
+  the estimate. As in the authors' code, the stopping step's gradient is included.
 
 The share kept is found by a search over the shares the channel granularity allows, so that the pruned
 model's batch-1 MACs (:func:`pyevo.cost.count_macs`) are as close as possible to ``target_macs`` x the
