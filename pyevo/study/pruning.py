@@ -24,12 +24,14 @@ model's batch-1 MACs (:func:`pyevo.cost.count_macs`) are as close as possible to
 teacher's; ``info`` says how close, and which achievable ratios lie on either side of the target.
 
 Structure kept valid: ``conv_in``'s input, ``conv_out``'s output and the sinusoidal time embedding stay
-whole; a GroupNorm keeps its number of groups and loses the same positions in every group (torch-pruning's
-channel groups), so each group of the pruned norm is a subset of the teacher's group and the channels per
-group stay whole numbers; an attention layer keeps its number of heads and every head loses the same
+whole; every channel group of a GroupNorm loses the same positions (torch-pruning's channel groups), so
+each norm keeps its number of groups, the channels per group stay whole numbers, and each pruned group is a
+subset of the teacher's one, except in a norm over a skip concatenation whose groups straddle its two parts
+(the digits teacher's 64 + 32 channels in 8 groups of 12), whose groups then mix the parts in other
+proportions than the teacher's; an attention layer keeps its number of heads and every head loses the same
 positions (head dims, not heads: a uniform share even for DDPM's single-head attention), and its query
-projection is scaled by sqrt(d'/d) so that softmax(q.k / sqrt(d')) of the pruned head dim d' equals the
-teacher's temperature 1 / sqrt(d) on the kept dims. Diffusers' cached widths (``Downsample2D.channels``,
+projection is scaled by sqrt(d'/d), so that the scores SDPA computes at the pruned head dim d',
+q'.k / sqrt(d'), are the teacher's q.k / sqrt(d) over the kept dims (the teacher's softmax temperature). Diffusers' cached widths (``Downsample2D.channels``,
 ``ResnetBlock2D.in_channels``, ``Attention.inner_dim`` and friends) are re-read from the weights' shapes.
 The model's ``config`` stays the teacher's: a ``UNet2DModel`` config has one width per block and ties the
 sinusoidal embedding's width to ``block_out_channels[0]``, so it cannot describe the pruned widths (a
