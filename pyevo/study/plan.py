@@ -157,15 +157,17 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
     units = [Unit("teacher", "teacher", {"seeds": list(settings.eval_seeds), "n": settings.num_samples,
                                          "steps": settings.ddim_steps, "teacher": settings.teacher})]
     # Each arm is evaluated in its own unit, right after it is made (so a unit's result holds everything
-    # the tables need, and no later unit needs its weights): the evaluation's settings are in its key.
-    evaluation = {"seeds": list(settings.eval_seeds), "n": settings.num_samples, "steps": settings.ddim_steps}
+    # the tables need, and no later unit needs its weights), beside the teacher's samples from the same
+    # noise (drawn once, by the first unit to need them): the evaluation's settings are in its key.
+    evaluation = {"seeds": list(settings.eval_seeds), "n": settings.num_samples, "steps": settings.ddim_steps,
+                  "teacher": settings.teacher}
     made = {arm.name: unit for arm, unit in arms}
     for item in order:
         if isinstance(item, Unit):
             units.insert(0, item) if item.name == b0 else units.append(item)
         else:
             unit = made[item.name]
-            units.append(replace(unit, spec={**unit.spec, "evaluate": evaluation}, deps=(*unit.deps, "teacher")))
+            units.append(replace(unit, spec={**unit.spec, "evaluate": evaluation}))
     for arm, _ in arms:
         units.append(Unit(f"latency-{arm.name}", "latency", {"batch": settings.latency_batch,
                                                              "repeats": settings.latency_repeats}, (arm.name,), phase=2))

@@ -121,7 +121,10 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "distilled supernet with pyevo's retraining (dynamic joint loss unless the ablation says otherwise). "
             "The pruned arms (uniform width, Diff-Pruning) change block widths, so no block-wise term applies: "
             "they retrain with the end loss alone, same steps, batch, learning rate, schedule and EMA. Caps on "
-            "params are off everywhere (targets are MACs).",
+            "params are off everywhere (targets are MACs). A pruned arm reaches only the MACs its channel "
+            "granularity allows (every layer keeps the same share of each of its channel groups): it is pruned "
+            "to the achievable ratio nearest its target, which can lie above it; the MACs column says where "
+            "each arm landed, and the plots place every arm at its own MACs and latency.",
             f"- Latency: each model's whole forward beside the teacher's, timed in turn, batch {s.latency_batch}, "
             f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running."]
 

@@ -223,24 +223,40 @@ def run_pruned(unit: Unit, context: StudyContext) -> dict:
                        "evaluate": round(time.perf_counter() - start, 2)}}
 
 
-def run_teacher(unit: Unit, context: StudyContext) -> dict:
-    """The teacher's samples at every evaluation seed (kept: the arms' paired figures use them), its figures,
-    and its quality bar (class-balanced FD against the real-vs-real floor, class shares)."""
-    from pyevo.pipeline import network_cost
+def teacher_samples(context: StudyContext, seed: int, n: int, steps: int) -> torch.Tensor:
+    """The teacher's ``n`` DDIM samples of ``steps`` steps at noise ``seed``: drawn once, by whichever unit needs
+    them first (the others wait on a lock, then read them), and kept in the work folder."""
+    import fcntl
+
     from pyevo.sample import sample_images
+    from pyevo.teacher import load_teacher
+
+    folder = context.out / "teacher-samples" / f"{context.settings.teacher}-n{n}-steps{steps}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"seed-{seed}.safetensors"
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            teacher, scheduler = load_teacher(context.settings.teacher)
+            samples = sample_images(teacher, scheduler.config, n, steps, seed, progress=False)
+            atomic_write_bytes(path, safetensors.torch.save({"samples": samples.contiguous()}))
+    return safetensors.torch.load_file(path)["samples"]
+
+
+def run_teacher(unit: Unit, context: StudyContext) -> dict:
+    """The teacher's figures at every evaluation seed and its quality bar (class-balanced FD against the
+    real-vs-real floor, class shares)."""
+    from pyevo.pipeline import network_cost
     from pyevo.study.quality import DigitsReference, sample_figures
     from pyevo.teacher import load_teacher, sample_shape
     from pyevo.teachers.evaluate import TeacherEvalConfig, evaluate_samples
 
-    teacher, scheduler = load_teacher(unit.spec["teacher"])
+    teacher, _ = load_teacher(unit.spec["teacher"])
     size = sample_shape(teacher)[-1]
     reference = DigitsReference(size)
-    folder = context.folder(unit.name)
     per_seed, bar = {}, {}
     for seed in unit.spec["seeds"]:
-        samples = sample_images(teacher, scheduler.config, unit.spec["n"], unit.spec["steps"], seed, progress=False)
-        atomic_write_bytes(folder / f"samples-{seed}.safetensors",
-                           safetensors.torch.save({"samples": samples.contiguous()}))
+        samples = teacher_samples(context, seed, unit.spec["n"], unit.spec["steps"])
         per_seed[str(seed)] = sample_figures(samples, None, reference, seed)
         checked = evaluate_samples(samples, 0.0, TeacherEvalConfig(n_samples=unit.spec["n"], steps=unit.spec["steps"],
                                                                    seed=seed, bar="balanced"), image_size=size)
@@ -266,19 +282,14 @@ def evaluate_model(model, unit: Unit, context: StudyContext) -> dict:
     reference = DigitsReference(sample_shape(teacher)[-1])
     per_seed = {}
     for seed in spec["seeds"]:
-        teacher_samples = safetensors.torch.load_file(context.folder("teacher") / f"samples-{seed}.safetensors")["samples"]
         samples = sample_images(model, scheduler.config, spec["n"], spec["steps"], seed, progress=False)
         if not bool(torch.isfinite(samples).all()):
             raise RuntimeError(f"{unit.name}: its samples at seed {seed} are not finite")
-        per_seed[str(seed)] = sample_figures(samples, teacher_samples, reference, seed)
+        per_seed[str(seed)] = sample_figures(samples, teacher_samples(context, seed, spec["n"], spec["steps"]),
+                                             reference, seed)
     cost, teacher_cost = network_cost(model), network_cost(teacher)
     return {"per_seed": per_seed, "macs": cost.macs, "params": cost.params,
             "macs_ratio": cost.macs / teacher_cost.macs, "params_ratio": cost.params / teacher_cost.params}
-
-
-def teacher_ready(context: StudyContext) -> bool:
-    spec = context.units["teacher"].spec
-    return all((context.folder("teacher") / f"samples-{seed}.safetensors").is_file() for seed in spec["seeds"])
 
 
 def rebuild_architecture(arm: Unit, context: StudyContext):
@@ -333,4 +344,4 @@ def run_latency(unit: Unit, context: StudyContext) -> dict:
 
 RUNNERS = {"base": run_base, "arm": run_arm, "pruned": run_pruned, "teacher": run_teacher, "latency": run_latency}
 # What a unit's result alone does not keep, and later units need from its work folder (else it runs again).
-READY = {"base": base_ready, "teacher": lambda unit, context: teacher_ready(context)}
+READY = {"base": base_ready}

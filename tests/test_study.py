@@ -1,0 +1,132 @@
+"""The evidence study (python -m pyevo.study): its plan, genomes, statistics, and the miniature end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyevo.study.plan import FULL, MINI, build_plan, unit_keys
+from pyevo.study.quality import summarise
+from pyevo.study.report import verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_arm_the_issue_names_is_planned_and_units_come_after_what_they_need():
+    units, arms = build_plan(FULL)
+    names = [u.name for u in units]
+    assert len(names) == len(set(names))
+    for index, unit in enumerate(units):
+        assert all(names.index(dep) < index for dep in unit.deps), unit.name
+    families = {(a.family, a.target) for a in arms}
+    for t in FULL.targets:
+        for family in ("pyevo", "uniform", "diff-pruning", "random"):
+            assert (family, t) in families
+        assert sum(a.family == "random" and a.target == t for a in arms) == FULL.random_per_target
+    assert {a.name for a in arms} >= {"pyevo-diffnas-nocap", "bk-sdm", "ablation-global-50", "ablation-loss-static-50",
+                                      "ablation-loss-hard-50", "ablation-loss-end-only-50", "ablation-end-teacher-50",
+                                      "ablation-teacher-path-50", "pyevo-budget-50"}
+    for family in ("pyevo", "uniform", "diff-pruning"):  # three training seeds at the main target
+        assert sorted(a.training_seed for a in arms if a.family == family and a.target == 0.5
+                      and not a.name.startswith("pyevo-budget")) == [0, 1, 2]
+    for arm in arms:  # every arm is evaluated (in its own unit) and timed
+        assert "evaluate" in {u.name: u for u in units}[arm.name].spec and f"latency-{arm.name}" in names
+    by_name = {u.name: u for u in units}
+    assert by_name["ablation-teacher-path-50"].deps == ("base-teacher-path",)
+    assert all(u.alone for u in units if u.kind == "base") and {u.phase for u in units if u.kind == "latency"} == {2}
+    assert names.index("base-s1") > names.index("pyevo-diffnas-50")  # the main comparisons come first
+
+
+def test_unit_keys_change_with_what_a_unit_depends_on_and_nothing_else():
+    units, _ = build_plan(FULL)
+    keys = unit_keys(units)
+    more_samples, _ = build_plan(replace(FULL, num_samples=500))
+    changed = unit_keys(more_samples)
+    differ = {name for name in keys if keys[name] != changed[name]}
+    assert differ == {u.name for u in units if u.kind != "base"}  # the bases' distillation and search stay
+    other_steps, _ = build_plan(replace(FULL, pipeline={"retrain.steps": 10}))
+    changed = unit_keys(other_steps)
+    assert {name for name in keys if keys[name] == changed[name]} == {"teacher"}  # everything trained changes
+
+
+def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
+    model = {"0": {"fd": 2.0, "psnr": 20.0}, "1": {"fd": 4.0, "psnr": 22.0}}
+    teacher = {"0": {"fd": 1.0}, "1": {"fd": 5.0}}
+    summary = summarise(model, teacher)
+    assert summary["fd"]["mean"] == 3.0 and summary["fd"]["std"] == pytest.approx(math.sqrt(2))
+    assert summary["fd"]["ratio"] == pytest.approx(3.0 / 3.0)  # not the mean of the per-seed ratios (1.2)
+    assert summary["psnr"]["ratio"] is None  # a paired figure has no teacher value
+    a = {"fd": {"mean": 1.0, "std": 0.3}}
+    assert verdict(a, {"fd": {"mean": 2.0, "std": 0.4}}, "fd") == "better"  # 1.0 apart > 0.5 combined
+    assert verdict(a, {"fd": {"mean": 1.4, "std": 0.4}}, "fd") == "within noise"
+    assert verdict({"psnr": {"mean": 20, "std": 0}}, {"psnr": {"mean": 25, "std": 1}}, "psnr", False) == "worse"
+    assert verdict(a, None, "fd") == "pending"
+
+
+def test_bk_sdm_removal_skips_each_blocks_second_resnet_and_attention_and_the_mid_block():
+    from pyevo.space import decode_network, unet_space
+    from pyevo.study.units import arm_genome
+    from pyevo.teacher import load_teacher
+
+    teacher, _ = load_teacher("digits")
+    spaces = unet_space(teacher)
+    genome, _ = arm_genome({"bk-sdm": True}, "digits")
+    decoded = decode_network(genome, spaces)
+    for space in spaces:
+        arch = space.arch(decoded[space.name])
+        teacher_arch = space.arch(space.teacher_genome())
+        for layers, original, removed_flag in ((arch.resnets, teacher_arch.resnets, "skip"),
+                                               (arch.attentions, teacher_arch.attentions, "dropped")):
+            assert layers.keys() == original.keys()
+            for index, layer in layers.items():
+                removed = space.name == "mid_block" or index == 1
+                assert (getattr(layer, removed_flag) if removed else layer == original[index]), (space.name, index)
+
+
+def test_random_genomes_land_under_their_target_and_are_drawn_alike_each_time():
+    """The arm's genome, assembled as a student, has MACs within the window under the target (counted on
+    the whole network, not summed from the blocks as the draw does), and the same arm draws the same one."""
+    from pyevo.pipeline import network_cost
+    from pyevo.space import decode_network, unet_space
+    from pyevo.student import StudentUNet2DModel
+    from pyevo.study.units import RANDOM_WINDOW, arm_genome
+    from pyevo.supernet import build_supernet
+    from pyevo.teacher import load_teacher
+
+    teacher, _ = load_teacher("digits")
+    spec = {"random": {"target": 0.5, "index": 1}}
+    genome, draws = arm_genome(spec, "digits", pool=24)  # small pools: each genome's MACs are counted once
+    assert arm_genome(spec, "digits", pool=24) == (genome, draws)
+    student = StudentUNet2DModel.from_supernet(teacher, build_supernet(teacher),
+                                               decode_network(genome, unet_space(teacher)))
+    ratio = network_cost(student).macs / network_cost(teacher).macs
+    assert 0.5 - RANDOM_WINDOW <= ratio <= 0.5 + 1e-9
+
+
+def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do(tmp_path):
+    """The CI miniature: ``python -m pyevo.study --mini`` from nothing (every kind of unit: a base, in-space
+    arms, a pruned arm, the teacher, quality, latency), then again: every unit is read back."""
+    out, page = tmp_path / "mini", tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "pyevo.study", "--mini", "--out", str(out), "--results", str(page)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    units, arms = build_plan(MINI)
+    keys = unit_keys(units)
+    for unit in units:
+        stored = json.loads((out / "units" / f"{unit.name}.json").read_text())
+        assert stored["key"] == keys[unit.name]
+    text = page.read_text()
+    assert "pending" not in text
+    for arm in arms:
+        assert arm.label in text
+    uniform = json.loads((out / "units" / "quality-uniform-50.json").read_text())["result"]
+    assert 0.3 < uniform["macs_ratio"] < 0.7
+    assert (tmp_path / "results_plots" / "quality_vs_macs.png").stat().st_size > 0
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"0 of {len(units)} units to run" in again.stderr
