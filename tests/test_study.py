@@ -111,22 +111,24 @@ def test_random_genomes_land_under_their_target_and_are_drawn_alike_each_time():
 def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do(tmp_path):
     """The CI miniature: ``python -m pyevo.study --mini`` from nothing (every kind of unit: a base, in-space
     arms, a pruned arm, the teacher, quality, latency), then again: every unit is read back."""
-    out, page = tmp_path / "mini", tmp_path / "RESULTS.md"
-    command = [sys.executable, "-m", "pyevo.study", "--mini", "--out", str(out), "--results", str(page)]
+    out, state, page = tmp_path / "mini", tmp_path / "state", tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "pyevo.study", "--mini", "--out", str(out), "--state", str(state),
+               "--results", str(page)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     units, arms = build_plan(MINI)
     keys = unit_keys(units)
     for unit in units:
-        stored = json.loads((out / "units" / f"{unit.name}.json").read_text())
+        stored = json.loads((state / "units" / f"{unit.name}.json").read_text())
         assert stored["key"] == keys[unit.name]
     text = page.read_text()
     assert "pending" not in text
     for arm in arms:
         assert arm.label in text
-    uniform = json.loads((out / "units" / "quality-uniform-50.json").read_text())["result"]
+    uniform = json.loads((state / "units" / "uniform-50.json").read_text())["result"]
     assert 0.3 < uniform["macs_ratio"] < 0.7
     assert (tmp_path / "results_plots" / "quality_vs_macs.png").stat().st_size > 0
+    assert (state / "bases" / "base-s0" / "timings.json").is_file()  # what another sitting's base starts from
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"0 of {len(units)} units to run" in again.stderr
