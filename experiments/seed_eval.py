@@ -10,21 +10,16 @@ the teacher's image size); a latent teacher's samples are decoded by its autoenc
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from pyevo import StudentUNet2DModel
-from pyevo.config import load_config
-from pyevo.data import digits
-from pyevo.classifier import load_digits_classifier
-from pyevo.data import at_digits_size
-from pyevo.metrics import class_agreement, class_mixture_distance, frechet_distance, psnr, ssim
-from pyevo.teachers.evaluate import balanced_index
 from pyevo.autoencoder import teacher_autoencoder
+from pyevo.config import load_config
 from pyevo.sample import sample_images
+from pyevo.student import load_student
+from pyevo.study.quality import DigitsReference, mean_std, sample_figures, summarise
 from pyevo.teacher import load_teacher, sample_shape
 
 
@@ -38,50 +33,39 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     config = load_config(run / "config.yaml")
     teacher, scheduler = load_teacher(config.teacher, config.scheduler or None)
-    student = StudentUNet2DModel.from_pretrained(run / "student", low_cpu_mem_usage=False).eval()
+    student = load_student(run / "student", low_cpu_mem_usage=False).eval()
     codec = teacher_autoencoder(config.teacher, config.vae or None)
     shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
-    reference, reference_labels = digits("heldout", size=shape[-1])
-    classifier = load_digits_classifier()
-
-    def balanced_fd(samples: torch.Tensor, seed: int) -> float:
-        # 70 samples of each class the classifier sees (as the teacher's quality check does): FD
-        # without the class mixture, which otherwise dominates this feature space.
-        labels = classifier.predict(at_digits_size(samples))
-        return frechet_distance(samples[balanced_index(labels, 70, seed)], reference, classifier)
-
-    rows = []
+    # The figures of pyevo.study.quality: FD, class-balanced FD (70 samples of each class the classifier
+    # sees), the class mixture's TV distance, and the paired PSNR / SSIM / same class.
+    reference = DigitsReference(shape[-1])
+    figures = {"teacher": {}, "student": {}}
     for seed in args.seeds:
         samples = {name: sample_images(model, scheduler.config, args.n, args.steps, seed, codec, progress=False)
                    for name, model in (("teacher", teacher), ("student", student))}
-        rows.append({"seed": seed, "teacher_fd": frechet_distance(reference, samples["teacher"]),
-                     "student_fd": frechet_distance(reference, samples["student"]),
-                     "teacher_bfd": balanced_fd(samples["teacher"], seed),
-                     "student_bfd": balanced_fd(samples["student"], seed),
-                     "teacher_tv": class_mixture_distance(samples["teacher"], reference_labels, classifier),
-                     "student_tv": class_mixture_distance(samples["student"], reference_labels, classifier),
-                     "psnr": psnr(samples["student"], samples["teacher"]),
-                     "ssim": ssim(samples["student"], samples["teacher"]),
-                     "agreement": class_agreement(samples["student"], samples["teacher"])})
-        print(f"seed {seed}: {rows[-1]}", file=sys.stderr)
+        figures["teacher"][str(seed)] = sample_figures(samples["teacher"], None, reference, seed)
+        figures["student"][str(seed)] = sample_figures(samples["student"], samples["teacher"], reference, seed)
+        print(f"seed {seed}: {figures['student'][str(seed)]}", file=sys.stderr)
     print(f"{run}: {args.n} samples, {args.steps} DDIM steps, seeds {args.seeds}\n")
     print("| seed | teacher FD | student FD | FD ratio | teacher class-balanced FD | student class-balanced FD "
           "| ratio | class mixture TV: teacher / student | PSNR vs teacher (dB) | SSIM | same class |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['seed']} | {r['teacher_fd']:.2f} | {r['student_fd']:.2f} | {r['student_fd'] / r['teacher_fd']:.3f} "
-              f"| {r['teacher_bfd']:.2f} | {r['student_bfd']:.2f} | {r['student_bfd'] / r['teacher_bfd']:.3f} "
-              f"| {r['teacher_tv']:.3f} / {r['student_tv']:.3f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} |")
+    for seed in map(str, args.seeds):
+        t, s = figures["teacher"][seed], figures["student"][seed]
+        print(f"| {seed} | {t['fd']:.2f} | {s['fd']:.2f} | {s['fd'] / t['fd']:.3f} | {t['balanced_fd']:.2f} "
+              f"| {s['balanced_fd']:.2f} | {s['balanced_fd'] / t['balanced_fd']:.3f} "
+              f"| {t['mixture_tv']:.3f} / {s['mixture_tv']:.3f} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['agreement']:.3f} |")
 
-    def mean_std(key: str) -> str:
-        values = [r[key] for r in rows]
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    def spread(name: str, key: str) -> str:
+        mean, std = mean_std([figures[name][seed][key] for seed in map(str, args.seeds)])
+        return f"{mean:.3f} ± {std:.3f}" if len(args.seeds) > 1 else f"{mean:.3f}"
 
-    ratio_of_means = {key: statistics.mean(r[f"student_{key}"] for r in rows) /
-                      statistics.mean(r[f"teacher_{key}"] for r in rows) for key in ("fd", "bfd")}
-    print(f"| mean ± std | {mean_std('teacher_fd')} | {mean_std('student_fd')} | {ratio_of_means['fd']:.3f} "
-          f"(of the means) | {mean_std('teacher_bfd')} | {mean_std('student_bfd')} | {ratio_of_means['bfd']:.3f} "
-          f"(of the means) | {mean_std('teacher_tv')} / {mean_std('student_tv')} | {mean_std('psnr')} | {mean_std('ssim')} | {mean_std('agreement')} |")
+    summary = summarise(figures["student"], figures["teacher"])
+    print(f"| mean ± std | {spread('teacher', 'fd')} | {spread('student', 'fd')} | {summary['fd']['ratio']:.3f} "
+          f"(of the means) | {spread('teacher', 'balanced_fd')} | {spread('student', 'balanced_fd')} | "
+          f"{summary['balanced_fd']['ratio']:.3f} (of the means) | {spread('teacher', 'mixture_tv')} / "
+          f"{spread('student', 'mixture_tv')} | {spread('student', 'psnr')} | {spread('student', 'ssim')} | "
+          f"{spread('student', 'agreement')} |")
     return 0
 
 
