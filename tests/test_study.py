@@ -61,6 +61,10 @@ def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
     assert summary["fd"]["mean"] == 3.0 and summary["fd"]["std"] == pytest.approx(math.sqrt(2))
     assert summary["fd"]["ratio"] == pytest.approx(3.0 / 3.0)  # not the mean of the per-seed ratios (1.2)
     assert summary["psnr"]["ratio"] is None  # a paired figure has no teacher value
+    noisy_kid = summarise({"0": {"kid": -20.0}, "1": {"kid": 15.0}}, {"0": {"kid": 8.0}, "1": {"kid": 9.0}})
+    assert noisy_kid["kid"]["mean"] == -2.5 and noisy_kid["kid"]["ratio"] is None  # noise around zero: no ratio
+    clear_kid = summarise({"0": {"kid": 16.0}, "1": {"kid": 18.0}}, {"0": {"kid": 8.0}, "1": {"kid": 9.0}})
+    assert clear_kid["kid"]["ratio"] == pytest.approx(2.0)
     a = {"fd": {"mean": 1.0, "std": 0.3}}
     assert verdict(a, {"fd": {"mean": 2.0, "std": 0.4}}, "fd") == "better"  # 1.0 apart > 0.5 combined
     assert verdict(a, {"fd": {"mean": 1.4, "std": 0.4}}, "fd") == "within noise"

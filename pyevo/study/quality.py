@@ -45,7 +45,7 @@ def sample_figures(samples: torch.Tensor, teacher_samples: torch.Tensor | None, 
     distribution = distribution_metrics(samples, reference.images, reference.extractor)
     predicted = reference.classifier.predict(at_digits_size(samples))
     balanced = balanced_index(predicted, BALANCED_PER_CLASS, seed)
-    figures = {"fd": distribution["fd"], "kid": distribution["kid_mean"],
+    figures = {"fd": distribution["fd"], "kid": distribution["kid_mean"], "kid_subset_std": distribution["kid_std"],
                "balanced_fd": frechet_distance(samples[balanced], reference.images, reference.classifier),
                "mixture_tv": class_mixture_distance(samples, reference.labels, reference.classifier),
                "class_shares": class_coverage(samples, reference.classifier),
@@ -64,7 +64,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarise(per_seed: Mapping[str, Mapping], teacher_per_seed: Mapping[str, Mapping] | None) -> dict:
     """``{figure: {"mean", "std", "ratio"}}`` over the seeds both sets have; ``ratio`` is the model's mean
-    over the teacher's (unpaired figures only; None for the teacher or a missing teacher figure)."""
+    over the teacher's (unpaired figures only; None for the teacher or a missing teacher figure, and for a
+    KID whose mean, the model's or the teacher's, does not stand clear of its spread over the seeds: the
+    unbiased estimate of a near-zero KID is noise around zero, often negative)."""
     seeds = sorted(per_seed)
     out = {}
     for figure in FIGURES:
@@ -76,6 +78,8 @@ def summarise(per_seed: Mapping[str, Mapping], teacher_per_seed: Mapping[str, Ma
         if teacher_per_seed is not None and LOWER_IS_BETTER[figure]:
             teacher_values = [teacher_per_seed[s][figure] for s in seeds if s in teacher_per_seed]
             if teacher_values and statistics.mean(teacher_values) > 0:
-                ratio = mean / statistics.mean(teacher_values)
+                teacher_mean, teacher_std = mean_std(teacher_values)
+                clear = figure != "kid" or (mean > std and teacher_mean > teacher_std)
+                ratio = mean / teacher_mean if clear else None
         out[figure] = {"mean": mean, "std": std, "ratio": ratio, "n": len(values)}
     return out

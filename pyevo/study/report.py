@@ -116,7 +116,9 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "- Quality is in the digits classifier's features against the 500 held-out digits. Class-balanced FD: "
             "70 samples of each predicted class (the class mixture drops out); class-mixture TV: total-variation "
             "distance of the predicted class shares to the held-out ones. Ratios (in brackets) are the model's "
-            "mean over the teacher's mean. PSNR, SSIM and same class are paired with the teacher's samples.",
+            "mean over the teacher's mean (KID's only where both means stand clear of their spread over the "
+            "seeds: the unbiased KID of a near-perfect set is noise around zero). PSNR, SSIM and same class are "
+            "paired with the teacher's samples.",
             "- Every in-space arm (pyevo, random genomes, BK-SDM removal, ablations) is retrained from the "
             "distilled supernet with pyevo's retraining (dynamic joint loss unless the ablation says otherwise). "
             "The pruned arms (uniform width, Diff-Pruning) change block widths, so no block-wise term applies: "
