@@ -264,8 +264,11 @@ def test_sigint_ends_a_run_in_one_line_and_the_folder_resumes(root, reference):
     """``python -m pyevo.search`` itself, interrupted (Ctrl-C) once its distillation wrote a checkpoint."""
     folder, zygote, _ = root
     out = folder / "interrupted"
+    # Ctrl-C's default disposition in the child: a test run from a background job (`cmd &` in a script)
+    # inherits SIGINT ignored, and a Python started so installs no KeyboardInterrupt handler.
     process = subprocess.Popen([sys.executable, "-m", "pyevo.search", *fresh(root, out)], stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env=ENV)
+                               stdout=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stderr:
         lines.append(line)
