@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from pyevo.study.report import write_results
 
     def report() -> None:
-        write_results(Path(args.results), context, arms, command=" ".join(["python -m pyevo.study", *(argv or sys.argv[1:])]))
+        # The command that runs the study (a page rewritten with --report-only names it too).
+        given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+        write_results(Path(args.results), context, arms, command=" ".join(["python -m pyevo.study", *given]))
 
     if args.report_only:
         report()

@@ -245,15 +245,21 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
                                "std": statistics.stdev(means) if len(means) > 1 else parts[0][figure]["std"]}
         return out
 
+    def macs(names: list[str]) -> str:
+        values = [rows[n]["made"]["macs_ratio"] for n in names if n in rows and rows[n]["made"]]
+        return "" if not values else f" (MACs {statistics.mean(values):.3f})"
+
     for t in context.settings.targets:
         n = target_name(t)
         ours = summary(f"pyevo-diffnas-{n}")
-        others = {"pyevo budget (latency rule)": summary(f"pyevo-budget-{n}"),
-                  "uniform width": summary(f"uniform-{n}"), "Diff-Pruning": summary(f"diff-pruning-{n}"),
-                  "random genomes": pooled([a for a in rows if a.startswith(f"random-{n}-")])}
-        cells = [f"{label}: {verdict(ours, other, 'balanced_fd')}; {verdict(ours, other, 'fd')}"
-                 for label, other in others.items()]
-        lines.append(f"- at {n}%: " + " · ".join(cells))
+        randoms = [a for a in rows if a.startswith(f"random-{n}-")]
+        others = {"pyevo budget (latency rule)": ([f"pyevo-budget-{n}"], summary(f"pyevo-budget-{n}")),
+                  "uniform width": ([f"uniform-{n}"], summary(f"uniform-{n}")),
+                  "Diff-Pruning": ([f"diff-pruning-{n}"], summary(f"diff-pruning-{n}")),
+                  "random genomes": (randoms, pooled(randoms))}
+        cells = [f"{label}{macs(names)}: {verdict(ours, other, 'balanced_fd')}; {verdict(ours, other, 'fd')}"
+                 for label, (names, other) in others.items()]
+        lines.append(f"- at {n}%, pyevo{macs([f'pyevo-diffnas-{n}'])} against " + " · ".join(cells))
     bk = summary("bk-sdm")
     if "bk-sdm" in rows:
         made = rows["bk-sdm"]["made"]
