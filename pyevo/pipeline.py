@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, 
 from pyevo.latency import DTYPES, LatencyTable, device_name, fingerprint, time_calls
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import (atomic_write_bytes, atomic_write_json, file_digest, folder_write_error, read_json,
-                             tensor_digest)
+                             tensor_digest, user_umask)
 from pyevo.sample import ddim_sample, sample_images
 from pyevo.search.local import BlockSearchResult, Candidate, search_block
 from pyevo.search.population import block_evaluator
@@ -1042,19 +1041,13 @@ def _clip_scores(folder: str, samples: dict[str, torch.Tensor], conditions: Cond
     return {"model": folder, "note": f"CLIP score in {folder}, {count} samples at their prompts"}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_pretrained_atomic(model, folder: Path) -> None:
     """save_pretrained into a temporary folder beside ``folder``, then swap it in."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         model.save_pretrained(tmp)
         # The user's usual modes, not mkdtemp's 0700 (nor the 0600 of the weights' temporary file).
-        mask = _umask()
+        mask = user_umask()
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         if folder.exists():

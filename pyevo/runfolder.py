@@ -18,7 +18,8 @@ from typing import Any, Iterable
 import torch
 
 
-def _umask() -> int:
+def user_umask() -> int:
+    """The process's umask (read without changing it): files and folders get 0666 / 0777 less it."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -34,7 +35,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~user_umask())
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
