@@ -809,11 +809,12 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
             evaluate = block_evaluator(block, calls[name], latency, config.device)
 
             # Generation checkpoints live under the stage's key: a changed search never resumes
-            # from another search's generations. Under torchrun only rank 0 writes its blocks' ones.
+            # from another search's generations. Under torchrun each rank writes its own blocks' ones
+            # (a block has one owner, so no two ranks write one folder): a killed rank's blocks resume.
             # The block's cross-attentions project the held-out text states once for all its candidates.
             with block.sharing_text_projections():
                 result = search_block(space, evaluate, config.search, config.seed * 1009 + index,
-                                      folder / "search" / stages.key / name if main else None, progress)
+                                      folder / "search" / stages.key / name, progress)
             if main:
                 table.save()
             results[name] = result.to_dict()

@@ -3,7 +3,7 @@
 Every multi-process test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2``
 (a free port each time) on a tiny random teacher at toy sizes, through a worker script that can make
 one rank fail (killed, hung, raising) and that forbids the ranks other than 0 to write anything under
-the test's folder.
+the test's folder but their own blocks' search generations.
 """
 import json
 import os
@@ -30,10 +30,32 @@ WORKER = textwrap.dedent('''
     rank = int(os.environ["RANK"])
     import pyevo.pipeline as pipeline
 
+    import pyevo.search.local as local
+
+    # Every rank says on stderr where its blocks' searches resume (the ranks other than 0 log errors only).
+    latest = local._latest_checkpoint
+
+    def announced(folder, block):
+        state = latest(folder, block)
+        if state is not None:
+            print(f"rank {rank} resumes {block} after generation {state['generation']}", file=sys.stderr)
+        return state
+
+    local._latest_checkpoint = announced
+
     fault = os.environ.get("PYEVO_TEST_FAULT")
     if fault:
         action, who, stage = fault.split(":")
-        if int(who) == rank:
+        if int(who) == rank and stage == "search":  # killed once its first block's generation 1 is kept
+            kept = local._checkpoint
+
+            def checkpoint_then_kill(folder, generation, *args):
+                kept(folder, generation, *args)
+                if generation == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            local._checkpoint = checkpoint_then_kill
+        elif int(who) == rank:
             name = {"prepare": "prepare", "distill": "distill_supernet", "retrain": "retrain_student"}[stage]
             original = getattr(pipeline, name)
 
@@ -54,7 +76,8 @@ WORKER = textwrap.dedent('''
 
         def guarded(path):
             path = os.path.abspath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else ""
-            if path.startswith(root):
+            # The one thing they may write: their own blocks' search generations, <out>/search/...
+            if path.startswith(root) and os.path.relpath(path, root).split(os.sep)[1:2] != ["search"]:
                 raise PermissionError(f"rank {rank} wrote {path}")
 
         def wrap(module, name, writes):
@@ -161,11 +184,20 @@ def assert_same_run(folder, reference):
 
 
 def test_two_processes_give_one_process_genomes_and_weights_through_a_killed_rank_and_resume(root, single):
-    """The issue's check, with a rank killed on the way: the job ends with an error within a bounded
-    time, and ``--resume`` under torchrun reads back what was done and ends as the one-process run."""
+    """The issue's check, with a rank killed on the way (inside its first block's search, then in
+    retraining): the job ends with an error within a bounded time, and ``--resume`` under torchrun
+    resumes every rank's searches from their last generation, reads back what was done, and ends as the
+    one-process run."""
     out_dir = root / "two"
+    out = torchrun(root, *flags(root, out_dir), fault="kill:1:search", timeout=180)
+    assert out.returncode != 0 and not (out_dir / "search.json").exists(), out.stderr[-3000:]
+    kept = {path.parent.name for path in (out_dir / "search").glob("*/*/gen_0001.json")}
+    assert kept, "rank 1 kept no search generation"
     start = time.monotonic()
-    out = torchrun(root, *flags(root, out_dir), fault="kill:1:retrain", timeout=180)
+    out = torchrun(root, *flags(root, out_dir), "--resume", fault="kill:1:retrain", timeout=180)
+    # Rank 1's first block goes on from the generation it kept, not from the start.
+    resumed = set(re.findall(r"rank 1 resumes (\S+) after generation 1\b", out.stderr))
+    assert resumed and resumed <= kept, out.stderr[-3000:]
     assert out.returncode != 0 and time.monotonic() - start < 120, out.stderr[-3000:]
     assert (out_dir / "search.json").is_file() and not (out_dir / "report.json").exists()
     distilled, searched = ((out_dir / name).read_text() for name in ("distill.json", "search.json"))
