@@ -12,7 +12,8 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, build_plan, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import verdict
+from pyevo.study.report import _build_lines, verdict
+from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,27 @@ def test_unit_keys_change_with_what_a_unit_depends_on_and_nothing_else():
     other_steps, _ = build_plan(replace(FULL, pipeline={"retrain.steps": 10}))
     changed = unit_keys(other_steps)
     assert {name for name in keys if keys[name] == changed[name]} == {"teacher"}  # everything trained changes
+
+
+def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
+    units, _ = build_plan(FULL)
+    keys = unit_keys(units)
+    context = StudyContext(tmp_path, tmp_path / "state", FULL, {u.name: u for u in units}, keys)
+    (tmp_path / "state" / "units").mkdir(parents=True)
+
+    def finish(name, digest):
+        result = {"base_search_sha256": digest} if digest else {}
+        (tmp_path / "state" / "units" / f"{name}.json").write_text(
+            json.dumps({"key": keys[name], "seconds": 1.0, "result": result}))
+
+    finish("pyevo-diffnas-50", "a" * 64)
+    finish("uniform-50", None)  # a pruned arm needs no base
+    assert _build_lines(context) == []  # one build: nothing to say
+    finish("bk-sdm", "b" * 64)
+    finish("random-50-0", "a" * 64)
+    (line,) = _build_lines(context)
+    assert "2 builds" in line and "`aaaaaaaa` (pyevo-diffnas-50, random-50-0)" in line and "`bbbbbbbb` (bk-sdm)" in line
+    assert "uniform-50" not in line
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():

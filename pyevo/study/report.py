@@ -128,7 +128,24 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "to the achievable ratio nearest its target, which can lie above it; the MACs column says where "
             "each arm landed, and the plots place every arm at its own MACs and latency.",
             f"- Latency: each model's whole forward beside the teacher's, timed in turn, batch {s.latency_batch}, "
-            f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running."]
+            f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running."] + _build_lines(context)
+
+
+def _build_lines(context: StudyContext) -> list[str]:
+    """Which build of the base (distillation and search) each finished in-space arm came from: the work
+    folder is not kept between sittings, so each sitting distils and searches again, and builds on other
+    machines can differ in float rounding."""
+    builds: dict[str, list[str]] = {}
+    for name in context.units:
+        result = unit_result(context, name)
+        digest = result and result["result"].get("base_search_sha256")
+        if digest:
+            builds.setdefault(digest, []).append(name)
+    if len(builds) < 2:
+        return []
+    parts = "; ".join(f"`{digest[:8]}` ({', '.join(names)})" for digest, names in builds.items())
+    return [f"- The in-space arms so far come from {len(builds)} builds of the base (distillation and search, "
+            f"one per sitting; search.json sha256 and the arms from each): {parts}."]
 
 
 def _cores() -> list[int]:
