@@ -12,6 +12,7 @@ folder holding one in ``vae/`` or ``vqvae/``), or from the teacher's own pipelin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,19 +77,29 @@ class LatentCodec:
         return (self.image_channels, height * self.downsampling, width * self.downsampling)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, posterior: str = "mode", seed: int = 0, batch_size: int = 64
+    def encode(self, images: torch.Tensor, posterior: str = "mode", seed: int = 0, batch_size: int = 64,
+               done: Sequence[torch.Tensor] = (), on_batch: Callable[[int, torch.Tensor], None] | None = None
                ) -> torch.Tensor:
         """The UNet's latents of ``images`` (N, C, H, W) in [-1, 1], on the CPU, in the VAE's dtype.
 
         ``posterior`` picks an ``AutoencoderKL``'s latent: the mode (mean) of its Gaussian, or one
         draw from it (seeded); a ``VQModel`` has one latent (before quantisation, as LDM trains).
+        ``done``: the first batches' latents, encoded before (a killed run's, kept by ``on_batch(index,
+        latents)``, which is called with each batch encoded now): taken as they are, their posterior
+        noise drawn again, so that the rest equals an uninterrupted encoding.
         """
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {', '.join(POSTERIORS)}, got {posterior!r}")
         generator = torch.Generator().manual_seed(seed)
         device, dtype = model_device(self.vae), self.dtype
+        draws = posterior == "sample" and not isinstance(self.vae, VQModel)
         chunks = []
-        for chunk in images.split(batch_size):
+        for index, chunk in enumerate(images.split(batch_size)):
+            if index < len(done):
+                if draws:  # the generator moves on as it did when this batch was encoded
+                    torch.randn(done[index].shape, generator=generator)
+                chunks.append(done[index])
+                continue
             encoded = self.vae.encode(chunk.to(device, dtype))
             if isinstance(self.vae, VQModel):
                 latent = encoded.latents
@@ -97,6 +108,8 @@ class LatentCodec:
                 latent = dist.mode() if posterior == "mode" else (
                     dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device, dtype))
             chunks.append(((latent - self.shift_factor) * self.scaling_factor).cpu())
+            if on_batch is not None:
+                on_batch(index, chunks[-1])
         return torch.cat(chunks)
 
     @torch.no_grad()

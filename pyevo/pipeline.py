@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,13 +149,19 @@ def training_sets(train: ImageSet, heldout: ImageSet, conditions: Conditions | N
                  for data in (train, heldout))
 
 
-def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str, seed: int, path: Path
-                  ) -> dict[str, ImageSet]:
-    """Each set's latents (labels and text states kept), encoded once and written to ``path`` (safetensors)."""
+def encode_images(codec: LatentCodec, sets: dict[str, ImageSet], posterior: str, seed: int, path: Path,
+                  kept: Callable[..., torch.Tensor] | None = None) -> dict[str, ImageSet]:
+    """Each set's latents (labels and text states kept), encoded once and written to ``path`` (safetensors).
+    ``kept(name, encode)``: :meth:`Stages.kept_batches` of the encode stage, so that a killed encoding
+    goes on from the batches it had encoded."""
     tensors = {}
     for index, (name, data) in enumerate(sets.items()):
         log.info("encoding %d %s images with the %s", len(data), name, codec.kind)
-        tensors[f"{name}.latents"] = codec.encode(data.images, posterior, seed + index).contiguous()
+
+        def encode(done=(), on_batch=None, data=data, index=index):
+            return codec.encode(data.images, posterior, seed + index, done=done, on_batch=on_batch)
+
+        tensors[f"{name}.latents"] = (encode() if kept is None else kept(name, encode)).contiguous()
         if data.labels is not None:
             tensors[f"{name}.labels"] = data.labels.contiguous()
         if data.encoder_hidden_states is not None:
@@ -377,25 +384,30 @@ class Stages:
         return StepCheckpoints(self.folder / "checkpoints" / name, self.key, every, self.context)
 
     def kept_samples(self, name: str, draw: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``draw(done, on_batch)`` (a stage's samples of one model; :func:`pyevo.sample.ddim_sample`'s
-        resume arguments), kept under the running stage's key in ``checkpoints/<stage>/``: read back whole
-        when a killed run drew them all already, else continued from the batches it had drawn (each kept as it
-        is drawn, with its digest). Rank 0's (the evaluation's)."""
-        where = self.folder / "checkpoints" / "evaluate"
+        """The evaluation's samples of one model, ``name``: :meth:`kept_batches` of the evaluate stage."""
+        return self.kept_batches("evaluate", name, draw)
+
+    def kept_batches(self, stage: str, name: str, draw: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``draw(done, on_batch)`` (one tensor a stage makes batch by batch: a model's samples, a set's
+        latents; :func:`pyevo.sample.ddim_sample`'s and :meth:`LatentCodec.encode`'s resume arguments), kept
+        under the running stage's key in ``checkpoints/<stage>/``: read back whole when a killed run made it
+        all already, else continued from the batches it had made (each kept as it is made, with its digest).
+        Rank 0's (the encoding's and the evaluation's)."""
+        where = self.folder / "checkpoints" / stage
         data, manifest = where / f"{name}.safetensors", where / f"{name}.json"
         if manifest.is_file():
             try:
                 entry = read_json(manifest)
                 if entry.get("key") == self.key and data.is_file() and file_digest(data) == entry.get("sha256"):
-                    log.info("evaluate: the %s's samples read back from %s", name, data)
+                    log.info("%s: the %s's batches read back from %s", stage, name, data)
                     return safetensors.torch.load_file(data)["samples"]
                 if entry.get("key") == self.key:
-                    log.warning("evaluate: %s is missing or damaged; the %s is sampled again", data, name)
+                    log.warning("%s: %s is missing or damaged; the %s is made again", stage, data, name)
             except (ValueError, OSError, AttributeError, KeyError, safetensors.SafetensorError) as error:
-                log.warning("evaluate: the kept samples %s are damaged (%s); the %s is sampled again",
-                            manifest, error, name)
+                log.warning("%s: the kept batches %s are damaged (%s); the %s is made again",
+                            stage, manifest, error, name)
         batches = where / f"{name}.batches"
-        done = self._kept_batches(batches, name)
+        done = self._kept_batches(batches, stage, name)
 
         def keep(index: int, output: torch.Tensor) -> None:
             payload = safetensors.torch.save({"samples": output.contiguous()})
@@ -410,9 +422,9 @@ class Stages:
         shutil.rmtree(batches, ignore_errors=True)
         return samples
 
-    def _kept_batches(self, folder: Path, name: str) -> list[torch.Tensor]:
-        """The first batches a killed evaluation drew of ``name``'s samples under this key, in order, up to
-        the first one missing or damaged."""
+    def _kept_batches(self, folder: Path, stage: str, name: str) -> list[torch.Tensor]:
+        """The first batches a killed ``stage`` made of ``name`` under this key, in order, up to the first
+        one missing or damaged."""
         done = []
         while True:
             data, manifest = folder / f"{len(done):05d}.safetensors", folder / f"{len(done):05d}.json"
@@ -424,7 +436,7 @@ class Stages:
             except (ValueError, OSError, AttributeError, safetensors.SafetensorError):
                 break
         if done:
-            log.info("evaluate: %d batch(es) of the %s's samples read back from %s", len(done), name, folder)
+            log.info("%s: %d batch(es) of the %s read back from %s", stage, len(done), name, folder)
         return done
 
     def _stored(self, name: str, path: Path) -> dict | None:
@@ -758,14 +770,14 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
         def encode() -> dict:
             encoded.update(encode_images(codec, {"train": train, "heldout": heldout}, config.vae_posterior,
-                                         config.seed, latents_file))
+                                         config.seed, latents_file, partial(stages.kept_batches, "encode")))
             return {"vae": str(codec.folder), "kind": codec.kind, "scaling_factor": codec.scaling_factor,
                     "latent_std": float(encoded["train"].images.std())}
 
         # Rank 0 encodes (and writes) the latents; the other ranks receive them.
         stages.run("encode", [config.teacher, config.vae, config.data, config.vae_posterior, config.seed,
                               vae_digest, tensor_digest([t for part in (train, heldout) for t in part.tensors()])],
-                   encode, artifacts=(latents_file,), where="main")
+                   encode, artifacts=(latents_file,), where="main", cleanup=(folder / "checkpoints" / "encode",))
         latents = context.on_main(lambda: encoded or read_latents(latents_file, ("train", "heldout")))
         train, heldout = latents["train"], latents["heldout"]
     train, heldout = training_sets(train, heldout, conditions, config.guidance_scale)

@@ -3,6 +3,7 @@ saved by the test itself. The whole CLI over an image folder and data-free; the 
 a fresh process and generates through LDMPipeline with the teacher's VAE; the codec against
 diffusers' own encode/decode; bad VAEs refused in one line with nothing written."""
 import json
+from functools import partial
 
 import pytest
 import safetensors.torch
@@ -146,6 +147,54 @@ def test_codec_matches_diffusers_encode_and_decode_with_scaling_and_shift(tmp_pa
     assert 0.8 < unit.std() < 1.2 and abs(unit.mean()) < 0.2
     with pytest.raises(ValueError, match="posterior"):
         codec.encode(images, "median")
+
+
+@pytest.mark.parametrize("posterior", ["mode", "sample"])
+def test_an_encoding_killed_between_batches_resumes_to_the_uninterrupted_latents(tmp_path, posterior):
+    """The encode stage keeps each batch's latents as it goes (Stages.kept_batches): a kill loses only
+    the batch in progress, and the resumed encoding, its posterior draws included, equals one that ran
+    through; a resume finds the set whole once it was."""
+    from pyevo.diffusion import ImageSet
+    from pyevo.pipeline import Stages, encode_images
+
+    tiny_kl().save_pretrained(tmp_path / "kl")
+    codec = load_autoencoder(tmp_path / "kl")
+    sets = {"train": ImageSet(torch.rand(7, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1, torch.arange(7)),
+            "heldout": ImageSet(torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1, torch.arange(3))}
+    original = codec.encode
+    codec.encode = lambda *args, **kwargs: original(*args, **{**kwargs, "batch_size": 2})  # 4 train batches
+    whole = encode_images(codec, sets, posterior, 5, tmp_path / "whole.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    stages = Stages(tmp_path / "run", resume=True)
+    stages.key = "encode-key"
+    made = []
+
+    def kept(name, encode, kill_at=None):
+        def draw(done, on_batch):
+            made.append((name, len(done)))
+
+            def keep(index, latents):
+                on_batch(index, latents)
+                if index == kill_at:
+                    raise Killed
+            return encode(done, keep)
+        return stages.kept_batches("encode", name, draw)
+
+    with pytest.raises(Killed):
+        encode_images(codec, sets, posterior, 5, tmp_path / "run.safetensors", partial(kept, kill_at=1))
+    assert made == [("train", 0)]
+    made.clear()
+    resumed = encode_images(codec, sets, posterior, 5, tmp_path / "run.safetensors", kept)
+    assert made == [("train", 2), ("heldout", 0)]  # the two kept batches taken, the rest encoded
+    for name in sets:
+        assert torch.equal(resumed[name].images, whole[name].images), name
+        assert torch.equal(resumed[name].labels, whole[name].labels)
+    made.clear()
+    again = encode_images(codec, sets, posterior, 5, tmp_path / "again.safetensors", kept)
+    assert made == [] and torch.equal(again["train"].images, whole["train"].images)  # read back whole
 
 
 def test_vq_model_pipeline_folder_is_found_in_vqvae_and_decodes_with_quantisation(tmp_path):
