@@ -31,8 +31,8 @@ What each stage does under torchrun:
   device), and the results are gathered on every rank.
 * **Rank 0 alone writes** the run folder and the latency table; the other ranks write nothing but
   their own blocks' search generations (``search/<key>/<block>/``, one owner per block, so that a
-  killed rank's searches resume too), and end after retraining (evaluation and the report are rank 0's). On ``--resume`` rank 0 decides which
-  stages are done and sends what it read back to the others.
+  killed rank's searches resume too), and end after retraining (evaluation and the report are rank
+  0's). On ``--resume`` rank 0 decides which stages are done and sends what it read back to the others.
 * **A failing rank stops the job.** Errors raised where the ranks meet (:meth:`Context.agree`) end
   every rank with the failing rank's error, printed once; a rank that dies is seen by torchrun, which
   stops the others; a rank that stops answering (a lost node) ends the others' waits after the

@@ -128,7 +128,8 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "to the achievable ratio nearest its target, which can lie above it; the MACs column says where "
             "each arm landed, and the plots place every arm at its own MACs and latency.",
             f"- Latency: each model's whole forward beside the teacher's, timed in turn, batch {s.latency_batch}, "
-            f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running."] + _build_lines(context)
+            f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running.",
+            *_build_lines(context)]
 
 
 def _build_lines(context: StudyContext) -> list[str]:
