@@ -508,6 +508,83 @@ def test_block_evaluator_per_device(digits_supernet):
         assert isinstance(block_evaluator(block, call, lambda g: 2.5, "cuda"), PopulationEvaluator)
 
 
+def first_resnet_variants(space, rest):
+    """Every choice of the block's first resnet (kernels, width or skip), the other genes from ``rest``:
+    several candidates per kernel group, of several widths, as the shared-input path groups them."""
+    import itertools
+
+    genes = [range(n) for n in space.num_choices[:3]]
+    return [tuple(first) + tuple(rest[3:]) for first in itertools.product(*genes)]
+
+
+@pytest.mark.parametrize("block_name", ["down_blocks.0", "up_blocks.1"])
+@pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
+def test_shared_first_resnet_float64_equals_per_candidate(block_name, time_embedding_norm):
+    # The first searched resnet runs once per kernel1 group at its widest width, the time embedding
+    # and GroupNorm+SiLU once per group, conv2 by accumulated channel slabs: in float64 every
+    # candidate's NSR is the per-candidate path's to rounding.
+    import copy
+
+    torch.manual_seed(1)
+    teacher = UNet2DModel(**{**DIGITS_CONFIG, "resnet_time_scale_shift": time_embedding_norm}).eval()
+    teacher.requires_grad_(False)
+    supernet = build_supernet(teacher).eval()
+    with torch.no_grad():
+        for param in supernet.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    images = torch.rand(6, 1, 16, 16) * 2 - 1
+    call = heldout_calls(teacher, ImageSet(images), DDPMScheduler(num_train_timesteps=1000), size=6,
+                         seed=0)[block_name].to("cpu", torch.float64)
+    block = copy.deepcopy(supernet[block_name]).double()
+    variants = first_resnet_variants(block.space, sample_genomes(block.space, 4, seed=2)[3])
+    genomes = random.Random(3).sample(variants, 10)
+    first = [block.space.arch(g).resnets[0] for g in genomes]
+    groups = [{a.hidden for a in first if not a.skip and a.kernel1 == k} for k in {a.kernel1 for a in first}]
+    assert max(len(widths) for widths in groups) >= 2  # some group shares one conv between widths
+    actual = population_nsr(block, call, genomes, chunk=4, max_rows=4 * len(genomes))
+    for genome, a in zip(genomes, actual):
+        block.set_genome(genome)
+        assert a == pytest.approx(block_nsr(block, call, chunk=4), rel=1e-12), block.space.encode(genome)
+
+
+def test_shared_first_resnet_runs_one_conv_per_kernel_group(digits_supernet, monkeypatch):
+    # What is shared, observed at the ops: the shared-input conv1 is one population call with one
+    # candidate per kernel1 at the group's widest width, and conv2 over the shared input reads each
+    # input channel of a (kernel1, kernel2) subgroup once (one chunk: the slabs are requested once).
+    import pyevo.search.population as population
+
+    supernet, calls = digits_supernet
+    block, call = supernet["down_blocks.0"], calls["down_blocks.0"]
+    genomes = first_resnet_variants(block.space, block.space.teacher_genome())
+    first = [block.space.arch(g).resnets[0] for g in genomes]
+    conv1_calls, conv2_slabs = [], []
+    real_population_conv2d, real_input_slab = ops.population_conv2d, population._WeightCrops.input_slab
+
+    def population_conv2d(inputs, weight, *args):
+        if weight is block.block.resnets[0].conv1.weight and len(inputs) == 1:
+            conv1_calls.append((args[2], args[3]))  # out_channels, kernel_sizes
+        return real_population_conv2d(inputs, weight, *args)
+
+    def input_slab(self, conv, first, end, kernel_size):
+        conv2_slabs.append((first, end, kernel_size))
+        return real_input_slab(self, conv, first, end, kernel_size)
+
+    monkeypatch.setattr(population.ops, "population_conv2d", population_conv2d)
+    monkeypatch.setattr(population._WeightCrops, "input_slab", input_slab)
+    population_nsr(block, call, genomes, chunk=10, max_rows=10 * len(genomes))
+    kernels = sorted({a.kernel1 for a in first if not a.skip})
+    assert len(conv1_calls) == 1
+    out_channels, kernel_sizes = conv1_calls[0]
+    assert sorted(kernel_sizes) == kernels
+    for k, width in zip(kernel_sizes, out_channels):
+        assert width == max(a.hidden for a in first if not a.skip and a.kernel1 == k)
+    subgroups = {(a.kernel1, a.kernel2) for a in first if not a.skip}
+    widest = {pair: max(a.hidden for a in first if not a.skip and (a.kernel1, a.kernel2) == pair) for pair in subgroups}
+    # conv2 reads each input channel once per subgroup, not once per candidate
+    assert sum(end - begin for begin, end, _ in conv2_slabs) == sum(widest.values())
+    assert sum(widest.values()) < sum(a.hidden for a in first)  # what the per-candidate path reads
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: fresh inputs, poisoned outputs, CPU op and PyTorch as references
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,19 @@ whole generation's genomes of one block together, layer by layer:
   forward for the duration of the call: its convolutions, GroupNorm+SiLU and attention run as
   ``pyevo.ops.population_*`` ops, one call for all candidates that use the layer (one kernel
   launch on CUDA, except the convolutions under the default ``pyevo.ops.set_cuda_kernels``
-  choice, which loop over cuDNN). At the block's first searched layer every candidate sees the same input, so the
-  layer reads it once (a shared-input population op; the shortcut and first norm are computed
-  once); after it, each candidate reads its own rows;
+  choice, which loop over cuDNN);
+* at the block's first searched layer every candidate sees the same input, so work is shared:
+  the shortcut and first norm run once; a resnet runs conv1 once per kernel size at the widest
+  width any candidate of that size asks for, each candidate taking a channel prefix, the
+  time-embedding add and GroupNorm+SiLU once per such group, and conv2 as a running sum over
+  channel slabs, so that a group costs one conv at its widest width
+  (:func:`_shared_input_resnet_branches`); an attention projects once for the most heads. After
+  it, each candidate reads its own rows;
 * the output rows of candidate i are compared with the teacher's, chunk by chunk, exactly as
   ``block_nsr`` aggregates them.
 
 Candidates are processed in groups of at most ``max_rows // chunk`` so that K x N rows stay within
-memory. On the CPU the population ops are loops over the single-candidate ops, so the NSRs equal
+memory. The dense weight crops of the summed slabs are made once per call (one generation). On the CPU the population ops are loops over the single-candidate ops, so the NSRs equal
 the per-candidate path's up to float rounding (non-searched layers such as the samplers run on a
 K-times larger batch, which may change the order of sums); tests/test_population_ops.py checks it.
 
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 from pyevo import ops
 from pyevo.distill import block_nsr
 from pyevo.space import Genome
-from pyevo.supernet import SuperAttention, SuperBlock, SuperResnetBlock2D
+from pyevo.supernet import SharedConv2d, SuperAttention, SuperBlock, SuperResnetBlock2D
 from pyevo.teacher import BlockCall, _map_tensors, noise_to_signal, output_tensors
 
 log = logging.getLogger(__name__)
@@ -54,10 +59,83 @@ class _PopulationState:
 
     candidates: int
     rows: int
+    crops: "_WeightCrops"
     diverged: bool = False
 
     def part(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
         return tensor[index * self.rows:(index + 1) * self.rows]
+
+
+class _WeightCrops:
+    """Dense crops of shared conv weights, made once per generation (one ``population_nsr`` call, whose
+    weights do not change) and reused by every chunk and candidate group that needs them."""
+
+    def __init__(self):
+        self._crops: dict[tuple, torch.Tensor] = {}
+
+    def input_slab(self, conv: SharedConv2d, first: int, end: int, kernel_size: int) -> torch.Tensor:
+        """``conv.weight[:, first:end]``, its kernel cropped to the centred ``kernel_size`` square."""
+        key = (id(conv), first, end, kernel_size)
+        crop = self._crops.get(key)
+        if crop is None:
+            ring = (conv.weight.shape[-1] - kernel_size) // 2
+            crop = conv.weight[:, first:end, ring:ring + kernel_size, ring:ring + kernel_size].contiguous()
+            self._crops[key] = crop
+        return crop
+
+
+def _shared_input_resnet_branches(layer: SuperResnetBlock2D, archs, active: list[int], hidden_in: torch.Tensor,
+                                  temb_rows: torch.Tensor | None, crops: _WeightCrops) -> dict[int, torch.Tensor]:
+    """The residual branch (conv2's output) of each active candidate of a block's first searched resnet,
+    where every candidate reads the same input, computed once per group of candidates.
+
+    Three identities of the importance-ordered shared weights make this exact up to float rounding:
+
+    * conv1's output channel j reads weight row j alone, so candidates with the same ``kernel1`` take
+      channel prefixes of one convolution at the group's widest hidden width (views, no copies);
+    * the time-embedding projection's rows likewise, and GroupNorm's groups have a fixed number of
+      channels, so a prefix's statistics are the prefix's: the add and GroupNorm+SiLU run once per group;
+    * conv2 sums over its input channels, so the group's candidates of one ``kernel2``, taken from the
+      narrowest, each add the slab of channels beyond the previous width to a running sum: the whole
+      subgroup costs one convolution at its widest width.
+    """
+    config = layer.config
+    groups: dict[int, list[int]] = {}
+    for i in active:
+        groups.setdefault(archs[i].kernel1, []).append(i)
+    kernels = list(groups)
+    widest = [max(archs[i].hidden for i in groups[k]) for k in kernels]
+    hidden = ops.population_conv2d([hidden_in], layer.conv1.weight, layer.conv1.bias, [], widest, kernels)
+    if config.time_embedding_norm == "default":
+        if temb_rows is not None:
+            hidden = [h + layer._time_embedding(temb_rows, width)[0] for h, width in zip(hidden, widest)]
+        hidden = ops.population_group_norm_silu(hidden, layer.norm2.weight, layer.norm2.bias,
+                                                layer.norm2.channels_per_group, layer.norm2.eps)
+    else:
+        modulated = []
+        for h, width in zip(hidden, widest):
+            scale, shift = layer._time_embedding(temb_rows, width)
+            modulated.append(F.silu(layer.norm2(h) * (1 + scale) + shift))
+        hidden = modulated
+    bias = None if layer.conv2.bias is None else layer.conv2.bias[:config.out_channels, None, None]
+    branches: dict[int, torch.Tensor] = {}
+    for kernel1, h in zip(kernels, hidden):
+        h = layer.dropout(h)
+        by_kernel2: dict[int, list[int]] = {}
+        for i in groups[kernel1]:
+            by_kernel2.setdefault(archs[i].kernel2, []).append(i)
+        for kernel2, members in by_kernel2.items():
+            total, done = None, 0
+            for width in sorted({archs[i].hidden for i in members}):
+                slab = F.conv2d(h[:, done:width], crops.input_slab(layer.conv2, done, width, kernel2),
+                                padding=kernel2 // 2)
+                total = slab if total is None else total + slab
+                done = width
+                out = total if bias is None else total + bias
+                for i in members:
+                    if archs[i].hidden == width:
+                        branches[i] = out
+    return branches
 
 
 def _resnet_population_forward(layer: SuperResnetBlock2D, archs, state: _PopulationState,
@@ -81,9 +159,13 @@ def _resnet_population_forward(layer: SuperResnetBlock2D, archs, state: _Populat
 
     outputs: list[torch.Tensor | None] = [None] * len(archs)
     active = [i for i, arch in enumerate(archs) if not arch.skip]
-    if active:
+    if active and shared:
         hidden_in = layer._sample(layer.norm1.forward_silu(x))
-        conv1_inputs = [hidden_in] if shared else [state.part(hidden_in, i) for i in active]
+        for i, h in _shared_input_resnet_branches(layer, archs, active, hidden_in, temb_rows, state.crops).items():
+            outputs[i] = (shortcut + h) / config.output_scale_factor
+    elif active:
+        hidden_in = layer._sample(layer.norm1.forward_silu(x))
+        conv1_inputs = [state.part(hidden_in, i) for i in active]
         hidden = ops.population_conv2d(conv1_inputs, layer.conv1.weight, layer.conv1.bias, [],
                                        [archs[i].hidden for i in active], [archs[i].kernel1 for i in active])
         if config.time_embedding_norm == "default":
@@ -137,10 +219,11 @@ def _attention_population_forward(layer: SuperAttention, archs, state: _Populati
 
 
 @contextmanager
-def _population_mode(block: SuperBlock, genomes: Sequence[Genome], rows: int) -> Iterator[_PopulationState]:
+def _population_mode(block: SuperBlock, genomes: Sequence[Genome], rows: int,
+                     crops: _WeightCrops) -> Iterator[_PopulationState]:
     """Switches the block's searched layers to their population forwards for ``genomes``."""
     archs = [block.space.arch(genome) for genome in genomes]
-    state = _PopulationState(len(genomes), rows)
+    state = _PopulationState(len(genomes), rows, crops)
     patched = []
     try:
         for choices in block.space.resnets:
@@ -170,6 +253,7 @@ def population_nsr(block: SuperBlock, call: BlockCall, genomes: Sequence[Genome]
     group = max(1, max_rows // chunk)
     num = [0.0] * len(genomes)
     den = 0.0
+    crops = _WeightCrops()
     for start in range(0, batch, chunk):
         part = call.select(slice(start, start + chunk))
         rows = min(chunk, batch - start)
@@ -184,7 +268,7 @@ def population_nsr(block: SuperBlock, call: BlockCall, genomes: Sequence[Genome]
                 return t.repeat(repeat, *([1] * (t.dim() - 1)))
 
             args, kwargs = _map_tensors(part.args, stack), _map_tensors(part.kwargs, stack)
-            with _population_mode(block, members, rows) as state:
+            with _population_mode(block, members, rows, crops) as state:
                 out = block(*args, **kwargs)
             for offset in range(repeat):
                 mine = _map_tensors(out, lambda t, o=offset: state.part(t, o))
