@@ -16,6 +16,7 @@ def build_info() -> dict:
 
 
 STUDENT_EXPORTS = ("StudentUNet2DModel", "StudentUNet2DConditionModel", "load_student")
+RUNTIME_EXPORTS = ("optimize", "LeanUNet")
 
 
 def __getattr__(name: str):
@@ -25,4 +26,8 @@ def __getattr__(name: str):
         from pyevo import student
 
         return getattr(student, name)
+    if name in RUNTIME_EXPORTS:
+        from pyevo import runtime
+
+        return getattr(runtime, name)
     raise AttributeError(f"module 'pyevo' has no attribute {name!r}")

@@ -8,7 +8,6 @@ with its searched blocks, so the per-block estimate can be checked against the s
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from typing import Any, Callable, Iterator, Mapping
 
@@ -18,6 +17,7 @@ from torch import nn
 from pyevo.config import EvaluateConfig, LatencyConfig
 from pyevo.data import is_digits_shape
 from pyevo.latency import DTYPES, time_calls
+from pyevo.runtime import cast_copy
 from pyevo.teacher import BlockCall, conditioning, probe_labels, sample_shape
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def deployed(unet: nn.Module, batch: int, dtype: str, device: str, encoder_hidde
     """
     weight = next(unet.parameters())
     same = weight.device == torch.device(device) and weight.dtype == DTYPES[dtype]
-    model = unet if same else _cast(copy.deepcopy(unet), device, DTYPES[dtype])
+    model = unet if same else cast_copy(unet, device, DTYPES[dtype])
     was_training = unet.training
     model.eval()
     sample = torch.randn(batch, *sample_shape(unet), device=device, dtype=DTYPES[dtype])
@@ -129,20 +129,10 @@ def decode_latency(codec, latent_shape: tuple[int, int, int], batch: int, dtype:
     copy of the autoencoder, as :func:`deployed` times a UNet)."""
     from pyevo.autoencoder import LatentCodec
 
-    copy_of = LatentCodec(_cast(copy.deepcopy(codec.vae), device, DTYPES[dtype]).eval(), codec.folder)
+    copy_of = LatentCodec(cast_copy(codec.vae, device, DTYPES[dtype]).eval(), codec.folder)
     latents = torch.randn(batch, *latent_shape, device=device, dtype=DTYPES[dtype])
     return time_calls({"decode": lambda: copy_of.decode_batch(latents)}, device, config.warmup, config.repeats,
                       config.threads, config.cuda_graph)["decode"]
-
-
-def _cast(unet: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
-    """``unet.to(device, dtype)``, without diffusers' warning when no module must stay float32.
-
-    ``ModelMixin.to`` warns on every dtype cast once its keep-in-float32 list exists, even empty.
-    """
-    if getattr(unet, "_keep_in_fp32_modules", None):
-        return unet.to(device=device, dtype=dtype)
-    return nn.Module.to(unet, device=device, dtype=dtype)
 
 
 def quality_features(config: EvaluateConfig, shape: tuple[int, int, int]) -> tuple[nn.Module | None, str, str]:

@@ -1,0 +1,219 @@
+"""The lean runtime: a diffusers UNet (a teacher or an exported student) run with fewer, fused launches.
+
+:func:`optimize` wraps a UNet in a :class:`LeanUNet`, a drop-in ``unet`` for a ``diffusers``
+pipeline (``DDPMPipeline(unet=optimize(student), scheduler=...)``): same call, same outputs, its
+``config``, ``dtype`` and other attributes are the wrapped model's. What it changes, per device:
+
+* **CUDA.** Each resnet's GroupNorm+SiLU pairs run as pyevo's fused kernel
+  (``pyevo::shared_group_norm_silu`` over the whole width: 1.9-4.2x ATen's GroupNorm then SiLU on
+  an H100, ``experiments/device/results/2026-11-26-h100.md``), and each input signature (shapes,
+  dtypes, which conditions) is captured once as a CUDA graph and replayed: the digits and
+  DDPM-CIFAR10 UNets spend more time launching kernels than computing (``../shared/FACTS.md``).
+* **CPU.** The modules run as they are: pyevo's CPU GroupNorm+SiLU is slower than ATen's (about 4x
+  at N8 C256 16x16, ``tests/bench/test_ops_bench.py``) and a CPU has no graphs to replay.
+
+The wrapped model is never changed: the fused resnet forwards are switched on around each call
+(:func:`fused_resnets`) and off after it. A captured graph keeps the addresses of the weights and
+buffers it was captured with: change weights in place (``load_state_dict``, ``copy_``) as you like,
+but call :func:`optimize` again after moving the model or replacing its parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator
+
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+__all__ = ["LeanUNet", "cast_copy", "fused_resnets", "optimize"]
+
+
+def _group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.pyevo.shared_group_norm_silu(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups,
+                                                  norm.eps)
+
+
+def _fusable(module: nn.Module) -> bool:
+    """A diffusers ResnetBlock2D or a student's SlimResnetBlock2D whose norms are affine GroupNorms
+    followed by SiLU: the layers whose forward :func:`_fused_resnet_forward` restates."""
+    from pyevo.student import SlimResnetBlock2D
+
+    if type(module) not in (ResnetBlock2D, SlimResnetBlock2D):
+        return False
+    return (isinstance(module.nonlinearity, nn.SiLU) and module.time_embedding_norm in ("default", "scale_shift")
+            and all(isinstance(norm, nn.GroupNorm) and norm.affine for norm in (module.norm1, module.norm2)))
+
+
+def _fused_resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None,
+                          *args, **kwargs) -> torch.Tensor:
+    """``ResnetBlock2D.forward`` with GroupNorm+SiLU fused (after norm1 always; after norm2 where no
+    scale/shift comes between them)."""
+    hidden = _group_norm_silu(resnet.norm1, input_tensor)
+    if resnet.upsample is not None:
+        if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
+            input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+        input_tensor, hidden = resnet.upsample(input_tensor), resnet.upsample(hidden)
+    elif resnet.downsample is not None:
+        input_tensor, hidden = resnet.downsample(input_tensor), resnet.downsample(hidden)
+    hidden = resnet.conv1(hidden)
+    if resnet.time_emb_proj is not None and temb is not None:
+        if not resnet.skip_time_act:
+            temb = resnet.nonlinearity(temb)
+        temb = resnet.time_emb_proj(temb)[:, :, None, None]
+    if resnet.time_embedding_norm == "default":
+        if temb is not None:
+            hidden = hidden + temb
+        hidden = _group_norm_silu(resnet.norm2, hidden)
+    else:
+        if temb is None:
+            raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
+        scale, shift = torch.chunk(temb, 2, dim=1)
+        hidden = resnet.nonlinearity(resnet.norm2(hidden) * (1 + scale) + shift)
+    hidden = resnet.conv2(resnet.dropout(hidden))
+    if resnet.conv_shortcut is not None:
+        input_tensor = resnet.conv_shortcut(input_tensor)
+    return (input_tensor + hidden) / resnet.output_scale_factor
+
+
+@contextlib.contextmanager
+def fused_resnets(module: nn.Module) -> Iterator[int]:
+    """Within the ``with`` block, every fusable resnet in ``module`` runs :func:`_fused_resnet_forward`;
+    yields how many were switched. Their own forwards are back on exit."""
+    switched = []
+    try:
+        for resnet in module.modules():
+            if _fusable(resnet) and "forward" not in resnet.__dict__:
+                resnet.forward = (lambda *a, _r=resnet, **k: _fused_resnet_forward(_r, *a, **k))
+                switched.append(resnet)
+        yield len(switched)
+    finally:
+        for resnet in switched:
+            del resnet.forward
+
+
+def _signature(value: Any) -> Any:
+    """What a captured graph depends on in one argument: tensors' shapes, dtypes and devices, the
+    structure of containers, other values as they are."""
+    if torch.is_tensor(value):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, dict):
+        return ("dict", tuple((key, _signature(value[key])) for key in sorted(value)))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_signature(item) for item in value))
+    return ("value", repr(value))
+
+
+def _map(value: Any, fn) -> Any:
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: _map(item, fn) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(item, fn) for item in value)
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    if torch.is_tensor(static):
+        static.copy_(value)
+    elif isinstance(static, dict):
+        for key, item in static.items():
+            _copy_into(item, value[key])
+    elif isinstance(static, (list, tuple)):
+        for item, new in zip(static, value):
+            _copy_into(item, new)
+
+
+class LeanUNet(nn.Module):
+    """``unet`` under the lean runtime (see the module docstring); build it with :func:`optimize`.
+
+    Args:
+        unet: the model (kept as ``self.unet``, in eval mode, never changed).
+        cuda_graph: replay one CUDA graph per input signature for CUDA inputs outside autograd.
+        fused: run resnets' GroupNorm+SiLU as pyevo's fused op.
+    """
+
+    def __init__(self, unet: nn.Module, cuda_graph: bool, fused: bool):
+        super().__init__()
+        self.unet = unet.eval()
+        self.cuda_graph, self.fused = cuda_graph, fused
+        self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # What a pipeline reads of its unet (config, dtype, device, add_embedding, ...) is the model's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+    def _output(self, sample: torch.Tensor):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+
+        return (UNet2DConditionOutput if isinstance(self.unet, UNet2DConditionModel) else UNet2DOutput)(sample=sample)
+
+    def _eager(self, sample, timestep, args, kwargs) -> torch.Tensor:
+        with fused_resnets(self.unet) if self.fused else contextlib.nullcontext():
+            return self.unet(sample, timestep, *args, return_dict=False, **kwargs)[0]
+
+    def _replay(self, sample, timestep, args, kwargs) -> torch.Tensor:
+        inputs = (sample, timestep, args, kwargs)
+        key = _signature(inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = _map(inputs, torch.clone)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph: cuDNN/cuBLAS plans, lazy inits
+                for _ in range(2):
+                    self._eager(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self._eager(*static)
+            entry = self._graphs[key] = (graph, static, output)
+        graph, static, output = entry
+        _copy_into(static, inputs)
+        graph.replay()
+        return output.clone()  # the next replay overwrites the graph's own output
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        if not torch.is_tensor(timestep):  # a Python number: a tensor, so that one graph serves every step
+            timestep = torch.as_tensor(timestep, device=sample.device)
+        if self.cuda_graph and sample.is_cuda and not torch.is_grad_enabled():
+            out = self._replay(sample, timestep, args, kwargs)
+        else:
+            out = self._eager(sample, timestep, args, kwargs)
+        return self._output(out) if return_dict else (out,)
+
+
+def cast_copy(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` on ``device`` in ``dtype`` (the original keeps its weights exactly), without
+    diffusers' warning on every dtype cast once a model's keep-in-float32 list exists, even empty."""
+    module = copy.deepcopy(module)
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device=device, dtype=dtype)
+    return nn.Module.to(module, device=device, dtype=dtype)
+
+
+def optimize(unet: nn.Module, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+             cuda_graph: bool | None = None) -> LeanUNet:
+    """``unet`` under the lean runtime, in ``dtype`` on ``device`` (by default the model's own).
+
+    A model not already there is wrapped as a cast copy, so the caller's keeps its weights exactly.
+    ``cuda_graph`` defaults to on for CUDA; GroupNorm+SiLU is fused on CUDA only (see the module
+    docstring for why, with the measurements).
+    """
+    from pyevo.latency import DTYPES
+
+    weight = next(unet.parameters())
+    target_device = torch.device(device) if device is not None else weight.device
+    if target_device.type == "cuda" and target_device.index is None:
+        target_device = torch.device("cuda", torch.cuda.current_device())
+    target_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or weight.dtype)
+    if (weight.device, weight.dtype) != (target_device, target_dtype):
+        unet = cast_copy(unet, target_device, target_dtype)
+    on_cuda = target_device.type == "cuda"
+    return LeanUNet(unet, cuda_graph=on_cuda if cuda_graph is None else cuda_graph, fused=on_cuda)
