@@ -45,7 +45,10 @@ class LatencyConfig:
     # the evaluation): a stem is a small difference of large timings, and there are few of these.
     network_repeats: int = 21
     threads: int = 2  # CPU threads while timing (fixed, so tables are comparable)
-    cuda_graph: bool = False
+    # lean: what pyevo.optimize runs (on CUDA fused GroupNorm+SiLU and CUDA graphs; on the CPU the modules
+    # as they are); eager: the modules as they are, replayed as CUDA graphs where cuda_graph is on.
+    runtime: str = "lean"
+    cuda_graph: bool = False  # eager runtime only (the lean one always replays graphs on CUDA)
     cache: str = "~/.cache/pyevo/latency.json"  # persisted table; "" keeps it in the run folder
 
 
@@ -193,6 +196,7 @@ class Bounds:
 # The one place each key's allowed values are written down: validate() checks them and
 # ``python -m pyevo.search --help`` lists them.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "latency.runtime": ("eager", "lean"),
     "dtype": ("float32", "float16", "bfloat16"),
     "train_dtype": ("auto", "float32", "bfloat16", "float16"),
     "vae_posterior": ("mode", "sample"),

@@ -17,7 +17,7 @@ from torch import nn
 from pyevo.config import EvaluateConfig, LatencyConfig
 from pyevo.data import is_digits_shape
 from pyevo.latency import DTYPES, time_calls
-from pyevo.runtime import cast_copy
+from pyevo.runtime import cast_copy, replays_graphs, run_under
 from pyevo.teacher import BlockCall, conditioning, probe_labels, sample_shape
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
                     device: str, config: LatencyConfig, encoder_hidden_states: torch.Tensor | None = None,
                     added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Each network whole, block by block, and its stem alone, all timed in turn
-    (:func:`pyevo.latency.time_calls`).
+    (:func:`pyevo.latency.time_calls`) under ``config.runtime`` (``pyevo.runtime``), and each network
+    whole under the other runtime too, in the same turns (``runtimes_ms``: eager and lean).
 
     ``calls`` are the searched blocks' recorded inputs and outputs at the deployment batch, on
     ``device`` in ``dtype``. Per network: ``latency_ms`` (the whole forward), ``blocks_ms`` (each
@@ -66,25 +67,35 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     Text-conditional networks attend to ``encoder_hidden_states`` (batch, L, D), as their blocks' calls do
     (and SDXL-shaped ones take ``added_cond_kwargs``, which their blocks' calls hold in ``temb``).
     """
+    runtime = config.runtime
+    other = "eager" if runtime == "lean" else "lean"
     with contextlib.ExitStack() as stack:
-        fns = {}
+        fns, runtimes = {}, {}
         for network, unet in networks.items():
-            fns[network], model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states,
-                                                               added_cond_kwargs))
+            forward, model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states,
+                                                          added_cond_kwargs))
+            fns[network] = forward
             for name, call in calls.items():
                 block = model.get_submodule(name)
                 fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
             # The replays are built once, outside the timed call; only the swaps are inside it.
             replays = {name: _Replay(model.get_submodule(name), call.output) for name, call in calls.items()}
-            fns[(network, "stem")] = lambda fn=fns[network], model=model, replays=replays: _with_replayed_blocks(
+            fns[(network, "stem")] = lambda fn=forward, model=model, replays=replays: _with_replayed_blocks(
                 model, replays, fn)
-        times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, config.cuda_graph)
+            for key in list(fns):
+                if key == network or (isinstance(key, tuple) and key[0] == network):
+                    fns[key], runtimes[key] = run_under(runtime, device, fns[key], [model]), runtime
+            fns[(network, other)] = run_under(other, device, forward, [model])
+            runtimes[(network, other)] = other
+        graphs = {key for key, name in runtimes.items() if replays_graphs(name, config.cuda_graph, device)}
+        times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, graphs)
     result = {}
     for network in networks:
         blocks = {name: times[(network, name)] for name in calls}
         stem = times[(network, "stem")]
         result[network] = {"latency_ms": times[network], "blocks_ms": blocks, "stem_ms": stem,
-                           "unaccounted_ms": times[network] - stem - sum(blocks.values())}
+                           "unaccounted_ms": times[network] - stem - sum(blocks.values()),
+                           "runtime": runtime, "runtimes_ms": {runtime: times[network], other: times[(network, other)]}}
     return result
 
 
@@ -126,13 +137,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def decode_latency(codec, latent_shape: tuple[int, int, int], batch: int, dtype: str, device: str,
                    config: LatencyConfig) -> float:
     """Milliseconds of one decoder call on ``batch`` latents at the deployment dtype and device (a cast
-    copy of the autoencoder, as :func:`deployed` times a UNet)."""
+    copy of the autoencoder, as :func:`deployed` times a UNet), under ``config.runtime``."""
     from pyevo.autoencoder import LatentCodec
 
     copy_of = LatentCodec(cast_copy(codec.vae, device, DTYPES[dtype]).eval(), codec.folder)
     latents = torch.randn(batch, *latent_shape, device=device, dtype=DTYPES[dtype])
-    return time_calls({"decode": lambda: copy_of.decode_batch(latents)}, device, config.warmup, config.repeats,
-                      config.threads, config.cuda_graph)["decode"]
+    decode = run_under(config.runtime, device, lambda: copy_of.decode_batch(latents), [copy_of.vae])
+    return time_calls({"decode": decode}, device, config.warmup, config.repeats, config.threads,
+                      replays_graphs(config.runtime, config.cuda_graph, device))["decode"]
 
 
 def quality_features(config: EvaluateConfig, shape: tuple[int, int, int]) -> tuple[nn.Module | None, str, str]:

@@ -5,8 +5,9 @@ freed memory (:func:`keep_freed_memory`). CUDA: CUDA events, optional replay of 
 graph per call. Both: warm-up, then the median of repeats; calls timed together (a network and its
 blocks, a teacher and its student) are timed in turn. Candidate blocks are timed in turn with their
 teacher-shaped block, and the ratio is kept in a persisted table keyed by timing method, device,
-torch version, dtype, batch, teacher, block and genome, so a block is timed once per device and a
-later run (or a resumed one) reads the same figure.
+torch version, dtype, batch, how the blocks ran (runtime, CUDA graphs and kernel choice; CPU
+threads), teacher, block and genome, so a block is timed once per device and way of running it,
+and a later run (or a resumed one) reads the same figure.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
@@ -93,9 +94,12 @@ def time_call(fn: Callable[[], Any], device: torch.device | str, warmup: int, re
     return time_calls({"call": fn}, device, warmup, repeats, threads, cuda_graph)["call"]
 
 
-def time_calls(fns: Mapping[str, Callable[[], Any]], device: torch.device | str, warmup: int, repeats: int,
-               threads: int = 2, cuda_graph: bool = False) -> dict[str, float]:
+def time_calls(fns: Mapping[Any, Callable[[], Any]], device: torch.device | str, warmup: int, repeats: int,
+               threads: int = 2, cuda_graph: bool | Collection = False) -> dict[Any, float]:
     """Median wall time in milliseconds of each of ``fns`` on ``device``, timed in turn.
+
+    ``cuda_graph``: on CUDA, replay one captured graph per call for every call (``True``) or for the
+    calls named in a collection.
 
     Each repeat times every call once before the next repeat begins, so a slow spell of a shared
     machine (another job, a throttled clock) falls on all of them alike. Their ratios and
@@ -133,6 +137,8 @@ def _time_cuda(fns, times, device, warmup, repeats, cuda_graph) -> None:
         calls = dict(fns)
         if cuda_graph:
             for name, fn in fns.items():
+                if cuda_graph is not True and name not in cuda_graph:
+                    continue
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     fn()
@@ -212,9 +218,24 @@ def _locked(path: Path):
         os.close(fd)  # closing releases the lock
 
 
+def timing_setup(device: torch.device | str, threads: int, runtime: str, cuda_graph: bool) -> str:
+    """The part of a latency table key that says how blocks ran while timed, beyond device, dtype and
+    batch: on CUDA the runtime, whether graphs were replayed and the ops' kernel choice; on the CPU
+    the thread count and the runtime as it runs there (the lean one runs the modules as they are,
+    so both runtimes share one figure)."""
+    from pyevo.runtime import replays_graphs
+
+    if torch.device(device).type == "cuda":
+        from pyevo.ops import get_cuda_kernels
+
+        graphs = replays_graphs(runtime, cuda_graph, device)
+        return f"{runtime},graph{int(graphs)},kernels-{get_cuda_kernels()}"
+    return f"modules,threads{threads}"
+
+
 class LatencyTable:
     """Block latencies relative to the teacher-shaped block, keyed by timing method, device, torch,
-    dtype, batch, teacher, block and genome.
+    dtype, batch, how the blocks ran (:func:`timing_setup`), teacher, block and genome.
 
     Persisted as JSON, shared by every run on the machine, so every run on the same device reuses a
     measurement. A ratio of two blocks timed in turn holds when the machine as a whole runs faster or
@@ -226,10 +247,10 @@ class LatencyTable:
     """
 
     def __init__(self, path: str | Path | None, device: torch.device | str, dtype: str, batch: int,
-                 teacher_id: str, writes: bool = True):
+                 teacher_id: str, *, setup: str, writes: bool = True):
         self.path = Path(path).expanduser() if path else None
         self.prefix = "|".join([TIMING_METHOD, device_name(device), f"torch{torch.__version__}", dtype, f"b{batch}",
-                                teacher_id])
+                                setup, teacher_id])
         self.entries: dict[str, float] = {}
         self._measured: set[str] = set()  # keys this process put (they win over the file's on save)
         if self.path is not None:

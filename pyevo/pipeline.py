@@ -37,10 +37,11 @@ from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoenc
 from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
 from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
                             sample_quality)
-from pyevo.latency import DTYPES, LatencyTable, device_name, fingerprint, time_calls
+from pyevo.latency import DTYPES, LatencyTable, device_name, fingerprint, time_calls, timing_setup
 from pyevo.retrain import retrain_student
 from pyevo.runfolder import (atomic_write_bytes, atomic_write_json, file_digest, folder_write_error, read_json,
                              tensor_digest, user_umask)
+from pyevo.runtime import replays_graphs, timed_under
 from pyevo.sample import ddim_sample, sample_images
 from pyevo.search.local import BlockSearchResult, Candidate, search_block
 from pyevo.search.population import block_evaluator
@@ -289,8 +290,10 @@ class BlockTimer:
         blocks = {"candidate": self._static_block(name, genome), "teacher": self._teacher_blocks[name]}
         call = self.calls[name]
         fns = {key: (lambda block=block: block(*call.args, **call.kwargs)) for key, block in blocks.items()}
-        times = time_calls(fns, cfg.device, cfg.latency.warmup, cfg.latency.repeats, cfg.latency.threads,
-                           cfg.latency.cuda_graph)
+        runtime = cfg.latency.runtime
+        with timed_under(runtime, cfg.device, blocks.values()):
+            times = time_calls(fns, cfg.device, cfg.latency.warmup, cfg.latency.repeats, cfg.latency.threads,
+                               replays_graphs(runtime, cfg.latency.cuda_graph, cfg.device))
         return times["candidate"] / times["teacher"]
 
     def _static_block(self, name: str, genome) -> torch.nn.Module:
@@ -669,7 +672,8 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
     table_path = config.latency.cache or str(Path(config.out) / "latency_table.json")
     # Keyed by this rank's own device: under torchrun each rank times its candidates where it runs, and
     # rank 0 saves them all (the other ranks write nothing, not even a probe of the cache's folder).
-    table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id, writes=main)
+    setup = timing_setup(config.device, config.latency.threads, config.latency.runtime, config.latency.cuda_graph)
+    table = LatencyTable(table_path, config.device, config.dtype, config.batch, teacher_id, setup=setup, writes=main)
     supernet = build_supernet(teacher)
     fixed_genomes = fixed_network_genome(config.search.genome, spaces)
     timer = BlockTimer(config, teacher, supernet, spaces, table, conditions)
@@ -678,7 +682,7 @@ def _run(config: RunConfig, resume: bool, progress: bool, context: distributed.C
 
     folder = Path(config.out)
     timings_for = {"teacher": teacher_id, "device": torch.device(config.device).type, "dtype": config.dtype,
-                   "batch": config.batch}
+                   "batch": config.batch, "setup": setup}
 
     def teacher_timings() -> dict:
         # The teacher and its blocks are timed in turn, so its stem (the network with its blocks replayed)

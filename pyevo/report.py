@@ -21,6 +21,21 @@ from pyevo.training import resolve_train_dtype  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def _runtime_label(timed: dict) -> str:
+    return f", {timed['runtime']} runtime" if "runtime" in timed else ""
+
+
+def _other_runtime_rows(t: dict, s: dict, device: str) -> list[str]:
+    """The whole networks under the runtime the run did not time its blocks with, timed in the same turns
+    (``pyevo.runtime``: lean is what ``pyevo.optimize`` runs)."""
+    if "runtimes_ms" not in t or "runtimes_ms" not in s:
+        return []  # an evaluation from before both runtimes were timed
+    same = "; on the CPU the same modules as lean: the gap is noise" if torch.device(device).type == "cpu" else ""
+    return [f"| latency, measured (ms, {name} runtime{same}) | {t['runtimes_ms'][name]:.3f} | {s['runtimes_ms'][name]:.3f} | "
+            f"{s['runtimes_ms'][name] / t['runtimes_ms'][name]:.3f} |"
+            for name in sorted(t["runtimes_ms"]) if name != t["runtime"]]
+
+
 def write_report(folder: Path, config, spaces, results, selected: dict, evaluated: dict,
                  seconds: dict[str, float], teacher, student, scheduler, codec=None, context=None,
                  owners: dict[str, int] | None = None) -> dict:
@@ -193,7 +208,9 @@ def _markdown(report: dict) -> str:
         "|---|---|---|---|",
         f"| MACs (batch 1) | {t['macs']:,} | {s['macs']:,} | {r['macs']:.3f} |",
         f"| params | {t['params']:,} | {s['params']:,} | {r['params']:.3f} |",
-        f"| latency, measured (ms) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | {r['latency']:.3f} |",
+        f"| latency, measured (ms{_runtime_label(t)}) | {t['latency_ms']:.3f} | {s['latency_ms']:.3f} | "
+        f"{r['latency']:.3f} |",
+        *_other_runtime_rows(t, s, report["device"]),
         f"| latency, per-block estimate (ms) | — | {s['latency_estimate_ms']:.3f} | "
         f"error {100 * s['latency_estimate_error']:+.1f}% |",
         f"| latency at selection, per-block estimate (ms) | {sel['teacher_ms']:.3f} | "

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-__all__ = ["LeanUNet", "cast_copy", "fused_resnets", "optimize"]
+__all__ = ["LeanUNet", "cast_copy", "fused_resnets", "optimize", "replays_graphs", "run_under", "timed_under"]
 
 
 def _group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +91,33 @@ def fused_resnets(module: nn.Module) -> Iterator[int]:
     finally:
         for resnet in switched:
             del resnet.forward
+
+
+def replays_graphs(runtime: str, cuda_graph: bool, device: torch.device | str) -> bool:
+    """Whether timings under ``runtime`` replay captured CUDA graphs: on CUDA, always for the lean
+    runtime, for the eager one where ``cuda_graph`` asks for it."""
+    return torch.device(device).type == "cuda" and (runtime == "lean" or cuda_graph)
+
+
+@contextlib.contextmanager
+def timed_under(runtime: str, device: torch.device | str, modules) -> Iterator[None]:
+    """``modules`` (networks or blocks) as ``runtime`` runs them, for timing: under the lean runtime on
+    CUDA their resnets fused, as in :class:`LeanUNet` (whose graphs :func:`replays_graphs` stands for)."""
+    with contextlib.ExitStack() as stack:
+        if runtime == "lean" and torch.device(device).type == "cuda":
+            for module in modules:
+                stack.enter_context(fused_resnets(module))
+        yield
+
+
+def run_under(runtime: str, device: torch.device | str, fn: Callable[[], Any], modules) -> Callable[[], Any]:
+    """``fn`` as a call that runs ``modules`` under ``runtime`` (:func:`timed_under`) each time, so that
+    calls under both runtimes can be timed in turn."""
+    def call():
+        with timed_under(runtime, device, modules):
+            return fn()
+
+    return call
 
 
 def _signature(value: Any) -> Any:

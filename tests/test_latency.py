@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyevo.latency import LatencyTable, fingerprint, time_call, time_calls
+from pyevo.latency import LatencyTable, fingerprint, time_call, time_calls, timing_setup
+
+SETUP = timing_setup("cpu", threads=2, runtime="lean", cuda_graph=False)
 
 
 def test_time_call_measures_the_work():
@@ -32,24 +34,42 @@ def test_time_calls_times_each_call_in_turn():
 
 def test_table_keys_persist_and_merge(tmp_path):
     path = tmp_path / "table.json"
-    table = LatencyTable(path, "cpu", "float32", 64, "abc")
+    table = LatencyTable(path, "cpu", "float32", 64, "abc", setup=SETUP)
     calls = []
     assert table.lookup("mid_block", "r0:skip", lambda: calls.append(1) or 1.5) == 1.5
     assert table.lookup("mid_block", "r0:skip", lambda: calls.append(1) or 9.9) == 1.5
     assert calls == [1]
     table.save()
-    other = LatencyTable(path, "cpu", "float32", 64, "abc")
+    other = LatencyTable(path, "cpu", "float32", 64, "abc", setup=SETUP)
     other.put("up_blocks.0", "a0:drop", 2.0)
     table.put("down_blocks.0", "r0:skip", 3.0)
     other.save()
     table.save()  # merges with what `other` wrote
     entries = json.loads(path.read_text())
-    assert {k.split("|", 6)[-1] for k in entries} == {"mid_block|r0:skip", "up_blocks.0|a0:drop",
+    assert {k.split("|", 7)[-1] for k in entries} == {"mid_block|r0:skip", "up_blocks.0|a0:drop",
                                                        "down_blocks.0|r0:skip"}
     # A different batch, dtype or teacher is a different key.
-    assert LatencyTable(path, "cpu", "float32", 32, "abc").get("mid_block", "r0:skip") is None
-    assert LatencyTable(path, "cpu", "float16", 64, "abc").get("mid_block", "r0:skip") is None
-    assert LatencyTable(path, "cpu", "float32", 64, "xyz").get("mid_block", "r0:skip") is None
+    assert LatencyTable(path, "cpu", "float32", 32, "abc", setup=SETUP).get("mid_block", "r0:skip") is None
+    assert LatencyTable(path, "cpu", "float16", 64, "abc", setup=SETUP).get("mid_block", "r0:skip") is None
+    assert LatencyTable(path, "cpu", "float32", 64, "xyz", setup=SETUP).get("mid_block", "r0:skip") is None
+    # And so is another way of running the blocks (here: another thread count).
+    one_thread = timing_setup("cpu", threads=1, runtime="lean", cuda_graph=False)
+    assert LatencyTable(path, "cpu", "float32", 64, "abc", setup=one_thread).get("mid_block", "r0:skip") is None
+
+
+def test_timing_setup_names_what_changes_a_timing():
+    # CPU: the thread count; both runtimes run the modules as they are there, so they share figures
+    # and a CUDA-graph flag changes nothing.
+    cpu = {timing_setup("cpu", t, r, g) for t in (2,) for r in ("eager", "lean") for g in (False, True)}
+    assert cpu == {"modules,threads2"} and timing_setup("cpu", 1, "lean", False) != timing_setup("cpu", 2, "lean", False)
+    # CUDA: the runtime, whether graphs are replayed (always under lean) and the ops' kernel choice.
+    from pyevo import ops
+
+    cuda = {(r, g): timing_setup("cuda", 2, r, g) for r in ("eager", "lean") for g in (False, True)}
+    assert len({cuda[("eager", False)], cuda[("eager", True)], cuda[("lean", False)]}) == 3
+    assert cuda[("lean", False)] == cuda[("lean", True)] and "graph1" in cuda[("lean", False)]
+    with ops.cuda_kernels("pyevo"):
+        assert timing_setup("cuda", 2, "lean", False) != cuda[("lean", False)]
 
 
 def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path):
@@ -61,7 +81,7 @@ def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path
         import os, sys, time
         from pyevo.latency import LatencyTable
         path, go, name = sys.argv[1:4]
-        table = LatencyTable(path, "cpu", "float32", 2, "teacher")
+        table = LatencyTable(path, "cpu", "float32", 2, "teacher", setup="modules,threads2")
         open(go + "." + name, "w").close()  # ready
         while not os.path.exists(go):  # start together
             time.sleep(0.01)
@@ -83,7 +103,7 @@ def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path
         time.sleep(0.05)
     go.write_text("")
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    table = LatencyTable(path, "cpu", "float32", 2, "teacher")
+    table = LatencyTable(path, "cpu", "float32", 2, "teacher", setup=SETUP)
     for name in ("down_blocks.0", "up_blocks.1"):
         assert [table.get(name, f"g{i}") for i in range(40)] == [float(i + 1) for i in range(40)]
     assert len(json.loads(path.read_text())) == 80
@@ -94,15 +114,16 @@ def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path
 
 def test_saving_keeps_what_another_run_stored_for_a_key_this_one_only_read(tmp_path):
     path = tmp_path / "latency.json"
-    first = LatencyTable(path, "cpu", "float32", 2, "t")
+    first = LatencyTable(path, "cpu", "float32", 2, "t", setup=SETUP)
     first.put("mid_block", "a", 1.0)
     first.save()
-    mine, theirs = LatencyTable(path, "cpu", "float32", 2, "t"), LatencyTable(path, "cpu", "float32", 2, "t")
+    mine = LatencyTable(path, "cpu", "float32", 2, "t", setup=SETUP)
+    theirs = LatencyTable(path, "cpu", "float32", 2, "t", setup=SETUP)
     theirs.put("mid_block", "a", 2.0)  # re-timed elsewhere
     theirs.save()
     mine.put("mid_block", "b", 3.0)
     mine.save()
-    assert LatencyTable(path, "cpu", "float32", 2, "t").get("mid_block", "a") == 2.0
+    assert LatencyTable(path, "cpu", "float32", 2, "t", setup=SETUP).get("mid_block", "a") == 2.0
     assert mine.get("mid_block", "a") == 2.0 and mine.get("mid_block", "b") == 3.0  # merged back into the table
 
 
@@ -118,7 +139,7 @@ def test_a_cache_that_is_not_a_table_is_refused_and_left_as_it_is(tmp_path, cont
     path = tmp_path / "latency.json"
     path.write_text(content)
     with pytest.raises(LatencyCacheError, match=re.escape(message)):
-        LatencyTable(path, "cpu", "float32", 2, "t")
+        LatencyTable(path, "cpu", "float32", 2, "t", setup=SETUP)
     assert path.read_text() == content and os.listdir(tmp_path) == ["latency.json"]
 
 
@@ -148,10 +169,13 @@ def test_network_latency_times_each_network_whole_and_by_its_own_blocks():
                 lambda *_, key=(network, name): counts.__setitem__(key, counts.get(key, 0) + 1))
     timed = network_latency(networks, calls, batch=2, dtype="bfloat16", device="cpu",
                             config=LatencyConfig(warmup=1, network_repeats=2, threads=1))
-    # Each block ran (1 + 2) times alone on its recorded inputs and as often inside its network.
-    assert counts == {(network, name): 6 for network in networks for name in calls}
+    # Each block ran (1 + 2) times alone on its recorded inputs and as often inside its network under
+    # each runtime (the run's, lean, and eager beside it).
+    assert counts == {(network, name): 9 for network in networks for name in calls}
     for network, result in timed.items():
         assert set(result["blocks_ms"]) == set(calls)
+        assert result["runtime"] == "lean" and set(result["runtimes_ms"]) == {"eager", "lean"}
+        assert result["runtimes_ms"]["lean"] == result["latency_ms"] and result["runtimes_ms"]["eager"] > 0
         # The stem is measured (blocks replayed, their hooks not called), and the remainder is reported.
         assert 0 < result["stem_ms"] < result["latency_ms"]
         assert result["unaccounted_ms"] == pytest.approx(

@@ -79,7 +79,13 @@ def test_latency_estimates_are_reported_against_the_same_timings(finished_run):
         selected["latency_estimate_ms"] / selected["teacher_ms"])
     assert selection["latency_ratio_error"] == pytest.approx(
         selection["latency_ratio_estimate"] / report["ratios"]["latency"] - 1)
-    assert "latency at selection" in (root / "a" / "report.md").read_text()
+    text = (root / "a" / "report.md").read_text()
+    assert "latency at selection" in text
+    # Both runtimes' whole networks, the run's (lean by default) the measured latency.
+    for side in (teacher, student):
+        assert side["runtime"] == "lean" and side["runtimes_ms"]["lean"] == side["latency_ms"]
+    eager = f"| {teacher['runtimes_ms']['eager']:.3f} | {student['runtimes_ms']['eager']:.3f} |"
+    assert "latency, measured (ms, lean runtime)" in text and "eager runtime" in text and eager in text
 
 
 def test_block_timer_keeps_ratios_to_the_teacher_block_and_scales_them_by_this_runs_reference(
@@ -93,7 +99,7 @@ def test_block_timer_keeps_ratios_to_the_teacher_block_and_scales_them_by_this_r
     config = toy_config(teacher_folder, tmp_path / "out", tmp_path / "latency.json")
     teacher, _ = load_teacher(config.teacher)
     spaces = {space.name: space for space in unet_space(teacher)}
-    table = LatencyTable(tmp_path / "latency.json", "cpu", config.dtype, config.batch, "toy")
+    table = LatencyTable(tmp_path / "latency.json", "cpu", config.dtype, config.batch, "toy", setup="modules,threads2")
     timer = BlockTimer(config, teacher, build_supernet(teacher), spaces, table)
     name, space = next(iter(spaces.items()))
     timer.reference_ms = {name: 8.0}
