@@ -9,15 +9,17 @@
 #   a. environment and build: the image's python3 (it holds the CUDA torch), the wheels in .whl/,
 #      if carried, installed into a folder on PYTHONPATH to add what it lacks (diffusers, deap),
 #      then pyevo._C built with CUDA for the visible GPU;
-#   b. the CUDA tests (tests/test_ops.py, tests/test_population_ops.py, tests/test_ops_fuzz.py, -k cuda);
+#   b. the CUDA tests (tests/test_ops.py, test_population_ops.py, test_ops_fuzz.py, test_runtime.py; -k cuda);
 #   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
 #      allocator, so an access past a tensor's end is past an allocation's end);
-#   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case;
+#   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case; then teacher vs
+#      a half-MACs student of the DDPM-CIFAR10 config, eager / graph / lean runtime
+#      (experiments/device/runtime_latency.py);
 #   e. a short python -m pyevo.search --device cuda on the digits teacher (small stage settings),
 #      whose report gives teacher vs student latency on the GPU, then the same search with
 #      --device cpu on the same machine: seconds per stage (distill, retrain on the GPU) beside it;
 #   f. a summary table, printed last and written to $OUT/summary.md.
-# Step limits add up to 540 s (9 minutes); a device call of timeout_s=600 leaves a margin.
+# Step limits add up to 585 s; in the H100 run the steps took far less than their limits.
 # Files in $OUT (8 at most come back): build.log tests.log sanitizer.log bench.log bench.json
 # search.log search_report.json summary.md. Everything else stays in $WORK.
 set -uo pipefail
@@ -86,7 +88,7 @@ fi
 # The tests that import diffusers and deap (the supernet, the search) run only where they import.
 TEST_FILES="tests/test_ops.py"
 if "$PY" -c "import diffusers, deap" > /dev/null 2>&1; then
-  TEST_FILES="tests/test_ops.py tests/test_population_ops.py tests/test_ops_fuzz.py"
+  TEST_FILES="tests/test_ops.py tests/test_population_ops.py tests/test_ops_fuzz.py tests/test_runtime.py"
 else
   echo "diffusers or deap missing: tests/test_population_ops.py and the search are skipped" \
     "(carry wheels in .whl/: experiments/device/README.md)" | tee -a "$BUILD_LOG"
@@ -116,6 +118,18 @@ if [[ $MODE == gpu ]]; then
   step bench 100 "$OUT/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json"
 else
   step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --quick --device cpu --json "$OUT/bench.json"
+fi
+
+# ---- d2. teacher vs a half-MACs student of the DDPM-CIFAR10 config under each runtime (issue 15's targets)
+if [[ $TEST_FILES == *population* ]]; then
+  if [[ $MODE == gpu ]]; then RUNTIME=(--device cuda --dtype float16 --batch 64); else
+    RUNTIME=(--device cpu --dtype float32 --batch 4 --repeats 5); fi
+  # Its log and JSON stay in $WORK (8 files come back at most); the summary carries its table.
+  step runtime 45 "$WORK/runtime.log" "$PY" experiments/device/runtime_latency.py "${RUNTIME[@]}" \
+    --json "$WORK/runtime.json"
+else
+  echo "runtime: not run (diffusers or deap missing)" > "$WORK/runtime.log"
+  printf 'runtime\tskipped\t0\n' >> "$STEPS"
 fi
 
 # ---- e. a short search on the digits teacher, latency measured on the device
@@ -151,5 +165,5 @@ fi
 # ---- f. summary, printed last
 echo
 "$PY" experiments/device/summarize.py --out "$OUT" --steps "$STEPS" --total "$((SECONDS - START))" \
-  --cpu-report "$WORK/search_cpu/report.json" \
+  --cpu-report "$WORK/search_cpu/report.json" --runtime "$WORK/runtime.json" \
   || echo "summary failed (exit $?); logs are in $OUT"

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", required=True)
     parser.add_argument("--total", type=int, default=None)
     parser.add_argument("--cpu-report", default=None, help="report.json of the same search on the CPU")
+    parser.add_argument("--runtime", default=None, help="runtime_latency.py's JSON")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     md = ["# pyevo device run", ""]
@@ -147,6 +148,16 @@ def main(argv=None) -> int:
         md.append("")
     else:
         md += ["search: no report (see search.log)", ""]
+
+    runtime_file = pathlib.Path(args.runtime) if args.runtime else None
+    runtime = json.loads(runtime_file.read_text()) if runtime_file and runtime_file.is_file() else {}
+    if runtime:
+        md += [f"| DDPM-CIFAR10 config, batch {runtime['batch']} {runtime['dtype']}, student at "
+               f"{runtime['macs_ratio']:.3f} MACs | teacher (ms) | student (ms) | teacher / student |",
+               "|---|---|---|---|"]
+        md += [f"| {name} | {row['teacher_ms']:.3f} | {row['student_ms']:.3f} | "
+               f"{row['teacher_ms'] / row['student_ms']:.2f}x |" for name, row in runtime["runtimes"].items()]
+        md += [f"| target: {label} | | | {value:.2f}x |" for label, value in runtime["targets"].items()] + [""]
 
     rows = bench.get("rows", [])
     if rows:
