@@ -27,65 +27,36 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from pyevo.student import SlimResnetBlock2D, resnet_forward
+
 __all__ = ["LeanUNet", "cast_copy", "fused_resnets", "optimize", "replays_graphs", "run_under", "timed_under"]
 
 
-def _group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+def _group_norm_silu(resnet: nn.Module, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.pyevo.shared_group_norm_silu(x, norm.weight, norm.bias, norm.num_channels // norm.num_groups,
                                                   norm.eps)
 
 
 def _fusable(module: nn.Module) -> bool:
     """A diffusers ResnetBlock2D or a student's SlimResnetBlock2D whose norms are affine GroupNorms
-    followed by SiLU: the layers whose forward :func:`_fused_resnet_forward` restates."""
-    from pyevo.student import SlimResnetBlock2D
-
+    followed by SiLU: the layers :func:`pyevo.student.resnet_forward` computes."""
     if type(module) not in (ResnetBlock2D, SlimResnetBlock2D):
         return False
     return (isinstance(module.nonlinearity, nn.SiLU) and module.time_embedding_norm in ("default", "scale_shift")
             and all(isinstance(norm, nn.GroupNorm) and norm.affine for norm in (module.norm1, module.norm2)))
 
 
-def _fused_resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None,
-                          *args, **kwargs) -> torch.Tensor:
-    """``ResnetBlock2D.forward`` with GroupNorm+SiLU fused (after norm1 always; after norm2 where no
-    scale/shift comes between them)."""
-    hidden = _group_norm_silu(resnet.norm1, input_tensor)
-    if resnet.upsample is not None:
-        if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
-            input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
-        input_tensor, hidden = resnet.upsample(input_tensor), resnet.upsample(hidden)
-    elif resnet.downsample is not None:
-        input_tensor, hidden = resnet.downsample(input_tensor), resnet.downsample(hidden)
-    hidden = resnet.conv1(hidden)
-    if resnet.time_emb_proj is not None and temb is not None:
-        if not resnet.skip_time_act:
-            temb = resnet.nonlinearity(temb)
-        temb = resnet.time_emb_proj(temb)[:, :, None, None]
-    if resnet.time_embedding_norm == "default":
-        if temb is not None:
-            hidden = hidden + temb
-        hidden = _group_norm_silu(resnet.norm2, hidden)
-    else:
-        if temb is None:
-            raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
-        scale, shift = torch.chunk(temb, 2, dim=1)
-        hidden = resnet.nonlinearity(resnet.norm2(hidden) * (1 + scale) + shift)
-    hidden = resnet.conv2(resnet.dropout(hidden))
-    if resnet.conv_shortcut is not None:
-        input_tensor = resnet.conv_shortcut(input_tensor)
-    return (input_tensor + hidden) / resnet.output_scale_factor
-
-
 @contextlib.contextmanager
 def fused_resnets(module: nn.Module) -> Iterator[int]:
-    """Within the ``with`` block, every fusable resnet in ``module`` runs :func:`_fused_resnet_forward`;
-    yields how many were switched. Their own forwards are back on exit."""
+    """Within the ``with`` block, every fusable resnet in ``module`` runs
+    :func:`pyevo.student.resnet_forward` with GroupNorm+SiLU fused; yields how many were switched.
+    Their own forwards are back on exit."""
     switched = []
     try:
         for resnet in module.modules():
             if _fusable(resnet) and "forward" not in resnet.__dict__:
-                resnet.forward = (lambda *a, _r=resnet, **k: _fused_resnet_forward(_r, *a, **k))
+                resnet.forward = (lambda input_tensor, temb=None, *a, _r=resnet, **k:
+                                  resnet_forward(_r, input_tensor, temb, norm_silu=_group_norm_silu))
                 switched.append(resnet)
         yield len(switched)
     finally:

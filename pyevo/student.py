@@ -79,31 +79,44 @@ class SlimResnetBlock2D(nn.Module):
         self.downsample = downsample
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        hidden = self.nonlinearity(self.norm1(input_tensor))
-        if self.upsample is not None:
-            if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
-                input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
-            input_tensor, hidden = self.upsample(input_tensor), self.upsample(hidden)
-        elif self.downsample is not None:
-            input_tensor, hidden = self.downsample(input_tensor), self.downsample(hidden)
-        hidden = self.conv1(hidden)
-        if self.time_emb_proj is not None and temb is not None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)[:, :, None, None]
-        if self.time_embedding_norm == "default":
-            if temb is not None:
-                hidden = hidden + temb
-            hidden = self.norm2(hidden)
-        else:
-            if temb is None:
-                raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
-            scale, shift = torch.chunk(temb, 2, dim=1)
-            hidden = self.norm2(hidden) * (1 + scale) + shift
-        hidden = self.conv2(self.dropout(self.nonlinearity(hidden)))
-        if self.conv_shortcut is not None:
-            input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden) / self.output_scale_factor
+        return resnet_forward(self, input_tensor, temb)
+
+
+def _norm_then_silu(resnet: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return resnet.nonlinearity(norm(x))
+
+
+def resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None,
+                   norm_silu: Callable = _norm_then_silu) -> torch.Tensor:
+    """diffusers' ResnetBlock2D computation on ``resnet``'s layers (a ``ResnetBlock2D`` or a
+    ``SlimResnetBlock2D``: the same submodule names). ``norm_silu(resnet, norm, x)`` computes
+    SiLU(norm(x)) where the two follow each other (after norm1; after norm2 without scale/shift):
+    by default the two modules in turn, fused in the lean runtime (``pyevo.runtime``)."""
+    hidden = norm_silu(resnet, resnet.norm1, input_tensor)
+    if resnet.upsample is not None:
+        if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
+            input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
+        input_tensor, hidden = resnet.upsample(input_tensor), resnet.upsample(hidden)
+    elif resnet.downsample is not None:
+        input_tensor, hidden = resnet.downsample(input_tensor), resnet.downsample(hidden)
+    hidden = resnet.conv1(hidden)
+    if resnet.time_emb_proj is not None and temb is not None:
+        if not resnet.skip_time_act:
+            temb = resnet.nonlinearity(temb)
+        temb = resnet.time_emb_proj(temb)[:, :, None, None]
+    if resnet.time_embedding_norm == "default":
+        if temb is not None:
+            hidden = hidden + temb
+        hidden = norm_silu(resnet, resnet.norm2, hidden)
+    else:
+        if temb is None:
+            raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
+        scale, shift = torch.chunk(temb, 2, dim=1)
+        hidden = resnet.nonlinearity(resnet.norm2(hidden) * (1 + scale) + shift)
+    hidden = resnet.conv2(resnet.dropout(hidden))
+    if resnet.conv_shortcut is not None:
+        input_tensor = resnet.conv_shortcut(input_tensor)
+    return (input_tensor + hidden) / resnet.output_scale_factor
 
 
 class ShortcutOnly(nn.Module):

@@ -68,8 +68,10 @@ def test_timing_setup_names_what_changes_a_timing():
     cuda = {(r, g): timing_setup("cuda", 2, r, g) for r in ("eager", "lean") for g in (False, True)}
     assert len({cuda[("eager", False)], cuda[("eager", True)], cuda[("lean", False)]}) == 3
     assert cuda[("lean", False)] == cuda[("lean", True)] and "graph1" in cuda[("lean", False)]
+    with ops.cuda_kernels("auto"):
+        auto = timing_setup("cuda", 2, "lean", False)
     with ops.cuda_kernels("pyevo"):
-        assert timing_setup("cuda", 2, "lean", False) != cuda[("lean", False)]
+        assert timing_setup("cuda", 2, "lean", False) != auto
 
 
 def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path):
