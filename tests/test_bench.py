@@ -9,8 +9,13 @@ from pyevo.bench.__main__ import main
 
 
 def test_bench_quick_cpu(tmp_path, capsys):
+    from pyevo import ops
+
     out = tmp_path / "bench.json"
-    assert main(["--quick", "--device", "cpu", "--json", str(out)]) == 0
+    threads, kernels = torch.get_num_threads(), ops.get_cuda_kernels()
+    assert main(["--quick", "--device", "cpu", "--json", str(out), "--threads", "1"]) == 0
+    # The process-wide settings the benchmark changes are as they were (it measures pyevo's own kernels).
+    assert (torch.get_num_threads(), ops.get_cuda_kernels()) == (threads, kernels)
     data = json.loads(out.read_text())
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["quick"] is True
     assert data["peaks"]["matmul_tflops"]["float32"] > 0 and data["peaks"]["copy_gbps"] > 0

@@ -74,6 +74,21 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
+    """Runs the benchmark; the process-wide settings it changes (threads, TF32, the ops' CUDA kernel
+    choice) are as they were afterwards, so that a caller in the same process is not affected."""
+    from pyevo import ops
+
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             ops.get_cuda_kernels())
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:3]
+        ops.set_cuda_kernels(saved[3])
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")  # SDPA backends that refuse a shape say so at length
     import pyevo
