@@ -70,24 +70,25 @@ def network_latency(networks: Mapping[str, nn.Module], calls: Mapping[str, Block
     runtime = config.runtime
     other = "eager" if runtime == "lean" else "lean"
     with contextlib.ExitStack() as stack:
-        fns, runtimes = {}, {}
+        fns, graphs = {}, set()
+
+        def add(key, fn, model, under: str) -> None:
+            fns[key] = run_under(under, device, fn, [model])
+            if replays_graphs(under, config.cuda_graph, device):
+                graphs.add(key)
+
         for network, unet in networks.items():
             forward, model = stack.enter_context(deployed(unet, batch, dtype, device, encoder_hidden_states,
                                                           added_cond_kwargs))
-            fns[network] = forward
+            add(network, forward, model, runtime)
+            add((network, other), forward, model, other)
             for name, call in calls.items():
                 block = model.get_submodule(name)
-                fns[(network, name)] = lambda block=block, call=call: block(*call.args, **call.kwargs)
+                add((network, name), lambda block=block, call=call: block(*call.args, **call.kwargs), model, runtime)
             # The replays are built once, outside the timed call; only the swaps are inside it.
             replays = {name: _Replay(model.get_submodule(name), call.output) for name, call in calls.items()}
-            fns[(network, "stem")] = lambda fn=forward, model=model, replays=replays: _with_replayed_blocks(
-                model, replays, fn)
-            for key in list(fns):
-                if key == network or (isinstance(key, tuple) and key[0] == network):
-                    fns[key], runtimes[key] = run_under(runtime, device, fns[key], [model]), runtime
-            fns[(network, other)] = run_under(other, device, forward, [model])
-            runtimes[(network, other)] = other
-        graphs = {key for key, name in runtimes.items() if replays_graphs(name, config.cuda_graph, device)}
+            add((network, "stem"), lambda fn=forward, model=model, replays=replays: _with_replayed_blocks(
+                model, replays, fn), model, runtime)
         times = time_calls(fns, device, config.warmup, config.network_repeats, config.threads, graphs)
     result = {}
     for network in networks:

@@ -28,6 +28,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from pyevo.student import SlimResnetBlock2D, resnet_forward
+from pyevo.teacher import _map_tensors
 
 __all__ = ["LeanUNet", "cast_copy", "fused_resnets", "optimize", "replays_graphs", "run_under", "timed_under"]
 
@@ -103,16 +104,6 @@ def _signature(value: Any) -> Any:
     return ("value", repr(value))
 
 
-def _map(value: Any, fn) -> Any:
-    if torch.is_tensor(value):
-        return fn(value)
-    if isinstance(value, dict):
-        return {key: _map(item, fn) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map(item, fn) for item in value)
-    return value
-
-
 def _copy_into(static: Any, value: Any) -> None:
     if torch.is_tensor(static):
         static.copy_(value)
@@ -161,7 +152,7 @@ class LeanUNet(nn.Module):
         key = _signature(inputs)
         entry = self._graphs.get(key)
         if entry is None:
-            static = _map(inputs, torch.clone)
+            static = _map_tensors(inputs, torch.clone)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph: cuDNN/cuBLAS plans, lazy inits

@@ -84,6 +84,23 @@ class _WeightCrops:
         return crop
 
 
+def _time_embedding_and_norm2(layer: SuperResnetBlock2D, hidden: list[torch.Tensor],
+                              temb_rows: torch.Tensor | None) -> list[torch.Tensor]:
+    """conv1's outputs (each at its own hidden width) through the time embedding and norm2 + SiLU, as
+    ``SuperResnetBlock2D.forward`` takes them: GroupNorm+SiLU as one population op where the
+    embedding is added, GroupNorm, scale/shift and SiLU one by one where it modulates."""
+    if layer.config.time_embedding_norm == "default":
+        if temb_rows is not None:
+            hidden = [h + layer._time_embedding(temb_rows, h.shape[1])[0] for h in hidden]
+        return ops.population_group_norm_silu(hidden, layer.norm2.weight, layer.norm2.bias,
+                                              layer.norm2.channels_per_group, layer.norm2.eps)
+    modulated = []
+    for h in hidden:
+        scale, shift = layer._time_embedding(temb_rows, h.shape[1])
+        modulated.append(F.silu(layer.norm2(h) * (1 + scale) + shift))
+    return modulated
+
+
 def _shared_input_resnet_branches(layer: SuperResnetBlock2D, archs, active: list[int], hidden_in: torch.Tensor,
                                   temb_rows: torch.Tensor | None, crops: _WeightCrops) -> dict[int, torch.Tensor]:
     """The residual branch (conv2's output) of each active candidate of a block's first searched resnet,
@@ -106,17 +123,7 @@ def _shared_input_resnet_branches(layer: SuperResnetBlock2D, archs, active: list
     kernels = list(groups)
     widest = [max(archs[i].hidden for i in groups[k]) for k in kernels]
     hidden = ops.population_conv2d([hidden_in], layer.conv1.weight, layer.conv1.bias, [], widest, kernels)
-    if config.time_embedding_norm == "default":
-        if temb_rows is not None:
-            hidden = [h + layer._time_embedding(temb_rows, width)[0] for h, width in zip(hidden, widest)]
-        hidden = ops.population_group_norm_silu(hidden, layer.norm2.weight, layer.norm2.bias,
-                                                layer.norm2.channels_per_group, layer.norm2.eps)
-    else:
-        modulated = []
-        for h, width in zip(hidden, widest):
-            scale, shift = layer._time_embedding(temb_rows, width)
-            modulated.append(F.silu(layer.norm2(h) * (1 + scale) + shift))
-        hidden = modulated
+    hidden = _time_embedding_and_norm2(layer, hidden, temb_rows)
     bias = None if layer.conv2.bias is None else layer.conv2.bias[:config.out_channels, None, None]
     branches: dict[int, torch.Tensor] = {}
     for kernel1, h in zip(kernels, hidden):
@@ -168,18 +175,7 @@ def _resnet_population_forward(layer: SuperResnetBlock2D, archs, state: _Populat
         conv1_inputs = [state.part(hidden_in, i) for i in active]
         hidden = ops.population_conv2d(conv1_inputs, layer.conv1.weight, layer.conv1.bias, [],
                                        [archs[i].hidden for i in active], [archs[i].kernel1 for i in active])
-        if config.time_embedding_norm == "default":
-            if temb_rows is not None:
-                hidden = [h + layer._time_embedding(temb_rows, archs[i].hidden)[0] for h, i in zip(hidden, active)]
-            hidden = ops.population_group_norm_silu(hidden, layer.norm2.weight, layer.norm2.bias,
-                                                    layer.norm2.channels_per_group, layer.norm2.eps)
-        else:
-            modulated = []
-            for h, i in zip(hidden, active):
-                scale, shift = layer._time_embedding(temb_rows, archs[i].hidden)
-                modulated.append(F.silu(layer.norm2(h) * (1 + scale) + shift))
-            hidden = modulated
-        hidden = [layer.dropout(h) for h in hidden]
+        hidden = [layer.dropout(h) for h in _time_embedding_and_norm2(layer, hidden, temb_rows)]
         hidden = ops.population_conv2d(hidden, layer.conv2.weight, layer.conv2.bias, [],
                                        [config.out_channels] * len(active), [archs[i].kernel2 for i in active])
         for h, i in zip(hidden, active):
