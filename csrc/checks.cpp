@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace pyevo {
@@ -90,6 +91,33 @@ void check_shared_conv2d_backward(const at::Tensor& grad_output, const at::Tenso
       shared_conv2d_output_size(input.size(3), kernel_size, stride)};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), op, ": grad_output has shape ",
               grad_output.sizes(), " but the forward output has shape ", at::IntArrayRef(expected));
+}
+
+void check_fused_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& temb,
+                        const std::optional<at::Tensor>& residual, double scale,
+                        int64_t out_channels, int64_t kernel_size) {
+  constexpr const char* op = "pyevo::fused_conv2d";
+  check_conv2d_as(op, input, weight, bias, out_channels, kernel_size, /*stride=*/1);
+  if (temb.has_value()) {
+    check_like(op, input, "input", *temb, "temb");
+    check_rank(op, *temb, "temb", 2, "(N, >= out_channels)");
+    TORCH_CHECK(temb->size(0) == input.size(0), op, ": temb has batch size ", temb->size(0),
+                " but input has ", input.size(0));
+    TORCH_CHECK(temb->size(1) >= out_channels, op, ": temb has ", temb->size(1),
+                " channels but out_channels is ", out_channels);
+  }
+  if (residual.has_value()) {
+    check_like(op, input, "input", *residual, "residual");
+    // Stride 1 with padding k // 2 keeps the spatial size.
+    const std::array<int64_t, 4> expected = {input.size(0), out_channels, input.size(2),
+                                             input.size(3)};
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(expected), op, ": residual has shape ",
+                residual->sizes(), " but the convolution's output has shape ",
+                at::IntArrayRef(expected));
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
 namespace {

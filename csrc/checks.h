@@ -23,6 +23,14 @@ void check_shared_conv2d_backward(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   int64_t out_channels, int64_t kernel_size, int64_t stride);
 
+// fused_conv2d: the shared_conv2d checks at stride 1, then temb (N, >= out_channels) and residual
+// exactly (N, out_channels, H, W), each of the input's dtype and device; scale finite.
+void check_fused_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& temb,
+                        const std::optional<at::Tensor>& residual, double scale,
+                        int64_t out_channels, int64_t kernel_size);
+
 // shared_group_norm_silu: input (N, C, *spatial); C % channels_per_group == 0; weight and bias
 // 1-D with at least C entries; eps >= 0.
 void check_shared_group_norm_silu(const at::Tensor& input, const at::Tensor& weight,

@@ -90,6 +90,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_conv2d_backward_composite(
           std::move(grad_weight), std::move(grad_bias)};
 }
 
+at::MemoryFormat fused_conv2d_memory_format(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor fused_conv2d_composite(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& temb,
+                                  const std::optional<at::Tensor>& residual, double scale,
+                                  int64_t out_channels, int64_t kernel_size) {
+  check_fused_conv2d(input, weight, bias, temb, residual, scale, out_channels, kernel_size);
+  const int64_t padding = kernel_size / 2;
+  // .contiguous(format) copies only where ATen answered in the other layout; the result is a
+  // fresh tensor either way, so the epilogue may run in place on it.
+  at::Tensor output =
+      at::convolution(input,
+                      shared_conv2d_sub_weight(weight, input.size(1), out_channels, kernel_size),
+                      prefix_rows(bias, out_channels), {1, 1}, {padding, padding}, {1, 1},
+                      /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1)
+          .contiguous(fused_conv2d_memory_format(input));
+  if (temb.has_value()) {
+    output.add_(temb->narrow(1, 0, out_channels).unsqueeze(-1).unsqueeze(-1));
+  }
+  if (residual.has_value()) output.add_(*residual);
+  if (scale != 1.0) output.mul_(scale);
+  return output;
+}
+
 std::vector<at::Tensor> population_conv2d_composite(at::TensorList inputs, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias,
                                                     at::IntArrayRef in_channels,

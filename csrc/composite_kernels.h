@@ -27,6 +27,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shared_conv2d_backward_composite(
     const std::optional<at::Tensor>& bias, int64_t out_channels, int64_t kernel_size,
     int64_t stride, std::array<bool, 3> output_mask);
 
+// fused_conv2d's output layout: channels_last when the input is channels_last (and not also
+// contiguous, as a tensor with one channel or one pixel is), contiguous otherwise. Dense either
+// way; the fused CUDA kernel writes NHWC, so a channels_last network pays no transposes.
+at::MemoryFormat fused_conv2d_memory_format(const at::Tensor& input);
+
+// fused_conv2d from ATen calls: the convolution on the weight view (oneDNN / cuDNN), then the
+// epilogue in place on its fresh output: + bias (inside the convolution), + temb[:, :C_out, None,
+// None], + residual, * scale. The CPU kernel, and the CUDA kernel's fallback.
+at::Tensor fused_conv2d_composite(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& temb,
+                                  const std::optional<at::Tensor>& residual, double scale,
+                                  int64_t out_channels, int64_t kernel_size);
+
 // population_conv2d as a loop over shared_conv2d_composite, one candidate at a time.
 std::vector<at::Tensor> population_conv2d_composite(at::TensorList inputs, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias,

@@ -5,8 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "composite_kernels.h"
 #include "cuda_kernel_choice.h"
+#ifdef PYEVO_WITH_CUDA
+#include "cuda/fused_conv2d_cuda.h"
+#endif
 
 namespace {
 
@@ -31,6 +35,11 @@ pybind11::dict build_info() {
   info["cuda_version"] = pybind11::none();
   info["cuda_archs"] = std::vector<std::string>{};
 #endif
+#ifdef PYEVO_WITH_CUTLASS_SM90
+  info["cutlass_sm90"] = true;
+#else
+  info["cutlass_sm90"] = false;
+#endif
 #ifdef _OPENMP
   info["openmp"] = true;
 #else
@@ -39,12 +48,35 @@ pybind11::dict build_info() {
   return info;
 }
 
+// Which kernel pyevo::fused_conv2d runs for these arguments on their device (tests, benchmarks).
+std::string fused_conv2d_kernel(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& temb,
+                                const std::optional<at::Tensor>& residual, int64_t out_channels,
+                                int64_t kernel_size) {
+#ifdef PYEVO_WITH_CUDA
+  if (input.is_cuda()) {
+    return pyevo::fused_conv2d_cuda_kernel(input, weight, bias, temb, residual, out_channels,
+                                           kernel_size);
+  }
+#endif
+  pyevo::check_fused_conv2d(input, weight, bias, temb, residual, 1.0, out_channels, kernel_size);
+  return "aten: the " + std::string(c10::DeviceTypeName(input.device().type())) +
+         " kernel is the composite";
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyevo compiled ops (registered as torch.ops.pyevo.*)";
   m.def("build_info", &build_info,
-        "How this extension was built: cuda (bool), cuda_archs, cuda_version, torch_version, openmp");
+        "How this extension was built: cuda (bool), cuda_archs, cuda_version, cutlass_sm90 (the "
+        "Hopper fused conv is in it), torch_version, openmp");
+  m.def("_fused_conv2d_kernel", &fused_conv2d_kernel, pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("temb"),
+        pybind11::arg("residual"), pybind11::arg("out_channels"), pybind11::arg("kernel_size"),
+        "Which kernel pyevo::fused_conv2d would run for these arguments: 'cutlass_sm90', or "
+        "'aten: <why not>' (cuDNN/oneDNN convolution + the epilogue as ATen ops)");
   // The ATen composites that serve as CUDA backward kernels, callable on any device so that the
   // CPU test suite covers them.
   m.def("_shared_group_norm_silu_backward_composite",

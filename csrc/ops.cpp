@@ -6,7 +6,8 @@
 //  * "Shared" parameters are the supernet's full-size tensors; an op uses a prefix (and, for
 //    conv, a centred crop) of them in place, and its backward returns gradients of the FULL
 //    shared shapes with zeros outside the part that was used.
-//  * Outputs are always contiguous and never alias an input.
+//  * Outputs are always contiguous (fused_conv2d: dense in its input's memory format, see there)
+//    and never alias an input.
 //  * Backward ops return a fixed number of tensors. A gradient that does not exist (an absent
 //    optional input) or was not asked for (output_mask false) comes back as an empty tensor of
 //    shape (0,); pyevo/ops.py maps it to None.
@@ -24,6 +25,20 @@ TORCH_LIBRARY(pyevo, m) {
       "shared_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
       "int out_channels, int kernel_size, int stride, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // The convolution of a diffusers ResnetBlock2D with the epilogue that cuDNN leaves to separate
+  // kernels, at stride 1 (padding kernel_size // 2), reading the weight like shared_conv2d:
+  //   out = (conv(input, weight[:out_channels, :C_in, crop]) + bias[:out_channels]
+  //          + temb[:, :out_channels, None, None] + residual) * scale
+  // temb (N, >= out_channels), residual (N, out_channels, H, W) and bias are each optional
+  // (conv1 of a resnet: bias + temb; conv2: bias + residual, scale 1 / output_scale_factor).
+  // The one exception to "outputs are contiguous": the output is dense in the input's layout,
+  // channels_last for a channels_last input (the CUDA kernel computes in NHWC), contiguous
+  // otherwise. No backward op of its own: its autograd formula (pyevo/ops.py) calls
+  // shared_conv2d_backward.
+  m.def(
+      "fused_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? temb, Tensor? residual, "
+      "float scale, int out_channels, int kernel_size) -> Tensor");
 
   m.def(
       "shared_group_norm_silu(Tensor input, Tensor weight, Tensor bias, int channels_per_group, "

@@ -8,7 +8,8 @@ The schemas and the CPU/CUDA kernels live in C++ (``csrc/``); this module regist
   of shared parameters always have the FULL shared shape, with zeros outside the slice the call
   used: several sub-networks that share one weight then simply add their gradients into it.
 
-It also exposes typed wrappers (:func:`shared_conv2d`, :func:`shared_group_norm_silu`,
+It also exposes typed wrappers (:func:`shared_conv2d`, :func:`fused_conv2d` (a resnet conv with
+bias, time embedding, residual and scale fused), :func:`shared_group_norm_silu`,
 :func:`shared_attention`, and the population ops :func:`population_conv2d`,
 :func:`population_group_norm_silu`, :func:`population_attention`). ``import pyevo`` imports this
 module, so ``torch.ops.pyevo.*`` is fully usable after it.
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from pyevo import _C  # noqa: F401  (loads the library that defines the ops)
 
-__all__ = ["shared_conv2d", "shared_group_norm_silu", "shared_attention", "population_conv2d",
+__all__ = ["shared_conv2d", "fused_conv2d", "shared_group_norm_silu", "shared_attention", "population_conv2d",
            "population_group_norm_silu", "population_attention", "set_cuda_kernels",
            "get_cuda_kernels", "cuda_kernels"]
 
@@ -101,6 +102,44 @@ def shared_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_cha
     """
     return torch.ops.pyevo.shared_conv2d.default(input, weight, bias, out_channels, kernel_size,
                                                  stride)
+
+
+def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Optional[Tensor],
+                 residual: Optional[Tensor], scale: float, out_channels: int,
+                 kernel_size: int) -> Tensor:
+    """A ``diffusers`` ResnetBlock2D convolution with its epilogue fused, on a shared weight.
+
+    Equivalent to ``(shared_conv2d(input, weight, bias, out_channels, kernel_size)
+    + temb[:, :out_channels, None, None] + residual) * scale`` (stride 1, padding
+    ``kernel_size // 2``); ``bias``, ``temb`` and ``residual`` are each optional. A resnet's conv1
+    is ``fused_conv2d(h, w1, b1, temb, None, 1.0, ...)``, its conv2 ``fused_conv2d(h, w2, b2, None,
+    shortcut, 1 / output_scale_factor, ...)``.
+
+    On CUDA, under ``set_cuda_kernels("pyevo")``, bfloat16/float16 calls on a Hopper GPU (compute
+    capability 9.0) with channel counts that are multiples of 8 run one CUTLASS kernel (TMA im2col,
+    GMMA) whose epilogue adds bias, temb and the residual and scales before its one store; every
+    other call runs cuDNN and then the epilogue as separate ATen ops (``pyevo._C._fused_conv2d_kernel``
+    says which). The kernel computes in channels_last: pass channels_last activations, and keep the
+    shared weight channels_last (``weight.contiguous(memory_format=torch.channels_last)``, once,
+    e.g. per search generation) so that its crop is read in place rather than re-laid out on every
+    call.
+
+    Args:
+        input: ``(N, C_in, H, W)``.
+        weight: the shared ``(C_out_max, C_in_max, K, K)`` weight, ``K`` odd.
+        bias: the shared bias (at least ``out_channels`` entries) or ``None``.
+        temb: ``(N, >= out_channels)`` (its first ``out_channels`` columns are added) or ``None``.
+        residual: ``(N, out_channels, H, W)`` or ``None``.
+        scale: multiplies the sum.
+        out_channels, kernel_size: as in :func:`shared_conv2d`.
+
+    Returns:
+        ``(N, out_channels, H, W)``, dense: channels_last when ``input`` is channels_last,
+        contiguous otherwise. Differentiable (through ``shared_conv2d``'s backward); gradients of
+        ``weight``, ``bias`` and ``temb`` have their full shapes, zero outside the part used.
+    """
+    return torch.ops.pyevo.fused_conv2d.default(input, weight, bias, temb, residual, scale,
+                                                out_channels, kernel_size)
 
 
 def shared_group_norm_silu(input: Tensor, weight: Tensor, bias: Tensor, channels_per_group: int,
@@ -258,6 +297,34 @@ def _shared_conv2d_fake(input, weight, bias, out_channels, kernel_size, stride=1
                             _conv2d_output_size(input.shape[3], kernel_size, stride)))
 
 
+def _fused_conv2d_memory_format(input: Tensor) -> torch.memory_format:
+    """The C++ kernels' rule (csrc/composite_kernels.cpp, fused_conv2d_memory_format)."""
+    channels_last = (input.is_contiguous(memory_format=torch.channels_last)
+                     and not input.is_contiguous())
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.register_fake("pyevo::fused_conv2d")
+def _fused_conv2d_fake(input, weight, bias, temb, residual, scale, out_channels, kernel_size):
+    _check_like("fused_conv2d", "input", input, weight=weight, bias=bias, temb=temb,
+                residual=residual)
+    torch._check(input.dim() == 4 and weight.dim() == 4,
+                 lambda: "pyevo::fused_conv2d: input and weight must be 4-D")
+    torch._check(kernel_size % 2 == 1 and kernel_size <= weight.shape[2],
+                 lambda: f"pyevo::fused_conv2d: kernel_size must be odd and <= {weight.shape[2]}, "
+                         f"got {kernel_size}")
+    torch._check(out_channels <= weight.shape[0] and input.shape[1] <= weight.shape[1],
+                 lambda: "pyevo::fused_conv2d: width larger than the shared weight")
+    shape = (input.shape[0], out_channels, input.shape[2], input.shape[3])
+    torch._check(temb is None or (temb.dim() == 2 and temb.shape[0] == input.shape[0]
+                                  and temb.shape[1] >= out_channels),
+                 lambda: f"pyevo::fused_conv2d: temb must be (N, >= {out_channels})")
+    torch._check(residual is None or tuple(residual.shape) == shape,
+                 lambda: f"pyevo::fused_conv2d: residual must have shape {shape}")
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=_fused_conv2d_memory_format(input))
+
+
 @torch.library.register_fake("pyevo::shared_conv2d_backward")
 def _shared_conv2d_backward_fake(grad_output, input, weight, bias, out_channels, kernel_size,
                                  stride, output_mask):
@@ -405,6 +472,41 @@ torch.library.register_autograd("pyevo::shared_conv2d", _shared_conv2d_backward,
                                 setup_context=_shared_conv2d_setup_context)
 
 
+def _fused_conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, temb, residual, scale, out_channels, kernel_size = inputs
+    ctx.save_for_backward(input, weight, bias)
+    ctx.has_temb, ctx.has_residual = temb is not None, residual is not None
+    ctx.temb_shape = tuple(temb.shape) if temb is not None else None
+    ctx.fused_args = (scale, out_channels, kernel_size)
+
+
+def _fused_conv2d_backward(ctx, grad_output):
+    """out = (conv + temb + residual) * scale: the conv's gradients are shared_conv2d's at
+    grad_output * scale; temb's is its spatial sum (in its first out_channels columns), the
+    residual's grad_output * scale."""
+    input, weight, bias = ctx.saved_tensors
+    scale, out_channels, kernel_size = ctx.fused_args
+    grad = grad_output * scale
+    output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                   ctx.needs_input_grad[2] and bias is not None]
+    grad_input = grad_weight = grad_bias = grad_temb = grad_residual = None
+    if any(output_mask):
+        gradients = torch.ops.pyevo.shared_conv2d_backward.default(
+            grad, input, weight, bias, out_channels, kernel_size, 1, output_mask)
+        grad_input, grad_weight, grad_bias = _only_needed(gradients, (input, weight, bias),
+                                                          output_mask)
+    if ctx.has_temb and ctx.needs_input_grad[3]:
+        grad_temb = grad.new_zeros(ctx.temb_shape)
+        grad_temb[:, :out_channels] = grad.sum(dim=(2, 3))
+    if ctx.has_residual and ctx.needs_input_grad[4]:
+        grad_residual = grad
+    return grad_input, grad_weight, grad_bias, grad_temb, grad_residual, None, None, None
+
+
+torch.library.register_autograd("pyevo::fused_conv2d", _fused_conv2d_backward,
+                                setup_context=_fused_conv2d_setup_context)
+
+
 def _shared_group_norm_silu_setup_context(ctx, inputs, output):
     input, weight, bias, channels_per_group, eps = inputs
     ctx.save_for_backward(input, weight, bias)
@@ -459,7 +561,8 @@ for _name in ("population_conv2d", "population_group_norm_silu", "population_att
 
 # Autocast: cast the floating inputs as ATen's autocast does for the ops' ATen counterparts, then
 # run the op with autocast excluded (the casts are ordinary ops, so autograd sees them).
-_AUTOCAST_POLICY = {"shared_conv2d": "lower", "shared_attention": "lower", "population_conv2d": "lower",
+_AUTOCAST_POLICY = {"shared_conv2d": "lower", "fused_conv2d": "lower", "shared_attention": "lower",
+                    "population_conv2d": "lower",
                     "population_attention": "lower", "shared_group_norm_silu": "float32",
                     "population_group_norm_silu": "float32"}
 _autocast_library = torch.library.Library("pyevo", "IMPL")

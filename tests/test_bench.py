@@ -21,7 +21,7 @@ def test_bench_quick_cpu(tmp_path, capsys):
     assert data["peaks"]["matmul_tflops"]["float32"] > 0 and data["peaks"]["copy_gbps"] > 0
     ops = {row["op"] for row in data["rows"]}
     assert ops == {"conv", "gn+silu", "attention", "pop-conv shared-input", "pop-conv own-inputs",
-                   "pop-gn+silu", "pop-attention shared-input"}
+                   "pop-gn+silu", "pop-attention shared-input", "fused-conv conv1", "fused-conv conv2"}
     for row in data["rows"]:
         assert row["ours_ms"] > 0
         timed = [b for b in row["baselines"].values() if "ms" in b]

@@ -7,9 +7,11 @@
 #
 # Steps (each one's failure is recorded and shown; later steps still run):
 #   a. environment and build: the image's python3 (it holds the CUDA torch), the wheels in .whl/,
-#      if carried, installed into a folder on PYTHONPATH to add what it lacks (diffusers, deap),
-#      then pyevo._C built with CUDA for the visible GPU;
-#   b. the CUDA tests (tests/test_ops.py, test_population_ops.py, test_ops_fuzz.py, test_runtime.py; -k cuda);
+#      if carried, installed into a folder on PYTHONPATH to add what it lacks (diffusers, deap,
+#      nvidia-cutlass's headers), then pyevo._C built with CUDA for the visible GPU (on a Hopper,
+#      as sm_90a with fused_conv2d's CUTLASS kernels when the headers are there);
+#   b. the CUDA tests (tests/test_ops.py, test_fused_conv.py, test_population_ops.py, test_ops_fuzz.py,
+#      test_runtime.py; -k cuda);
 #   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
 #      allocator, so an access past a tensor's end is past an allocation's end);
 #   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case; then teacher vs
@@ -80,15 +82,17 @@ else
       python3 setup.py -q build_ext --inplace
     python3 -c "import torch, pyevo; info = pyevo.build_info(); print('build_info', info); \
       assert info['cuda'], 'built without CUDA'"
+    python3 -c "import pyevo; print('fused_conv2d CUTLASS kernels:', pyevo.build_info()['cutlass_sm90'], \
+      '(needs the nvidia-cutlass wheel in .whl/ and a 9.0 GPU)')"
   }
   step build 150 "$BUILD_LOG" bash -c "$(declare -f build); SITE='$SITE'; build"
   PY=python3
 fi
 
 # The tests that import diffusers and deap (the supernet, the search) run only where they import.
-TEST_FILES="tests/test_ops.py"
+TEST_FILES="tests/test_ops.py tests/test_fused_conv.py"
 if "$PY" -c "import diffusers, deap" > /dev/null 2>&1; then
-  TEST_FILES="tests/test_ops.py tests/test_population_ops.py tests/test_ops_fuzz.py tests/test_runtime.py"
+  TEST_FILES="tests/test_ops.py tests/test_fused_conv.py tests/test_population_ops.py tests/test_ops_fuzz.py tests/test_runtime.py"
 else
   echo "diffusers or deap missing: tests/test_population_ops.py and the search are skipped" \
     "(carry wheels in .whl/: experiments/device/README.md)" | tee -a "$BUILD_LOG"

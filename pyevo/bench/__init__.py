@@ -14,6 +14,11 @@ Baselines (what a user of PyTorch would write):
   C_out x C_in x 5 x 5 weight in one grouped ``F.conv2d`` ("padded"; for a shared input, the
   candidates' padded weights stacked into one conv). The padded weights and stacked inputs are
   built before timing (favouring the baseline);
+* fused conv (a resnet's conv1: + bias + temb; conv2: + bias + residual, * scale): the sliced crop
+  in ``F.conv2d`` (cuDNN) and the epilogue as separate ops, eager in NCHW ("eager") and in
+  channels_last ("eager NHWC"), and the NCHW one captured as one CUDA graph ("graph", captured
+  before timing). Ours runs channels_last with a channels_last shared weight, the layouts the
+  Hopper CUTLASS kernel reads in place;
 * GroupNorm+SiLU: eager ``F.silu(F.group_norm(...))``; population: once per input;
 * attention: sliced ``.contiguous()`` projections, ``F.scaled_dot_product_attention`` with the
   fastest backend PyTorch has for the shape (each backend is tried, the best kept), output
@@ -230,6 +235,72 @@ def conv_case(label, n, c, size, k, width, dtype) -> Case:
                 lambda t: ops.shared_conv2d(t["x"], t["w"], t["b"], c_out, k),
                 {"slice+conv2d": lambda t: F.conv2d(
                     t["x"], _crop(t["w"], c, c_out, k).contiguous(), t["b"][:c_out], padding=k // 2)})
+
+
+def _capture(fn, tensors):
+    """``fn(tensors)`` captured as a CUDA graph (after warm-up on a side stream, as capture needs);
+    returns a callable that replays it and answers the graph's output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(tensors)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn(tensors)
+
+    def replay():
+        graph.replay()
+        return output
+
+    return replay
+
+
+def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
+    """A resnet convolution with its epilogue: "conv1" adds bias and the time embedding, "conv2"
+    bias and the residual and scales by 1/sqrt(2) (output_scale_factor); k x k of a 5x5 shared
+    kernel, C -> C."""
+    with_temb, with_residual = epilogue == "conv1", epilogue == "conv2"
+    scale = 1.0 if epilogue == "conv1" else 1 / math.sqrt(2)
+
+    def make(device, dtype, g):
+        channels_last = torch.channels_last
+        return {"x": _randn(g, device, dtype, n, c, size, size).contiguous(memory_format=channels_last),
+                "w": _randn(g, device, dtype, c, c, 5, 5, scale=0.05).contiguous(memory_format=channels_last),
+                "b": _randn(g, device, dtype, c),
+                "temb": _randn(g, device, dtype, n, c) if with_temb else None,
+                "residual": (_randn(g, device, dtype, n, c, size, size).contiguous(memory_format=channels_last)
+                             if with_residual else None)}
+
+    def ours(t):
+        return ops.fused_conv2d(t["x"], t["w"], t["b"], t["temb"], t["residual"], scale, c, k)
+
+    def epilogue_ops(t, x, w, residual):
+        out = F.conv2d(x, _crop(w, c, c, k).contiguous(), t["b"], padding=k // 2)
+        if with_temb:
+            out = out + t["temb"][:, :, None, None]
+        if with_residual:
+            out = out + residual
+        return out * scale if scale != 1.0 else out
+
+    def prepare(t):
+        # The NCHW baseline's own tensors (what diffusers runs), built before timing.
+        extra = {"x_nchw": t["x"].contiguous(), "w_nchw": t["w"].contiguous(),
+                 "residual_nchw": t["residual"].contiguous() if with_residual else None}
+        if device.type == "cuda":
+            extra["graph"] = _capture(lambda u: eager({**u, **extra}), t)
+        return extra
+
+    def eager(t):
+        return epilogue_ops(t, t["x_nchw"], t["w_nchw"], t["residual_nchw"])
+
+    baselines = {"eager": eager,
+                 "eager NHWC": lambda t: epilogue_ops(t, t["x"], t["w"], t["residual"])}
+    if device.type == "cuda":
+        baselines["graph"] = lambda t: t["graph"]()
+    return Case(f"fused-conv {epilogue}", f"{label} N{n} C{c}->{c} {size}x{size} k{k}of5", dtype, 1,
+                2 * n * size * size * c * c * k * k, None, make, ours, baselines, prepare)
 
 
 def _candidate_specs(count, c):
@@ -458,6 +529,11 @@ def shape_sets(device: torch.device, quick: bool, dtypes: Sequence[torch.dtype],
                 cases.append(population_conv_case(label, n, c, size, count, True, dtype))
                 cases.append(population_conv_case(label, n, c, size, count, False, dtype))
                 cases.append(population_group_norm_case(label, n, c, size, count, dtype))
+        # The fused resnet conv is a half-precision kernel (float32 runs cuDNN + the epilogue).
+        if dtype != torch.float32 or device.type != "cuda":
+            for label, n, c, size in layers:
+                for epilogue in ("conv1", "conv2"):
+                    cases.append(fused_conv_case(label, n, c, size, 3, epilogue, device, dtype))
         for label, b, s, c, heads, head_dim in attention:
             cases.append(attention_case(label, b, s, c, heads, head_dim, device, dtype))
             for count in populations:
