@@ -6,7 +6,9 @@ pipeline (``DDPMPipeline(unet=optimize(student), scheduler=...)``): same call, s
 
 * **CUDA.** Each resnet's GroupNorm+SiLU pairs run as pyevo's fused kernel
   (``pyevo::shared_group_norm_silu`` over the whole width: 1.9-4.2x ATen's GroupNorm then SiLU on
-  an H100, ``experiments/device/results/2026-11-26-h100.md``), and each input signature (shapes,
+  an H100, ``experiments/device/results/2026-11-26-h100.md``), its convolutions as
+  ``pyevo::fused_conv2d`` with their epilogues (conv1 + time embedding; conv2 + shortcut, times the
+  output scale), and each input signature (shapes,
   dtypes, which conditions) is captured once as a CUDA graph and replayed: the digits and
   DDPM-CIFAR10 UNets spend more time launching kernels than computing (``../shared/FACTS.md``).
 * **CPU.** The modules run as they are: pyevo's CPU GroupNorm+SiLU is slower than ATen's (about 4x
@@ -38,6 +40,32 @@ def _group_norm_silu(resnet: nn.Module, norm: nn.GroupNorm, x: torch.Tensor) -> 
                                                   norm.eps)
 
 
+def _fused_conv2d_fits(conv: nn.Module) -> bool:
+    """A plain odd square convolution at stride 1 with 'same' zero padding: what ``pyevo::fused_conv2d``
+    computes (on the whole of its weight)."""
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    k = conv.kernel_size[0]
+    return (conv.kernel_size == (k, k) and k % 2 == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding == (k // 2, k // 2) and conv.padding_mode == "zeros")
+
+
+def _conv_epilogue(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor | None, residual: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """``(conv(x) + temb + residual) * scale`` as ``pyevo::fused_conv2d`` (one kernel on Hopper where the
+    op's kernel choice takes pyevo's; cuDNN then the epilogue elsewhere), or as separate ops for a
+    convolution the op does not cover."""
+    if _fused_conv2d_fits(conv):
+        return torch.ops.pyevo.fused_conv2d(x, conv.weight, conv.bias, temb, residual, scale, conv.out_channels,
+                                            conv.kernel_size[0])
+    out = conv(x)
+    if temb is not None:
+        out = out + temb[:, :, None, None]
+    if residual is not None:
+        out = out + residual
+    return out * scale if scale != 1.0 else out
+
+
 def _fusable(module: nn.Module) -> bool:
     """A diffusers ResnetBlock2D or a student's SlimResnetBlock2D whose norms are affine GroupNorms
     followed by SiLU: the layers :func:`pyevo.student.resnet_forward` computes."""
@@ -50,14 +78,16 @@ def _fusable(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def fused_resnets(module: nn.Module) -> Iterator[int]:
     """Within the ``with`` block, every fusable resnet in ``module`` runs
-    :func:`pyevo.student.resnet_forward` with GroupNorm+SiLU fused; yields how many were switched.
+    :func:`pyevo.student.resnet_forward` with GroupNorm+SiLU fused and each convolution's epilogue in its
+    ``pyevo::fused_conv2d`` call; yields how many were switched.
     Their own forwards are back on exit."""
     switched = []
     try:
         for resnet in module.modules():
             if _fusable(resnet) and "forward" not in resnet.__dict__:
                 resnet.forward = (lambda input_tensor, temb=None, *a, _r=resnet, **k:
-                                  resnet_forward(_r, input_tensor, temb, norm_silu=_group_norm_silu))
+                                  resnet_forward(_r, input_tensor, temb, norm_silu=_group_norm_silu,
+                                                 conv_epilogue=_conv_epilogue))
                 switched.append(resnet)
         yield len(switched)
     finally:

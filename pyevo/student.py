@@ -87,11 +87,17 @@ def _norm_then_silu(resnet: nn.Module, norm: nn.Module, x: torch.Tensor) -> torc
 
 
 def resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None,
-                   norm_silu: Callable = _norm_then_silu) -> torch.Tensor:
+                   norm_silu: Callable = _norm_then_silu, conv_epilogue: Callable | None = None) -> torch.Tensor:
     """diffusers' ResnetBlock2D computation on ``resnet``'s layers (a ``ResnetBlock2D`` or a
     ``SlimResnetBlock2D``: the same submodule names). ``norm_silu(resnet, norm, x)`` computes
     SiLU(norm(x)) where the two follow each other (after norm1; after norm2 without scale/shift):
-    by default the two modules in turn, fused in the lean runtime (``pyevo.runtime``)."""
+    by default the two modules in turn, fused in the lean runtime (``pyevo.runtime``).
+    ``conv_epilogue(conv, x, temb, residual, scale)``, where given, computes ``(conv(x) + temb + residual)
+    * scale`` (temb ``(N, C)`` or None, residual or None) in one call: conv1 with the time embedding
+    added, conv2 with the shortcut added and the output scale (the lean runtime's
+    ``pyevo::fused_conv2d``). It is used only where dropout is inactive (it sits before conv2)."""
+    if conv_epilogue is not None and resnet.dropout.training and resnet.dropout.p > 0:
+        conv_epilogue = None
     hidden = norm_silu(resnet, resnet.norm1, input_tensor)
     if resnet.upsample is not None:
         if hidden.shape[0] >= 64:  # diffusers' guard against upsample_nearest_nhwc failing at large batch
@@ -99,13 +105,19 @@ def resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Te
         input_tensor, hidden = resnet.upsample(input_tensor), resnet.upsample(hidden)
     elif resnet.downsample is not None:
         input_tensor, hidden = resnet.downsample(input_tensor), resnet.downsample(hidden)
-    hidden = resnet.conv1(hidden)
     if resnet.time_emb_proj is not None and temb is not None:
         if not resnet.skip_time_act:
             temb = resnet.nonlinearity(temb)
         temb = resnet.time_emb_proj(temb)[:, :, None, None]
+    # The time embedding goes into conv1's epilogue only as a projected (N, C) row per image.
+    fuse_temb = (conv_epilogue is not None and resnet.time_embedding_norm == "default"
+                 and (temb is None or resnet.time_emb_proj is not None))
+    if fuse_temb:
+        hidden = conv_epilogue(resnet.conv1, hidden, None if temb is None else temb[:, :, 0, 0], None, 1.0)
+    else:
+        hidden = resnet.conv1(hidden)
     if resnet.time_embedding_norm == "default":
-        if temb is not None:
+        if temb is not None and not fuse_temb:
             hidden = hidden + temb
         hidden = norm_silu(resnet, resnet.norm2, hidden)
     else:
@@ -113,9 +125,11 @@ def resnet_forward(resnet: nn.Module, input_tensor: torch.Tensor, temb: torch.Te
             raise ValueError("temb must be given when time_embedding_norm is 'scale_shift'")
         scale, shift = torch.chunk(temb, 2, dim=1)
         hidden = resnet.nonlinearity(resnet.norm2(hidden) * (1 + scale) + shift)
-    hidden = resnet.conv2(resnet.dropout(hidden))
     if resnet.conv_shortcut is not None:
         input_tensor = resnet.conv_shortcut(input_tensor)
+    if conv_epilogue is not None:
+        return conv_epilogue(resnet.conv2, hidden, None, input_tensor, 1.0 / resnet.output_scale_factor)
+    hidden = resnet.conv2(resnet.dropout(hidden))
     return (input_tensor + hidden) / resnet.output_scale_factor
 
 

@@ -53,6 +53,36 @@ def test_fused_resnets_equal_diffusers_in_float64(time_embedding_norm):
         assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
+def test_fused_resnets_run_each_convolution_with_its_epilogue_in_one_op():
+    """Every resnet's conv1 (with the time embedding) and conv2 (with the shortcut and the output scale) is
+    one pyevo::fused_conv2d call under fused_resnets, on the teacher and on a student whose kernels vary."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    teacher = perturbed(UNet2DModel(**{**DIGITS_CONFIG, "resnet_time_scale_shift": "default"}))
+    student = random_student(teacher, seed=3)
+    sample, timestep = torch.randn(2, 1, 16, 16), torch.tensor([10, 700])
+    for unet, kind in ((teacher, ResnetBlock2D), (student, SlimResnetBlock2D)):
+        resnets = sum(type(m) is kind for m in unet.modules())
+        with torch.no_grad(), fused_resnets(unet), CountOps() as ops:
+            unet(sample, timestep)
+        assert ops.counts.get("fused_conv2d") == 2 * resnets > 0
+        # No convolution of a resnet runs apart from its epilogue: the ones left are conv_in, conv_out,
+        # the shortcuts and the down/upsamplers.
+        with torch.no_grad(), CountOps() as plain:
+            unet(sample, timestep)
+        assert ops.counts.get("convolution", 0) == plain.counts["convolution"] - 2 * resnets
+
+
 def test_lean_unet_forced_fused_matches_the_model():
     teacher = perturbed(UNet2DModel(**DIGITS_CONFIG))
     lean = LeanUNet(teacher, cuda_graph=False, fused=True)
