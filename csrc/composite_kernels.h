@@ -1,8 +1,8 @@
 // Device-generic implementations built from ATen calls. They serve as the CPU and CUDA kernels of
-// shared_conv2d and of the shared_attention forward (ATen picks oneDNN / cuDNN / the fused SDPA
-// kernels), as the CUDA backward of shared_attention (the CPU one plugs ATen's CPU flash kernels
-// into shared_attention_backward_with), and as the CUDA backward of shared_group_norm_silu until
-// it has its own kernel.
+// shared_conv2d and population_conv2d and of the shared_attention forward (ATen picks oneDNN /
+// cuDNN / the fused SDPA kernels), as the CUDA backward of shared_attention (the CPU one plugs
+// ATen's CPU flash kernels into shared_attention_backward_with), and as the CUDA backward of
+// shared_group_norm_silu until it has its own kernel.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
-// Per-dtype arithmetic helpers shared by the conv and attention kernels: the accumulation type
-// (float for float32/float16/bfloat16, double for float64) and conversions to and from it.
+// The launch macros of the kernels here, and per-dtype arithmetic helpers of the attention kernel:
+// the accumulation type (float for float32/float16/bfloat16, double for float64) and conversions
+// to and from it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -64,8 +65,6 @@ template <typename T>
 __device__ __forceinline__ T zero_value() {
   return Numeric<T>::from_acc(acc_t<T>(0));
 }
-
-constexpr int ceil_div_int(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace cuda
 }  // namespace pyevo

@@ -14,15 +14,17 @@ bias, time embedding, residual and scale fused), :func:`shared_group_norm_silu`,
 :func:`population_group_norm_silu`, :func:`population_attention`). ``import pyevo`` imports this
 module, so ``torch.ops.pyevo.*`` is fully usable after it.
 
-The population ops evaluate K candidates of one layer in one call (one kernel launch on CUDA)
-for the search, which scores candidates and never trains them: they are **forward only**. Their
-autograd formula raises a clear error if a gradient is ever asked for (train a candidate through
-the single-candidate ops instead).
+The population ops evaluate K candidates of one layer in one call (on CUDA one kernel launch for
+GroupNorm+SiLU and the attention cores, a loop of cuDNN calls for the convolution) for the search,
+which scores candidates and never trains them: they are **forward only**. Their autograd formula
+raises a clear error if a gradient is ever asked for (train a candidate through the
+single-candidate ops instead).
 
-Which kernels run on CUDA: where ATen has a fast kernel of its own (cuDNN convolution, SDPA),
-the default choice ``"auto"`` uses whichever was faster on an H100 (ATen's for the convolutions
-and the single-candidate attention; pyevo's for GroupNorm+SiLU and the population attention);
-``"pyevo"`` uses pyevo's kernels everywhere. See :func:`set_cuda_kernels`. CPU ops ignore it.
+Which kernels run on CUDA: the convolutions (:func:`shared_conv2d`, :func:`population_conv2d`)
+run ATen's convolution (cuDNN) on the weight view, GroupNorm+SiLU and the population attention
+pyevo's kernels. For :func:`shared_attention` and :func:`fused_conv2d`, which have both,
+:func:`set_cuda_kernels` chooses: ``"auto"`` (the default) ATen's (SDPA; cuDNN and the epilogue as
+separate ops), ``"pyevo"`` pyevo's kernels. CPU ops ignore it.
 
 Under ``torch.autocast`` the ops follow ATen's policy for their ATen counterparts: the convolutions
 and attentions run in the autocast dtype (like ``conv2d`` and SDPA), GroupNorm+SiLU in float32
@@ -53,9 +55,14 @@ __all__ = ["shared_conv2d", "fused_conv2d", "shared_group_norm_silu", "shared_at
 # ---------------------------------------------------------------------------------------------
 
 def set_cuda_kernels(choice: str) -> None:
-    """Choose the kernels of the CUDA ops, process-wide: ``"auto"`` (the default: per op the
-    faster of ATen's and pyevo's, as measured on an H100, ``experiments/device/README.md``) or
-    ``"pyevo"`` (pyevo's own kernels wherever it has one). Raises ``RuntimeError`` on another name."""
+    """Choose, process-wide, the kernels of the CUDA ops that have both ATen's and pyevo's:
+    the :func:`shared_attention` forward (SDPA or pyevo's fused attention) and :func:`fused_conv2d`
+    (cuDNN then the epilogue as ATen ops, or pyevo's CUTLASS kernel where it applies).
+    ``"auto"`` (the default) runs ATen's, which was faster for the attention on an H100
+    (``experiments/device/README.md``) and stays until the fused conv is measured faster;
+    ``"pyevo"`` runs pyevo's. The other ops have one CUDA implementation each: pyevo's kernels for
+    GroupNorm+SiLU and the population attention, cuDNN for :func:`shared_conv2d` and
+    :func:`population_conv2d`. Raises ``RuntimeError`` on another name."""
     _C._set_cuda_kernels(choice)
 
 
@@ -202,10 +209,10 @@ def population_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Optional[T
     Candidate ``i`` computes ``shared_conv2d(x[:, :in_channels[i]], weight, bias,
     out_channels[i], kernel_sizes[i], stride)`` where ``x`` is ``inputs[0]`` (one input shared by
     every candidate, a block's first layer) or ``inputs[i]`` (one input per candidate). An empty
-    ``in_channels`` means every candidate reads all of its input's channels. On CUDA all
-    candidates run in one launch of a grouped implicit GEMM under ``set_cuda_kernels("pyevo")``,
-    and as a loop of cuDNN convolutions under the default ``"auto"`` (faster on an H100 at
-    DDPM/LDM sizes); on the CPU this is a loop over :func:`shared_conv2d`.
+    ``in_channels`` means every candidate reads all of its input's channels. This is a loop over
+    :func:`shared_conv2d` (ATen's convolution: cuDNN on CUDA): pyevo's one-launch grouped conv was
+    slower than that loop on an H100 and was removed. Work shared between candidates (one conv
+    per kernel size at a block's first layer) is up to the caller: ``pyevo.search.population``.
 
     Returns:
         K contiguous tensors ``(N, out_channels[i], H_out_i, W_out_i)``.

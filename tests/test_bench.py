@@ -20,8 +20,9 @@ def test_bench_quick_cpu(tmp_path, capsys):
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["quick"] is True
     assert data["peaks"]["matmul_tflops"]["float32"] > 0 and data["peaks"]["copy_gbps"] > 0
     ops = {row["op"] for row in data["rows"]}
-    assert ops == {"conv", "gn+silu", "attention", "pop-conv shared-input", "pop-conv own-inputs",
-                   "pop-gn+silu", "pop-attention shared-input", "fused-conv conv1", "fused-conv conv2"}
+    # No plain or population conv cases: those ops run cuDNN on CUDA, the baseline itself.
+    assert ops == {"gn+silu", "attention", "pop-gn+silu", "pop-attention shared-input",
+                   "fused-conv conv1", "fused-conv conv2"}
     for row in data["rows"]:
         assert row["ours_ms"] > 0
         timed = [b for b in row["baselines"].values() if "ms" in b]
@@ -29,7 +30,7 @@ def test_bench_quick_cpu(tmp_path, capsys):
         assert row["max_rel_diff"] < 1e-4, row  # ours computes what the baseline computes
         assert 0 < row["fraction_of_peak"]
         assert ("tflops" in row) != ("gbps" in row)
-        if row["op"].startswith("pop-conv"):
-            assert "padded-grouped" in row["baselines"] and row["candidates"] == 4
+        if row["op"].startswith("pop-"):
+            assert row["candidates"] == 4
     printed = capsys.readouterr().out
-    assert "peaks:" in printed and "pop-conv own-inputs" in printed and str(out) in printed
+    assert "peaks:" in printed and "pop-attention shared-input" in printed and str(out) in printed

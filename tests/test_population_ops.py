@@ -621,22 +621,6 @@ def test_cuda_population_conv2d(case, dtype):
 
 
 @CUDA
-@pytest.mark.sanitizer
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_population_conv2d_small(dtype):
-    test_cuda_population_conv2d(CONV_POPULATIONS[-1], dtype)
-
-
-@CUDA
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_population_conv2d_auto_kernels(dtype):
-    # "auto" runs the population conv as a loop of ATen convolutions: same contract, same checks.
-    with ops.cuda_kernels("auto"):
-        test_cuda_population_conv2d(CONV_POPULATIONS[-1], dtype)
-        test_cuda_population_conv2d(CONV_POPULATIONS[2], dtype)
-
-
-@CUDA
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("case", NORM_POPULATIONS[:4], ids=case_id)
 def test_cuda_population_group_norm_silu(case, dtype):

@@ -2,7 +2,8 @@
 // and pyevo::population_attention: the projections run as at::linear on prefix views of the
 // shared weights (row prefixes are contiguous; the column prefix of out_weight is read through its
 // leading dimension, nothing is copied), the attention core runs in our kernel, heads side by
-// side, no transposes. Device-agnostic like conv_runner.h (the host emulation uses it too).
+// side, no transposes. Device-agnostic: the caller passes the stream and the function that
+// uploads the descriptor table, so the host emulation (tests/cuda_emulation) uses it too.
 //
 // Where the kernel does not apply (float64, head_dim > 64, float16/bfloat16 below compute
 // capability 8.0) the core falls back to at::scaled_dot_product_attention, which picks the best

@@ -1,6 +1,7 @@
 // Torch-side glue of the CUDA GroupNorm+SiLU kernels (kernels/group_norm_silu.h) for
 // pyevo::shared_group_norm_silu (forward, backward) and pyevo::population_group_norm_silu.
-// Device-agnostic like conv_runner.h (the host emulation uses it too). Callers check arguments.
+// Device-agnostic: the caller passes the stream and the function that uploads the descriptor
+// table, so the host emulation (tests/cuda_emulation) uses it too. Callers check arguments.
 #pragma once
 
 #include <ATen/ATen.h>

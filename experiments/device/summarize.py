@@ -64,9 +64,6 @@ def target_lines(rows: list[dict]) -> list[str]:
                 out.append((row["baselines"][baseline]["speedup"], label(row)))
         return out
 
-    report("pop conv, shared input vs loop", speedups("pop-conv shared-input", "loop"), 2.0)
-    report("pop conv, own inputs vs loop", speedups("pop-conv own-inputs", "loop"), 1.5)
-    report("pop conv, own inputs vs padded grouped", speedups("pop-conv own-inputs", "padded-grouped"), 2.0)
     report("GroupNorm+SiLU vs eager", speedups("gn+silu", "eager"), 3.0)
     report("GroupNorm+SiLU, fraction of copy bandwidth",
            [(row["fraction_of_peak"], label(row)) for row in rows if row["op"] == "gn+silu"], 0.5, "")
@@ -168,16 +165,14 @@ def main(argv=None) -> int:
                "| target | worst case | median | |", "|---|---|---|---|"] + target_lines(rows) + [""]
     short = "\n".join(md) + "\n"
     if rows:
-        md += ["| op | shape | dtype | ours ms | best baseline ms | x best | x padded | % peak | diff |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        md += ["| op | shape | dtype | ours ms | best baseline ms | x best | % peak | diff |",
+               "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             name, best = best_baseline(row)
-            padded = row["baselines"].get("padded-grouped", {})
             fraction = row.get("fraction_of_peak")
             cells = [row["op"], row["shape"], row["dtype"], f"{row['ours_ms']:.4f}",
                      f"{name} {best['ms']:.4f}" if best else "-",
                      f"{best['speedup']:.2f}" if best else "-",
-                     f"{padded['speedup']:.2f}" if "speedup" in padded else "",
                      f"{100 * fraction:.1f}" if fraction is not None else "-",
                      f"{row['max_rel_diff']:.1e}" if "max_rel_diff" in row else "-"]
             md.append("| " + " | ".join(cells) + " |")

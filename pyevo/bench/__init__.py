@@ -9,11 +9,6 @@ baseline agree (``max_rel_diff``), so a fast wrong kernel cannot look good.
 
 Baselines (what a user of PyTorch would write):
 
-* conv: the weight crop sliced and ``.contiguous()``, then ``F.conv2d`` (cuDNN / oneDNN);
-* population conv: that, once per candidate ("loop"); and every candidate zero-padded to the full
-  C_out x C_in x 5 x 5 weight in one grouped ``F.conv2d`` ("padded"; for a shared input, the
-  candidates' padded weights stacked into one conv). The padded weights and stacked inputs are
-  built before timing (favouring the baseline);
 * fused conv (a resnet's conv1: + bias + temb; conv2: + bias + residual, * scale): the sliced crop
   in ``F.conv2d`` (cuDNN) and the epilogue as separate ops, eager in NCHW ("eager") and in
   channels_last ("eager NHWC"), and the NCHW one captured as one CUDA graph ("graph", captured
@@ -23,6 +18,10 @@ Baselines (what a user of PyTorch would write):
 * attention: sliced ``.contiguous()`` projections, ``F.scaled_dot_product_attention`` with the
   fastest backend PyTorch has for the shape (each backend is tried, the best kept), output
   projection; population: once per candidate.
+
+No plain conv or population conv cases: on CUDA ``shared_conv2d`` and ``population_conv2d`` run
+cuDNN themselves (pyevo's WMMA conv kernels, 0.12-0.46x a loop of cuDNN calls on an H100, were
+removed), so they would time cuDNN against itself.
 
 Timing: CUDA events around enough calls to last about a millisecond, median of repeats, after
 warm-up; inputs rotate among copies that together exceed the L2 cache (so memory-bound ops are
@@ -221,22 +220,6 @@ def _crop(weight, c_in, c_out, k):
     return weight[:c_out, :c_in, c:c + k, c:c + k]
 
 
-def conv_case(label, n, c, size, k, width, dtype) -> Case:
-    """One candidate: a k x k crop of a 5x5 shared kernel, `width` x C output channels."""
-    c_out = max(1, int(round(c * width)))
-
-    def make(device, dtype, g):
-        return {"x": _randn(g, device, dtype, n, c, size, size),
-                "w": _randn(g, device, dtype, c, c, 5, 5, scale=0.05),
-                "b": _randn(g, device, dtype, c)}
-
-    return Case("conv", f"{label} N{n} C{c}->{c_out} {size}x{size} k{k}of5", dtype, 1,
-                2 * n * size * size * c_out * c * k * k, None, make,
-                lambda t: ops.shared_conv2d(t["x"], t["w"], t["b"], c_out, k),
-                {"slice+conv2d": lambda t: F.conv2d(
-                    t["x"], _crop(t["w"], c, c_out, k).contiguous(), t["b"][:c_out], padding=k // 2)})
-
-
 def _capture(fn, tensors):
     """``fn(tensors)`` captured as a CUDA graph (after warm-up on a side stream, as capture needs);
     returns a callable that replays it and answers the graph's output."""
@@ -301,74 +284,6 @@ def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
         baselines["graph"] = lambda t: t["graph"]()
     return Case(f"fused-conv {epilogue}", f"{label} N{n} C{c}->{c} {size}x{size} k{k}of5", dtype, 1,
                 2 * n * size * size * c * c * k * k, None, make, ours, baselines, prepare)
-
-
-def _candidate_specs(count, c):
-    """Heterogeneous candidates: widths 1/2, 3/4, 1 of C crossed with kernels 1, 3, 5."""
-    widths = [c // 2, (3 * c) // 4, c]
-    kernels = [1, 3, 5]
-    return [(widths[i % 3], kernels[(i // 3) % 3]) for i in range(count)]
-
-
-def population_conv_case(label, n, c, size, count, shared_input, dtype) -> Case:
-    specs = _candidate_specs(count, c)
-    if shared_input:  # conv1 of a block: C_in = C for all, C_out and k vary
-        c_ins = [c] * count
-        c_outs = [w for w, _ in specs]
-    else:  # conv2: C_in varies (the hidden width), C_out = C
-        c_ins = [w for w, _ in specs]
-        c_outs = [c] * count
-    kernels = [k for _, k in specs]
-    flops = sum(2 * n * size * size * ci * co * k * k for ci, co, k in zip(c_ins, c_outs, kernels))
-
-    def make(device, dtype, g):
-        tensors = {"w": _randn(g, device, dtype, c, c, 5, 5, scale=0.05),
-                   "b": _randn(g, device, dtype, c)}
-        if shared_input:
-            tensors["x"] = [_randn(g, device, dtype, n, c, size, size)]
-        else:
-            tensors["x"] = [_randn(g, device, dtype, n, ci, size, size) for ci in c_ins]
-        return tensors
-
-    def ours(t):
-        return ops.population_conv2d(t["x"], t["w"], t["b"], c_ins, c_outs, kernels)
-
-    def loop(t):
-        outputs = []
-        for i in range(count):
-            x = t["x"][0] if shared_input else t["x"][i]
-            outputs.append(F.conv2d(x, _crop(t["w"], c_ins[i], c_outs[i], kernels[i]).contiguous(),
-                                    t["b"][:c_outs[i]], padding=kernels[i] // 2))
-        return outputs
-
-    def prepare(t):
-        # Every candidate as the full C x C x 5 x 5 conv with zeros outside its crop.
-        padded = torch.zeros(count, c, c, 5, 5, device=t["w"].device, dtype=t["w"].dtype)
-        bias = torch.zeros(count, c, device=t["w"].device, dtype=t["w"].dtype)
-        for i in range(count):
-            o = (5 - kernels[i]) // 2
-            padded[i, :c_outs[i], :c_ins[i], o:o + kernels[i], o:o + kernels[i]] = _crop(
-                t["w"], c_ins[i], c_outs[i], kernels[i])
-            bias[i, :c_outs[i]] = t["b"][:c_outs[i]]
-        extra = {"padded_w": padded.reshape(count * c, c, 5, 5), "padded_b": bias.reshape(-1)}
-        if not shared_input:
-            stacked = torch.zeros(n, count, c, size, size, device=t["w"].device, dtype=t["w"].dtype)
-            for i, x in enumerate(t["x"]):
-                stacked[:, i, :x.shape[1]] = x
-            extra["stacked_x"] = stacked.reshape(n, count * c, size, size)
-        return extra
-
-    def padded(t):
-        if shared_input:
-            out = F.conv2d(t["x"][0], t["padded_w"], t["padded_b"], padding=2)
-        else:
-            out = F.conv2d(t["stacked_x"], t["padded_w"], t["padded_b"], padding=2, groups=count)
-        out = out.view(n, count, c, size, size)
-        return [out[:, i, :c_outs[i]] for i in range(count)]
-
-    kind = "pop-conv shared-input" if shared_input else "pop-conv own-inputs"
-    return Case(kind, f"{label} N{n} C{c} {size}x{size} K{count}", dtype, count, flops, None, make,
-                ours, {"loop": loop, "padded-grouped": padded}, prepare)
 
 
 def group_norm_case(label, n, c, size, dtype) -> Case:
@@ -522,12 +437,8 @@ def shape_sets(device: torch.device, quick: bool, dtypes: Sequence[torch.dtype],
         attention = [("DDPM attn (B4)", 4, 256, 256, 4, 64)]
     for dtype in dtypes:
         for label, n, c, size in layers:
-            cases.append(conv_case(label, n, c, size, 3, 1.0, dtype))
-            cases.append(conv_case(label, n, c, size, 3, 0.5, dtype))
             cases.append(group_norm_case(label, n, c, size, dtype))
             for count in populations:
-                cases.append(population_conv_case(label, n, c, size, count, True, dtype))
-                cases.append(population_conv_case(label, n, c, size, count, False, dtype))
                 cases.append(population_group_norm_case(label, n, c, size, count, dtype))
         # The fused resnet conv is a half-precision kernel (float32 runs cuDNN + the epilogue).
         if dtype != torch.float32 or device.type != "cuda":

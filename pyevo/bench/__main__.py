@@ -4,12 +4,11 @@ JSON file.
     python -m pyevo.bench                     # CUDA if visible: DDPM/LDM layer shapes, fp32 + bf16, K = 8, 32
     python -m pyevo.bench --device cpu        # the same kinds of layer, smaller, fp32, K = 8
     python -m pyevo.bench --quick             # tiny shapes, a few seconds (the test suite's smoke run)
-    python -m pyevo.bench --only pop-conv --json out.json
+    python -m pyevo.bench --only attention --json out.json
 
 Columns: ours and the fastest baseline in ms, their ratio (baseline / ours: above 1 means ours is
-faster), for population convs also the ratio to the zero-padded grouped conv, the work rate
-(TFLOP/s or GB/s) and its fraction of the peak measured in the same run, and the largest relative
-difference between our output and the baseline's.
+faster), the work rate (TFLOP/s or GB/s) and its fraction of the peak measured in the same run,
+and the largest relative difference between our output and the baseline's.
 """
 from __future__ import annotations
 
@@ -41,18 +40,16 @@ def parse_args(argv):
 
 
 def format_table(rows, peaks) -> str:
-    header = ["op", "shape", "dtype", "ours ms", "baseline", "base ms", "x base", "x padded",
-              "rate", "% peak", "diff"]
+    header = ["op", "shape", "dtype", "ours ms", "baseline", "base ms", "x base", "rate", "% peak",
+              "diff"]
     lines = []
     for row in rows:
         timed = {k: v for k, v in row["baselines"].items() if "ms" in v}
         best_name, best = min(timed.items(), key=lambda kv: kv[1]["ms"]) if timed else ("-", None)
-        padded = row["baselines"].get("padded-grouped", {})
         rate = (f"{row['tflops']:.2f} TF/s" if "tflops" in row else f"{row['gbps']:.0f} GB/s")
         fraction = row.get("fraction_of_peak")
         lines.append([row["op"], row["shape"], row["dtype"], f"{row['ours_ms']:.4f}", best_name,
                       f"{best['ms']:.4f}" if best else "-", f"{best['speedup']:.2f}" if best else "-",
-                      f"{padded['speedup']:.2f}" if "speedup" in padded else "",
                       rate, f"{100 * fraction:.1f}" if fraction is not None else "-",
                       f"{row['max_rel_diff']:.1e}" if "max_rel_diff" in row else "-"])
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
@@ -116,8 +113,8 @@ def _main(argv) -> int:
     # different precision: off for both, so float32 means float32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    # What is measured is pyevo's own kernels, also where the ops' default ("auto") would run
-    # ATen's: the figures are what that default is chosen from.
+    # What is measured is pyevo's own kernels (the attention forward, the fused conv), also where
+    # the ops' default ("auto") would run ATen's: the figures are what that default is chosen from.
     pyevo.ops.set_cuda_kernels("pyevo")
 
     cases = shape_sets(device, args.quick, dtypes, populations)

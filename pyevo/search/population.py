@@ -9,8 +9,7 @@ whole generation's genomes of one block together, layer by layer:
 * every searched layer (``SuperResnetBlock2D``, ``SuperAttention``) is switched to a population
   forward for the duration of the call: its convolutions, GroupNorm+SiLU and attention run as
   ``pyevo.ops.population_*`` ops, one call for all candidates that use the layer (one kernel
-  launch on CUDA, except the convolutions under the default ``pyevo.ops.set_cuda_kernels``
-  choice, which loop over cuDNN);
+  launch on CUDA, except the convolutions, which loop over cuDNN);
 * at the block's first searched layer every candidate sees the same input, so work is shared:
   the shortcut and first norm run once; a resnet runs conv1 once per kernel size at the widest
   width any candidate of that size asks for, each candidate taking a channel prefix, the

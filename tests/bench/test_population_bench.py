@@ -1,13 +1,14 @@
 """CPU microbenchmarks of the population ops: K candidates of one layer in one call ("pyevo")
-against one call per candidate ("loop": slice + ``.contiguous()`` + ``F.conv2d`` /
-``F.group_norm`` + ``F.silu`` / SDPA) and, for convolutions, every candidate zero-padded into one
-grouped conv ("padded").
+against one call per candidate ("loop": slice + ``.contiguous()`` + ``F.group_norm`` + ``F.silu``
+/ SDPA), and one generation's NSRs with work shared between candidates against the per-candidate
+path.
 
     .venv/bin/python -m pytest tests/bench --benchmark-only
 
 On the CPU the population ops are loops over the single ops, so these mostly show what the loop
-costs; ``python -m pyevo.bench`` on a GPU is where the one-launch kernels are measured. No time
-assertions.
+costs; ``python -m pyevo.bench`` on a GPU is where the one-launch kernels are measured. The
+population conv is a loop of single convs on every device, so it has no case here: its work
+sharing is measured by ``test_generation_nsrs``. No time assertions.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import pytest
 import torch
 
 import pyevo  # noqa: F401
-from pyevo.bench import (population_attention_case, population_conv_case,
-                         population_group_norm_case)
+from pyevo.bench import population_attention_case, population_group_norm_case
 
 DEVICE = torch.device("cpu")
 
@@ -36,13 +36,6 @@ def bench_case(benchmark, case, impl):
             return fn(tensors)
 
     benchmark(step)
-
-
-@pytest.mark.parametrize("impl", ["pyevo", "loop", "padded-grouped"])
-@pytest.mark.parametrize("shared_input", [True, False], ids=["shared-input", "own-inputs"])
-def test_population_conv2d(benchmark, shared_input, impl):
-    case = population_conv_case("DDPM down1", 4, 128, 16, 8, shared_input, torch.float32)
-    bench_case(benchmark, case, impl)
 
 
 @pytest.mark.parametrize("impl", ["pyevo", "loop"])

@@ -161,14 +161,11 @@ struct matrix_b {};
 struct accumulator {};
 struct row_major {};
 struct col_major {};
-namespace precision {
-struct tf32 {};
-}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  using element_type = typename std::conditional<std::is_same<T, precision::tf32>::value, float, T>::type;
+  using element_type = T;
   static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
   static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
   static constexpr int num_elements = rows * cols;
@@ -234,19 +231,6 @@ void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M,
     }
   }
   std::memcpy(d.x, result, sizeof(result));
-}
-
-// Rounds to the 10-bit mantissa of tf32 (to nearest).
-inline float __float_to_tf32(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  if ((bits & 0x7f800000u) != 0x7f800000u) {
-    bits += 0x1000u;
-    bits &= 0xffffe000u;
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
 }
 
 }  // namespace wmma

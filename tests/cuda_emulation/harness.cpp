@@ -1,25 +1,20 @@
-// The host emulation harness: the real CUDA launchers and kernels of kernels/*.cu, compiled with
-// g++ against emulation.h (force-included), driven through the same torch-side glue as the CUDA
-// ops (csrc/cuda/*_runner.h), on CPU tensors. Built by tests/test_cuda_emulation.py with
-// torch.utils.cpp_extension.load.
+// The host emulation harness: the real CUDA launchers and kernels of the GroupNorm+SiLU and
+// attention ops (kernels/group_norm_silu.cu, kernels/flash_attention.cu), compiled with g++
+// against emulation.h (force-included), driven through the same torch-side glue as the CUDA ops
+// (csrc/cuda/*_runner.h), on CPU tensors. Built by tests/test_cuda_emulation.py with
+// torch.utils.cpp_extension.load. fused_conv2d's CUTLASS kernels are not emulated.
 #include <torch/extension.h>
 
 #include <cstring>
 
 // The kernels and their launchers, as C++.
-#include "conv_igemm.cu"
 #include "flash_attention.cu"
 #include "group_norm_silu.cu"
 
 #include "attention_runner.h"
-#include "conv_runner.h"
 #include "group_norm_runner.h"
 
-// ---- the CUDA runtime calls the launchers make, answered for an emulated device
-namespace {
-int emulated_major = 9;
-}  // namespace
-
+// ---- the CUDA runtime calls the launchers make, answered for an emulated Hopper (9.0)
 extern "C" {
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -27,9 +22,8 @@ cudaError_t cudaGetDevice(int* device) {
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
   switch (attribute) {
-    case cudaDevAttrComputeCapabilityMajor: *value = emulated_major; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
-    case cudaDevAttrMultiProcessorCount: *value = 4; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
     default: *value = 0;
   }
@@ -46,29 +40,6 @@ at::Tensor host_table(const void* data, int64_t bytes) {
   at::Tensor table = at::empty({bytes}, at::kByte);
   std::memcpy(table.mutable_data_ptr(), data, bytes);
   return table;
-}
-
-void set_major(int64_t major) { emulated_major = static_cast<int>(major); }
-
-std::vector<at::Tensor> conv_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias,
-                                     std::vector<int64_t> in_channels,
-                                     std::vector<int64_t> out_channels,
-                                     std::vector<int64_t> kernel_sizes, int64_t stride, bool tf32) {
-  return pyevo::conv_runner::conv_forward(inputs, weight, bias, in_channels, out_channels,
-                                          kernel_sizes, stride, tf32, nullptr, &host_table,
-                                          "emulated conv_forward");
-}
-
-std::vector<at::Tensor> conv_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t out_channels,
-                                      int64_t kernel_size, int64_t stride, bool tf32) {
-  auto [gi, gw, gb] = pyevo::conv_runner::conv_backward(grad_output, input, weight, bias,
-                                                        out_channels, kernel_size, stride,
-                                                        {true, true, true}, tf32, nullptr,
-                                                        "emulated conv_backward");
-  return {gi, gw, gb};
 }
 
 std::vector<at::Tensor> group_norm_silu_forward(const std::vector<at::Tensor>& inputs,
@@ -116,9 +87,6 @@ std::vector<at::Tensor> population_attention(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_compute_capability_major", &set_major);
-  m.def("conv_forward", &conv_forward);
-  m.def("conv_backward", &conv_backward);
   m.def("group_norm_silu_forward", &group_norm_silu_forward);
   m.def("group_norm_silu_backward", &group_norm_silu_backward);
   m.def("attention_cores", &attention_cores);
