@@ -65,8 +65,12 @@ def target_lines(rows: list[dict]) -> list[str]:
         return out
 
     report("GroupNorm+SiLU vs eager", speedups("gn+silu", "eager"), 3.0)
+    report("GroupNorm+SiLU vs eager as a CUDA graph", speedups("gn+silu", "eager graph"), 1.0)
+    # A same-size clone in a graph moves the same bytes: its time over ours is our share of that bandwidth.
+    report("GroupNorm+SiLU, fraction of a graph clone's bandwidth", speedups("gn+silu", "clone graph"), 0.8, "")
     report("GroupNorm+SiLU, fraction of copy bandwidth",
            [(row["fraction_of_peak"], label(row)) for row in rows if row["op"] == "gn+silu"], 0.5, "")
+    report("pop GroupNorm+SiLU vs its loop as a CUDA graph", speedups("pop-gn+silu", "loop graph"), 1.3)
     pop_attention = []
     for row in rows:
         if row["op"] == "pop-attention shared-input":
@@ -74,6 +78,14 @@ def target_lines(rows: list[dict]) -> list[str]:
             if best:
                 pop_attention.append((best["speedup"], f"{label(row)} vs {name}"))
     report("pop attention vs best SDPA loop", pop_attention, 2.0)
+    pop_attention_graph = []
+    for row in rows:
+        if row["op"] == "pop-attention shared-input":
+            timed = {k: v for k, v in row["baselines"].items() if "ms" in v and k.endswith(" graph")}
+            if timed:
+                name, best = min(timed.items(), key=lambda kv: kv[1]["ms"])
+                pop_attention_graph.append((best["speedup"], f"{label(row)} vs {name}"))
+    report("pop attention vs best SDPA loop as a CUDA graph", pop_attention_graph, 1.3)
     single = []
     for row in rows:
         if row["op"] == "attention" and " S256 " in f" {row['shape']} ":

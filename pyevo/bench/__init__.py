@@ -14,10 +14,14 @@ Baselines (what a user of PyTorch would write):
   channels_last ("eager NHWC"), and the NCHW one captured as one CUDA graph ("graph", captured
   before timing). Ours runs channels_last with a channels_last shared weight, the layouts the
   Hopper CUTLASS kernel reads in place;
-* GroupNorm+SiLU: eager ``F.silu(F.group_norm(...))``; population: once per input;
+* GroupNorm+SiLU: eager ``F.silu(F.group_norm(...))``; population: once per input. On CUDA also
+  the same captured as one CUDA graph ("graph"), and a same-size ``clone`` captured as a graph
+  ("clone graph"): the bandwidth an elementwise pass over these tensors can reach (its ratio to ours
+  is the fraction of that bandwidth ours reaches);
 * attention: sliced ``.contiguous()`` projections, ``F.scaled_dot_product_attention`` with the
   fastest backend PyTorch has for the shape (each backend is tried, the best kept), output
-  projection; population: once per candidate.
+  projection; population: once per candidate, and on CUDA that loop captured as one CUDA graph
+  ("loop <backend> graph"), where launches cost nothing.
 
 No plain conv or population conv cases: on CUDA ``shared_conv2d`` and ``population_conv2d`` run
 cuDNN themselves (pyevo's WMMA conv kernels, 0.12-0.46x a loop of cuDNN calls on an H100, were
@@ -240,6 +244,30 @@ def _capture(fn, tensors):
     return replay
 
 
+def _with_graphs(case: Case, device: torch.device, names: Sequence[str],
+                 yardstick: Callable[[dict], Any] | None = None) -> Case:
+    """On CUDA, the baselines ``names`` also captured as one CUDA graph each ("<name> graph"), and
+    ``yardstick`` (a pass of known cost over the same tensors) captured as "clone graph". The graphs are
+    captured per input copy before timing; elsewhere the case is returned as it is."""
+    if device.type != "cuda":
+        return case
+    prepare_before, eager = case.prepare, {name: case.baselines[name] for name in names}
+    if yardstick is not None:
+        eager["clone"] = yardstick
+
+    def prepare(t):
+        extra = prepare_before(t) if prepare_before else {}
+        own = dict(extra)
+        for name, fn in eager.items():
+            extra[f"graph:{name}"] = _capture(lambda u, fn=fn: fn({**u, **own}), t)
+        return extra
+
+    baselines = dict(case.baselines)
+    for name in eager:
+        baselines[f"{name} graph"] = lambda t, key=f"graph:{name}": t[key]()
+    return dataclasses.replace(case, baselines=baselines, prepare=prepare)
+
+
 def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
     """A resnet convolution with its epilogue: "conv1" adds bias and the time embedding, "conv2"
     bias and the residual and scales by 1/sqrt(2) (output_scale_factor); k x k of a 5x5 shared
@@ -286,7 +314,7 @@ def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
                 2 * n * size * size * c * c * k * k, None, make, ours, baselines, prepare)
 
 
-def group_norm_case(label, n, c, size, dtype) -> Case:
+def group_norm_case(label, n, c, size, device, dtype) -> Case:
     groups = 32 if c % 32 == 0 else 8
 
     def make(device, dtype, g):
@@ -295,13 +323,14 @@ def group_norm_case(label, n, c, size, dtype) -> Case:
                 "b": _randn(g, device, dtype, c, scale=0.1)}
 
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    return Case("gn+silu", f"{label} N{n} C{c} {size}x{size} G{groups}", dtype, 1, None,
+    case = Case("gn+silu", f"{label} N{n} C{c} {size}x{size} G{groups}", dtype, 1, None,
                 2 * n * c * size * size * itemsize, make,
                 lambda t: ops.shared_group_norm_silu(t["x"], t["w"], t["b"], c // groups, 1e-5),
                 {"eager": lambda t: F.silu(F.group_norm(t["x"], groups, t["w"][:c], t["b"][:c], 1e-5))})
+    return _with_graphs(case, device, ["eager"], yardstick=lambda t: t["x"].clone())
 
 
-def population_group_norm_case(label, n, c, size, count, dtype) -> Case:
+def population_group_norm_case(label, n, c, size, count, device, dtype) -> Case:
     groups = 32 if c % 32 == 0 else 8
     per_group = c // groups
     widths = [max(per_group, (w // per_group) * per_group) for w in (c // 2, (3 * c) // 4, c)]
@@ -318,10 +347,11 @@ def population_group_norm_case(label, n, c, size, count, dtype) -> Case:
         return [F.silu(F.group_norm(x, x.shape[1] // per_group, t["w"][:x.shape[1]],
                                     t["b"][:x.shape[1]], 1e-5)) for x in t["x"]]
 
-    return Case("pop-gn+silu", f"{label} N{n} C{c} {size}x{size} K{count}", dtype, count, None,
+    case = Case("pop-gn+silu", f"{label} N{n} C{c} {size}x{size} K{count}", dtype, count, None,
                 2 * n * sum(channels) * size * size * itemsize, make,
                 lambda t: ops.population_group_norm_silu(t["x"], t["w"], t["b"], per_group, 1e-5),
                 {"loop": loop})
+    return _with_graphs(case, device, ["loop"])
 
 
 @contextmanager
@@ -408,8 +438,10 @@ def population_attention_case(label, b, s, c, heads, head_dim, count, device, dt
 
     baselines = {f"loop {name}": loop_of(backend) for name, backend in _attention_backends(device).items()}
     flops = sum(_attention_flops(b, s, c, h, head_dim) for h in keep)
-    return Case("pop-attention shared-input", f"{label} B{b} S{s} C{c} H{heads}x{head_dim} K{count}",
+    case = Case("pop-attention shared-input", f"{label} B{b} S{s} C{c} H{heads}x{head_dim} K{count}",
                 dtype, count, flops, None, make, ours, baselines)
+    # The math backend is a reference, not what a user would capture.
+    return _with_graphs(case, device, [name for name in baselines if name != "loop sdpa-math"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,9 +469,9 @@ def shape_sets(device: torch.device, quick: bool, dtypes: Sequence[torch.dtype],
         attention = [("DDPM attn (B4)", 4, 256, 256, 4, 64)]
     for dtype in dtypes:
         for label, n, c, size in layers:
-            cases.append(group_norm_case(label, n, c, size, dtype))
+            cases.append(group_norm_case(label, n, c, size, device, dtype))
             for count in populations:
-                cases.append(population_group_norm_case(label, n, c, size, count, dtype))
+                cases.append(population_group_norm_case(label, n, c, size, count, device, dtype))
         # The fused resnet conv is a half-precision kernel (float32 runs cuDNN + the epilogue).
         if dtype != torch.float32 or device.type != "cuda":
             for label, n, c, size in layers:

@@ -40,7 +40,7 @@ def bench_case(benchmark, case, impl):
 
 @pytest.mark.parametrize("impl", ["pyevo", "loop"])
 def test_population_group_norm_silu(benchmark, impl):
-    case = population_group_norm_case("DDPM down0", 8, 128, 32, 8, torch.float32)
+    case = population_group_norm_case("DDPM down0", 8, 128, 32, 8, DEVICE, torch.float32)
     bench_case(benchmark, case, impl)
 
 
