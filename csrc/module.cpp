@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -48,21 +49,46 @@ pybind11::dict build_info() {
   return info;
 }
 
-// Which kernel pyevo::fused_conv2d runs for these arguments on their device (tests, benchmarks).
+// Which kernel pyevo::fused_conv2d runs for these arguments and `kernel` request on their device
+// (tests, benchmarks).
 std::string fused_conv2d_kernel(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& temb,
                                 const std::optional<at::Tensor>& residual, int64_t out_channels,
-                                int64_t kernel_size) {
+                                int64_t kernel_size, const std::string& kernel) {
+  constexpr const char* op = "pyevo::fused_conv2d";
+  [[maybe_unused]] const pyevo::KernelRequest request = pyevo::kernel_request_from_name(kernel, op);
 #ifdef PYEVO_WITH_CUDA
   if (input.is_cuda()) {
     return pyevo::fused_conv2d_cuda_kernel(input, weight, bias, temb, residual, out_channels,
-                                           kernel_size);
+                                           kernel_size, request);
   }
 #endif
   pyevo::check_fused_conv2d(input, weight, bias, temb, residual, 1.0, out_channels, kernel_size);
   return "aten: the " + std::string(c10::DeviceTypeName(input.device().type())) +
          " kernel is the composite";
+}
+
+// The measured table as pyevo/kernel_choices.py hands it over: (device, capability, shape key,
+// "aten" or "pyevo") per entry.
+void install_kernel_choices(
+    const std::vector<std::tuple<std::string, std::string, std::string, std::string>>& entries) {
+  std::vector<pyevo::MeasuredChoice> choices;
+  for (const auto& [device, capability, shape_key, kernel] : entries) {
+    TORCH_CHECK(kernel == "aten" || kernel == "pyevo", "pyevo: a measured kernel choice is 'aten' or "
+                "'pyevo', got '", kernel, "'");
+    choices.push_back({device, capability, shape_key,
+                       kernel == "pyevo" ? pyevo::Kernel::kPyevo : pyevo::Kernel::kAten});
+  }
+  pyevo::install_measured_choices(choices);
+}
+
+pybind11::list shape_key_fields(const std::string& op) {
+  pybind11::list fields;
+  for (const auto& field : pyevo::shape_key_fields(op)) {
+    fields.append(pybind11::make_tuple(field.name, field.is_flag));
+  }
+  return fields;
 }
 
 }  // namespace
@@ -75,21 +101,52 @@ PYBIND11_MODULE(_C, m) {
   m.def("_fused_conv2d_kernel", &fused_conv2d_kernel, pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("temb"),
         pybind11::arg("residual"), pybind11::arg("out_channels"), pybind11::arg("kernel_size"),
-        "Which kernel pyevo::fused_conv2d would run for these arguments: 'cutlass_sm90', or "
-        "'aten: <why not>' (cuDNN/oneDNN convolution + the epilogue as ATen ops)");
+        pybind11::arg("kernel") = "auto",
+        "Which kernel pyevo::fused_conv2d would run for these arguments and kernel request: "
+        "'cutlass_sm90', or 'aten: <why not>' (cuDNN/oneDNN convolution + the epilogue as ATen "
+        "ops)");
+  // The measured kernel-choice table (csrc/cuda_kernel_choice.h), for pyevo/kernel_choices.py
+  // and pyevo.ops, which load, install and query it.
+  m.def("_kernel_choice_shape_key_fields", &shape_key_fields, pybind11::arg("op"),
+        "The fields of op's shape key in key order, each (name, is_flag)");
+  m.def("_kernel_choice_shape_key", &pyevo::shape_key, pybind11::arg("op"),
+        pybind11::arg("dtype"), pybind11::arg("values"),
+        "The shape key of a table entry: op, dtype and the field values in key order");
+  m.def("_fused_conv2d_shape_key", &pyevo::fused_conv2d_shape_key, pybind11::arg("input"),
+        pybind11::arg("temb"), pybind11::arg("residual"), pybind11::arg("out_channels"),
+        pybind11::arg("kernel_size"), "The shape key of a pyevo::fused_conv2d call");
+  m.def("_shared_attention_shape_key", &pyevo::shared_attention_shape_key,
+        pybind11::arg("hidden_states"), pybind11::arg("encoder_hidden_states"),
+        pybind11::arg("heads"), pybind11::arg("head_dim"),
+        "The shape key of a pyevo::shared_attention call");
+  m.def("_install_kernel_choices", &install_kernel_choices, pybind11::arg("entries"),
+        "Installs the measured table, once (pyevo.ops does at import)");
+  m.def(
+      "_measured_kernel_choice",
+      [](const std::string& device, const std::string& capability, const std::string& shape_key) {
+        return std::string(pyevo::kernel_name(pyevo::measured_choice(device, capability, shape_key)));
+      },
+      pybind11::arg("device"), pybind11::arg("capability"), pybind11::arg("shape_key"),
+      "The installed table's choice for this GPU and shape key: 'aten' or 'pyevo' ('aten' without "
+      "an entry)");
+  m.def(
+      "_resolve_kernel",
+      [](const std::string& op, const c10::Device& device, const std::string& shape_key,
+         const std::string& kernel) {
+        pyevo::shape_key_fields(op);  // refuses an op without a choice
+        const auto request = pyevo::kernel_request_from_name(kernel, ("pyevo::" + op).c_str());
+        return std::string(pyevo::kernel_name(
+            pyevo::resolve_kernel(request, device, op.c_str(), [&] { return shape_key; }).kernel));
+      },
+      pybind11::arg("op"), pybind11::arg("device"), pybind11::arg("shape_key"),
+      pybind11::arg("kernel"),
+      "The implementation ('aten' or 'pyevo') a call of op on device with this shape key and "
+      "kernel request runs, as the ops resolve it (pyevo.ops.kernel_choice)");
   // The ATen composites that serve as CUDA backward kernels, callable on any device so that the
   // CPU test suite covers them.
   m.def("_shared_group_norm_silu_backward_composite",
         &pyevo::shared_group_norm_silu_backward_composite,
         "shared_group_norm_silu_backward built from ATen ops (for tests)");
-  m.def(
-      "_set_cuda_kernels",
-      [](const std::string& name) { pyevo::set_cuda_kernels(pyevo::cuda_kernels_from_name(name)); },
-      "Which kernels the CUDA ops use where ATen has its own: 'auto' or 'pyevo' "
-      "(pyevo.ops.set_cuda_kernels)");
-  m.def(
-      "_get_cuda_kernels", [] { return pyevo::cuda_kernels_name(pyevo::cuda_kernels()); },
-      "The current CUDA kernel choice (pyevo.ops.get_cuda_kernels)");
   // Likewise the CUDA backward of shared_attention (the CPU one uses ATen's CPU flash kernels).
   m.def("_shared_attention_backward_composite", &pyevo::shared_attention_backward_composite,
         "shared_attention_backward with a materialised attention matrix (for tests)");

@@ -220,16 +220,17 @@ def _locked(path: Path):
 
 def timing_setup(device: torch.device | str, threads: int, runtime: str, cuda_graph: bool) -> str:
     """The part of a latency table key that says how blocks ran while timed, beyond device, dtype and
-    batch: on CUDA the runtime, whether graphs were replayed and the ops' kernel choice; on the CPU
-    the thread count and the runtime as it runs there (the lean one runs the modules as they are,
-    so both runtimes share one figure)."""
+    batch: on CUDA the runtime, whether graphs were replayed and the ops' kernel choices on this GPU
+    (a digest of the measured table's entries for it, so a changed table re-times); on the CPU the
+    thread count and the runtime as it runs there (the lean one runs the modules as they are, so both
+    runtimes share one figure)."""
     from pyevo.runtime import replays_graphs
 
     if torch.device(device).type == "cuda":
-        from pyevo.ops import get_cuda_kernels
+        from pyevo.ops import kernel_choice_digest
 
         graphs = replays_graphs(runtime, cuda_graph, device)
-        return f"{runtime},graph{int(graphs)},kernels-{get_cuda_kernels()}"
+        return f"{runtime},graph{int(graphs)},kernels-{kernel_choice_digest(device)}"
     return f"modules,threads{threads}"
 
 

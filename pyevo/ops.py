@@ -22,9 +22,13 @@ single-candidate ops instead).
 
 Which kernels run on CUDA: the convolutions (:func:`shared_conv2d`, :func:`population_conv2d`)
 run ATen's convolution (cuDNN) on the weight view, GroupNorm+SiLU and the population attention
-pyevo's kernels. For :func:`shared_attention` and :func:`fused_conv2d`, which have both,
-:func:`set_cuda_kernels` chooses: ``"auto"`` (the default) ATen's (SDPA; cuDNN and the epilogue as
-separate ops), ``"pyevo"`` pyevo's kernels. CPU ops ignore it.
+pyevo's kernels. :func:`shared_attention` and :func:`fused_conv2d` have both, and a trailing
+``kernel`` argument says which, per call: ``"aten"`` (SDPA; cuDNN and the epilogue as separate
+ops), ``"pyevo"`` (pyevo's fused attention; the CUTLASS conv where it applies) or ``"auto"`` (the
+default): the measured table's choice for the GPU and the call's exact shape, ATen's where the table
+has no entry (:mod:`pyevo.kernel_choices`; the table, :data:`KERNEL_CHOICES`, is loaded once at
+import and nothing changes it). :func:`kernel_choice` answers which one a call runs. The CPU ops
+validate ``kernel`` and have one implementation.
 
 Under ``torch.autocast`` the ops follow ATen's policy for their ATen counterparts: the convolutions
 and attentions run in the autocast dtype (like ``conv2d`` and SDPA), GroupNorm+SiLU in float32
@@ -37,49 +41,69 @@ which the autograd formulas below turn into ``None``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from pyevo import _C  # noqa: F401  (loads the library that defines the ops)
+from pyevo.kernel_choices import KERNEL_REQUESTS, SHIPPED_TABLE, cuda_device_identity, load_kernel_choices
 
 __all__ = ["shared_conv2d", "fused_conv2d", "shared_group_norm_silu", "shared_attention", "population_conv2d",
-           "population_group_norm_silu", "population_attention", "set_cuda_kernels",
-           "get_cuda_kernels", "cuda_kernels"]
+           "population_group_norm_silu", "population_attention", "KERNEL_CHOICES", "kernel_choice",
+           "kernel_choice_digest"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Which kernels the CUDA ops run
+# Which implementation the two ops with both run on CUDA: the measured table
 # ---------------------------------------------------------------------------------------------
 
-def set_cuda_kernels(choice: str) -> None:
-    """Choose, process-wide, the kernels of the CUDA ops that have both ATen's and pyevo's:
-    the :func:`shared_attention` forward (SDPA or pyevo's fused attention) and :func:`fused_conv2d`
-    (cuDNN then the epilogue as ATen ops, or pyevo's CUTLASS kernel where it applies).
-    ``"auto"`` (the default) runs ATen's, which was faster for the attention on an H100
-    (``experiments/device/README.md``) and stays until the fused conv is measured faster;
-    ``"pyevo"`` runs pyevo's. The other ops have one CUDA implementation each: pyevo's kernels for
-    GroupNorm+SiLU and the population attention, cuDNN for :func:`shared_conv2d` and
-    :func:`population_conv2d`. Raises ``RuntimeError`` on another name."""
-    _C._set_cuda_kernels(choice)
+#: The measured kernel-choice table (``pyevo/assets/kernel_choices.json``), loaded once here and
+#: installed in the C++ ops, which look up every ``kernel="auto"`` call of :func:`fused_conv2d` and
+#: :func:`shared_attention` on CUDA in it.
+KERNEL_CHOICES = load_kernel_choices(SHIPPED_TABLE)
+_C._install_kernel_choices([(device, capability, key, kernel)
+                            for (device, capability, key), kernel in KERNEL_CHOICES.choices.items()])
 
 
-def get_cuda_kernels() -> str:
-    """The current choice of :func:`set_cuda_kernels`."""
-    return _C._get_cuda_kernels()
+def _call_shape_key(op: str, args: Sequence) -> tuple[torch.device, str]:
+    """The device and the C++ shape key of a call of ``op`` with ``args`` (its arguments before
+    ``kernel``)."""
+    if op == "fused_conv2d":
+        input, _weight, _bias, temb, residual, _scale, out_channels, kernel_size = args
+        return input.device, _C._fused_conv2d_shape_key(input, temb, residual, out_channels, kernel_size)
+    if op == "shared_attention":
+        hidden_states, encoder_hidden_states, *_projections, heads, head_dim = args
+        return hidden_states.device, _C._shared_attention_shape_key(hidden_states, encoder_hidden_states,
+                                                                    heads, head_dim)
+    raise ValueError(f"no kernel choice for op '{op}' (expected 'fused_conv2d' or 'shared_attention')")
 
 
-@contextmanager
-def cuda_kernels(choice: str) -> Iterator[None]:
-    """:func:`set_cuda_kernels` for the duration of a ``with`` block, then the previous choice."""
-    previous = get_cuda_kernels()
-    set_cuda_kernels(choice)
-    try:
-        yield
-    finally:
-        set_cuda_kernels(previous)
+def kernel_choice(op: str, *args, kernel: str = "auto") -> str:
+    """Which implementation ``torch.ops.pyevo.<op>(*args, kernel=kernel)`` runs: ``"aten"`` or
+    ``"pyevo"``, resolved as the op resolves it. ``op`` is ``"fused_conv2d"`` or
+    ``"shared_attention"``; ``args`` are the op's arguments before ``kernel``.
+
+    On CUDA ``"aten"`` and ``"pyevo"`` are what they say, and ``"auto"`` is :data:`KERNEL_CHOICES`'s
+    entry for the GPU and the call's shape, ``"aten"`` without one; on the CPU always ``"aten"`` (one
+    implementation). Under ``"pyevo"`` :func:`fused_conv2d` still runs cuDNN and the epilogue where
+    the CUTLASS kernel does not apply: ``pyevo._C._fused_conv2d_kernel(..., kernel)`` says which
+    kernel runs and why."""
+    device, key = _call_shape_key(op, args)
+    return _C._resolve_kernel(op, device, key, kernel)
+
+
+def kernel_choice_digest(device: torch.device | str) -> str:
+    """A short name for the kernel choices :data:`KERNEL_CHOICES` makes on this CUDA device:
+    ``"aten"`` where it has no entries for it, else a hash of them (a latency key's part, so that a
+    changed table re-times)."""
+    return KERNEL_CHOICES.digest(*cuda_device_identity(device))
+
+
+def _check_kernel_request(op: str, kernel: str) -> None:
+    """The C++ ops' check of ``kernel``, for fake tensors too."""
+    torch._check(kernel in KERNEL_REQUESTS, lambda: f"pyevo::{op}: unknown kernel '{kernel}' "
+                                                    "(expected 'auto', 'aten' or 'pyevo')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +137,7 @@ def shared_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_cha
 
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Optional[Tensor],
                  residual: Optional[Tensor], scale: float, out_channels: int,
-                 kernel_size: int) -> Tensor:
+                 kernel_size: int, kernel: str = "auto") -> Tensor:
     """A ``diffusers`` ResnetBlock2D convolution with its epilogue fused, on a shared weight.
 
     Equivalent to ``(shared_conv2d(input, weight, bias, out_channels, kernel_size)
@@ -122,11 +146,11 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
     is ``fused_conv2d(h, w1, b1, temb, None, 1.0, ...)``, its conv2 ``fused_conv2d(h, w2, b2, None,
     shortcut, 1 / output_scale_factor, ...)``.
 
-    On CUDA, under ``set_cuda_kernels("pyevo")``, bfloat16/float16 calls on a Hopper GPU (compute
-    capability 9.0) with channel counts that are multiples of 8 run one CUTLASS kernel (TMA im2col,
-    GMMA) whose epilogue adds bias, temb and the residual and scales before its one store; every
-    other call runs cuDNN and then the epilogue as separate ATen ops (``pyevo._C._fused_conv2d_kernel``
-    says which). The kernel computes in channels_last: pass channels_last activations, and keep the
+    On CUDA, with ``kernel="pyevo"`` (or ``"auto"`` where the measured table chose pyevo's for the
+    GPU and shape), bfloat16/float16 calls on a Hopper GPU (compute capability 9.0) with channel
+    counts that are multiples of 8 run one CUTLASS kernel (TMA im2col, GMMA) whose epilogue adds
+    bias, temb and the residual and scales before its one store; every other call runs cuDNN and
+    then the epilogue as separate ATen ops (``pyevo._C._fused_conv2d_kernel`` says which, and why). The kernel computes in channels_last: pass channels_last activations, and keep the
     shared weight channels_last (``weight.contiguous(memory_format=torch.channels_last)``, once,
     e.g. per search generation) so that its crop is read in place rather than re-laid out on every
     call.
@@ -139,6 +163,8 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
         residual: ``(N, out_channels, H, W)`` or ``None``.
         scale: multiplies the sum.
         out_channels, kernel_size: as in :func:`shared_conv2d`.
+        kernel: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` or
+            ``"pyevo"``: which CUDA implementation runs (see the module's docstring).
 
     Returns:
         ``(N, out_channels, H, W)``, dense: channels_last when ``input`` is channels_last,
@@ -146,7 +172,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
         ``weight``, ``bias`` and ``temb`` have their full shapes, zero outside the part used.
     """
     return torch.ops.pyevo.fused_conv2d.default(input, weight, bias, temb, residual, scale,
-                                                out_channels, kernel_size)
+                                                out_channels, kernel_size, kernel)
 
 
 def shared_group_norm_silu(input: Tensor, weight: Tensor, bias: Tensor, channels_per_group: int,
@@ -175,7 +201,7 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
                      q_weight: Tensor, q_bias: Optional[Tensor], k_weight: Tensor,
                      k_bias: Optional[Tensor], v_weight: Tensor, v_bias: Optional[Tensor],
                      out_weight: Tensor, out_bias: Optional[Tensor], heads: int,
-                     head_dim: int) -> Tensor:
+                     head_dim: int, kernel: str = "auto") -> Tensor:
     """Multi-head attention over the first ``heads`` heads of shared projections.
 
     Queries come from ``hidden_states``; keys and values from ``encoder_hidden_states`` when
@@ -191,6 +217,9 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
         q_bias, k_bias, v_bias: ``(>= I)`` or ``None``.
         out_weight: ``(C, >= I)``; out_bias: ``(C)`` or ``None``.
         heads: heads used; head_dim: channels per head.
+        kernel: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` (SDPA)
+            or ``"pyevo"`` (pyevo's fused attention): which CUDA forward runs (see the module's
+            docstring). The backward is the same for all three.
 
     Returns:
         ``(B, S, C)``, contiguous. Gradients w.r.t. the shared projections have their full
@@ -198,7 +227,7 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
     """
     return torch.ops.pyevo.shared_attention.default(
         hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-        out_weight, out_bias, heads, head_dim)
+        out_weight, out_bias, heads, head_dim, kernel)
 
 
 def population_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -312,7 +341,9 @@ def _fused_conv2d_memory_format(input: Tensor) -> torch.memory_format:
 
 
 @torch.library.register_fake("pyevo::fused_conv2d")
-def _fused_conv2d_fake(input, weight, bias, temb, residual, scale, out_channels, kernel_size):
+def _fused_conv2d_fake(input, weight, bias, temb, residual, scale, out_channels, kernel_size,
+                       kernel="auto"):
+    _check_kernel_request("fused_conv2d", kernel)
     _check_like("fused_conv2d", "input", input, weight=weight, bias=bias, temb=temb,
                 residual=residual)
     torch._check(input.dim() == 4 and weight.dim() == 4,
@@ -364,7 +395,9 @@ def _shared_group_norm_silu_backward_fake(grad_output, input, weight, bias, chan
 
 @torch.library.register_fake("pyevo::shared_attention")
 def _shared_attention_fake(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight,
-                           k_bias, v_weight, v_bias, out_weight, out_bias, heads, head_dim):
+                           k_bias, v_weight, v_bias, out_weight, out_bias, heads, head_dim,
+                           kernel="auto"):
+    _check_kernel_request("shared_attention", kernel)
     _check_like("shared_attention", "hidden_states", hidden_states, encoder_hidden_states=encoder_hidden_states,
                 q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
                 v_bias=v_bias, out_weight=out_weight, out_bias=out_bias)
@@ -480,7 +513,8 @@ torch.library.register_autograd("pyevo::shared_conv2d", _shared_conv2d_backward,
 
 
 def _fused_conv2d_setup_context(ctx, inputs, output):
-    input, weight, bias, temb, residual, scale, out_channels, kernel_size = inputs
+    # The kernel choice does not matter here: every implementation has this one backward.
+    input, weight, bias, temb, residual, scale, out_channels, kernel_size, _kernel = inputs
     ctx.save_for_backward(input, weight, bias)
     ctx.has_temb, ctx.has_residual = temb is not None, residual is not None
     ctx.temb_shape = tuple(temb.shape) if temb is not None else None
@@ -507,7 +541,7 @@ def _fused_conv2d_backward(ctx, grad_output):
         grad_temb[:, :out_channels] = grad.sum(dim=(2, 3))
     if ctx.has_residual and ctx.needs_input_grad[4]:
         grad_residual = grad
-    return grad_input, grad_weight, grad_bias, grad_temb, grad_residual, None, None, None
+    return grad_input, grad_weight, grad_bias, grad_temb, grad_residual, None, None, None, None
 
 
 torch.library.register_autograd("pyevo::fused_conv2d", _fused_conv2d_backward,
@@ -532,7 +566,8 @@ torch.library.register_autograd("pyevo::shared_group_norm_silu", _shared_group_n
 
 
 def _shared_attention_setup_context(ctx, inputs, output):
-    *tensors, heads, head_dim = inputs
+    # The kernel choice concerns the forward only: the backward is one composite.
+    *tensors, heads, head_dim, _kernel = inputs
     ctx.save_for_backward(*tensors)
     ctx.attention_args = (heads, head_dim)
 
@@ -541,7 +576,7 @@ def _shared_attention_backward(ctx, grad_output):
     tensors = ctx.saved_tensors
     gradients = torch.ops.pyevo.shared_attention_backward.default(grad_output, *tensors,
                                                                   *ctx.attention_args)
-    return (*_only_needed(gradients, tensors, ctx.needs_input_grad[:10]), None, None)
+    return (*_only_needed(gradients, tensors, ctx.needs_input_grad[:10]), None, None, None)
 
 
 torch.library.register_autograd("pyevo::shared_attention", _shared_attention_backward,

@@ -52,9 +52,9 @@ def _fused_conv2d_fits(conv: nn.Module) -> bool:
 
 def _conv_epilogue(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor | None, residual: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-    """``(conv(x) + temb + residual) * scale`` as ``pyevo::fused_conv2d`` (one kernel on Hopper where the
-    op's kernel choice takes pyevo's; cuDNN then the epilogue elsewhere), or as separate ops for a
-    convolution the op does not cover."""
+    """``(conv(x) + temb + residual) * scale`` as ``pyevo::fused_conv2d`` with ``kernel="auto"`` (one
+    kernel on Hopper where the measured kernel-choice table takes pyevo's for the shape; cuDNN then the
+    epilogue elsewhere), or as separate ops for a convolution the op does not cover."""
     if _fused_conv2d_fits(conv):
         return torch.ops.pyevo.fused_conv2d(x, conv.weight, conv.bias, temb, residual, scale, conv.out_channels,
                                             conv.kernel_size[0])

@@ -23,16 +23,6 @@ else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture
-def pyevo_cuda_kernels():
-    """pyevo's own CUDA kernels for the test, also where the ops' default ("auto") would run
-    ATen's: the kernel tests use it (pytestmark in test_ops.py, test_population_ops.py)."""
-    from pyevo import ops
-
-    with ops.cuda_kernels("pyevo"):
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """The folder of :func:`toy_pipeline.save_tiny_teacher`'s teacher, one per test session."""

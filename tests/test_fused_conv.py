@@ -7,7 +7,8 @@ combination of the optional arguments and crops 1/3/5 of a 5x5 shared weight; it
 opcheck, memory-format rule and refusals of bad arguments. The CUDA tests (skipped without a GPU;
 all named ``cuda``) compare the CUDA op, in bfloat16/float16 at DDPM-CIFAR10 and LDM layer shapes,
 with the same reference, and check that on a Hopper GPU the CUTLASS kernel, not the cuDNN
-fallback, is what runs.
+fallback, is what runs. They ask for pyevo's kernel per call (``kernel="pyevo"``); one test runs
+``"aten"`` and ``"auto"`` (the measured table's choice) against the same reference.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def make_arguments(dtype, generator, *, batch=2, in_channels=5, in_max=6, out_ch
         out_channels=out_channels)
 
 
-def call(op, a, scale, kernel_size):
+def call(op, a, scale, kernel_size, kernel="auto"):
     return op(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], scale, a["out_channels"],
-              kernel_size)
+              kernel_size, kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +198,34 @@ def test_fused_conv2d_opcheck(bias, temb, residual, channels_last):
 def test_fused_conv2d_kernel_introspection_cpu():
     generator = torch.Generator().manual_seed(8)
     a = make_arguments(torch.float32, generator)
-    choice = _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 4, 3)
-    assert choice.startswith("aten: ")
+    for kernel in ("auto", "aten", "pyevo"):
+        choice = _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 4, 3,
+                                         kernel)
+        assert choice.startswith("aten: ")
+    with pytest.raises(RuntimeError, match="pyevo::fused_conv2d: unknown kernel 'cudnn'"):
+        _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 4, 3, "cudnn")
     assert "cutlass_sm90" in pyevo.build_info()
+
+
+def test_fused_conv2d_kernel_argument_on_cpu():
+    """The CPU kernel has one implementation: every valid request gives the same result; another
+    name is refused, eagerly and under fake tensors, in one line that lists the valid ones."""
+    a = make_arguments(torch.float32, torch.Generator().manual_seed(8))
+    out = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+    for kernel in ("auto", "aten", "pyevo"):
+        assert torch.equal(call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, kernel), out)
+        assert ops.kernel_choice("fused_conv2d", a["x"], a["weight"], a["bias"], a["temb"], a["residual"],
+                                 0.5, 4, 3, kernel=kernel) == "aten"
+    assert torch.equal(ops.fused_conv2d(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 0.5, 4, 3,
+                                        kernel="pyevo"), out)
+    message = r"^pyevo::fused_conv2d: unknown kernel 'cudnn' \(expected 'auto', 'aten' or 'pyevo'\)$"
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "cudnn")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="unknown kernel 'cudnn'"):
+        fake = {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in a.items()}
+        call(torch.ops.pyevo.fused_conv2d, fake, 0.5, 3, "cudnn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +278,7 @@ def test_fused_conv2d_refuses_non_finite_scale():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the CUTLASS kernel (set_cuda_kernels("pyevo")) against plain PyTorch
+# CUDA: the CUTLASS kernel (kernel="pyevo") against plain PyTorch
 # ---------------------------------------------------------------------------------------------
 
 
@@ -278,10 +304,10 @@ def cuda_arguments(dtype, seed, *, batch, in_channels, out_channels, size, share
     return a
 
 
-def check_against_reference(a, scale, kernel_size, dtype, what):
+def check_against_reference(a, scale, kernel_size, dtype, what, kernel="pyevo"):
     """Our error against float64 at most 2x PyTorch's own error in the same precision (cuDNN
     convolution, epilogue rounded after each op), and NaN-free."""
-    out = call(torch.ops.pyevo.fused_conv2d, a, scale, kernel_size)
+    out = call(torch.ops.pyevo.fused_conv2d, a, scale, kernel_size, kernel)
     inputs = [a[n] for n in ("x", "weight", "bias", "temb", "residual")]
     expected = reference(*[t.double() if t is not None else None for t in inputs], scale,
                          a["out_channels"], kernel_size)
@@ -304,7 +330,6 @@ EPILOGUES = {"conv1": (True, False, 1.0), "conv2": (False, True, 1 / math.sqrt(2
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "N{}-C{}to{}-{}px".format(*s))
 @pytest.mark.parametrize("shared_kernel", [5, 3])
@@ -323,12 +348,27 @@ def test_cuda_fused_conv2d_matches_reference(dtype, shape, shared_kernel, epilog
                                  else torch.contiguous_format)
 
 
+@CUDA
+@pytest.mark.parametrize("kernel", ["aten", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_conv2d_aten_and_auto_match_reference(kernel, dtype):
+    """ATen's implementation ("aten", and "auto" where the measured table has no entry or chose
+    it) keeps the op's contract: the same checks, both layouts."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    for channels_last in (False, True):
+        a = cuda_arguments(dtype, seed, batch=4, in_channels=64, out_channels=64, size=16,
+                           shared_kernel=5, temb=True, residual=True, channels_last=channels_last,
+                           weight_channels_last=channels_last)
+        out = check_against_reference(a, 0.5, 3, dtype, f"{kernel}, seed {seed}", kernel=kernel)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                 else torch.contiguous_format)
+
+
 def _hopper_with_cutlass():
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0))
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 def test_cuda_fused_conv2d_takes_the_cutlass_path_on_hopper():
     if not _hopper_with_cutlass():
         pytest.skip("the CUTLASS kernel is for compute capability 9.0")
@@ -339,25 +379,29 @@ def test_cuda_fused_conv2d_takes_the_cutlass_path_on_hopper():
         a = cuda_arguments(dtype, 0, batch=8, in_channels=128, out_channels=128, size=32,
                            shared_kernel=5, temb=True, residual=True, channels_last=channels_last)
         choice = _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"],
-                                         128, 3)
+                                         128, 3, "pyevo")
         assert choice == "cutlass_sm90", choice
     # Where it does not apply, the fallback says why.
     a = cuda_arguments(torch.float32, 0, batch=2, in_channels=64, out_channels=64, size=8,
                        shared_kernel=3, temb=True, residual=False)
-    assert "dtype" in _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], None, 64, 3)
+    assert "dtype" in _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], None, 64, 3,
+                                              "pyevo")
     a = cuda_arguments(torch.bfloat16, 0, batch=2, in_channels=12, out_channels=64, size=8,
                        shared_kernel=3, temb=True, residual=False)
     assert "multiple of 8" in _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"],
-                                                      None, 64, 3)
-    with ops.cuda_kernels("auto"):
-        a = cuda_arguments(torch.bfloat16, 0, batch=2, in_channels=64, out_channels=64, size=8,
-                           shared_kernel=3, temb=True, residual=False)
-        assert "auto" in _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], None,
-                                                 64, 3)
+                                                      None, 64, 3, "pyevo")
+    # "aten" runs cuDNN and the epilogue; so does "auto" where the measured table has no entry
+    # (this shape is in no table).
+    a = cuda_arguments(torch.bfloat16, 0, batch=2, in_channels=64, out_channels=64, size=8,
+                       shared_kernel=3, temb=True, residual=False)
+    args = (a["x"], a["weight"], a["bias"], a["temb"], None, 64, 3)
+    assert "kernel='aten'" in _C._fused_conv2d_kernel(*args, "aten")
+    assert "no entry" in _C._fused_conv2d_kernel(*args, "auto")
+    assert "no entry" in _C._fused_conv2d_kernel(*args)  # "auto" is the default
+    assert ops.kernel_choice("fused_conv2d", a["x"], a["weight"], a["bias"], a["temb"], None, 1.0, 64, 3) == "aten"
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_fused_conv2d_fallback_matches_reference(dtype):
     """Shapes and dtypes the CUTLASS kernel does not take (in_channels 12; float32) run cuDNN and
@@ -365,40 +409,38 @@ def test_cuda_fused_conv2d_fallback_matches_reference(dtype):
     a = cuda_arguments(dtype, 11, batch=2, in_channels=12, out_channels=16, size=9,
                        shared_kernel=5, temb=True, residual=True, out_max=24)
     assert _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 16,
-                                   3).startswith("aten: ")
-    out = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+                                   3, "pyevo").startswith("aten: ")
+    out = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo")
     torch.testing.assert_close(out, reference(a["x"], a["weight"], a["bias"], a["temb"],
                                               a["residual"], 0.5, 16, 3))
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 def test_cuda_fused_conv2d_weight_layouts_agree():
     """The crop read in place from a channels_last shared weight and the crop re-laid out from a
     contiguous one feed the same kernel: identical outputs. Likewise a prefix of a wider temb."""
     a = cuda_arguments(torch.bfloat16, 12, batch=4, in_channels=64, out_channels=64, size=16,
                        shared_kernel=5, temb=True, residual=True, out_max=96)
-    out = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+    out = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo")
     a["weight"] = a["weight"].contiguous(memory_format=torch.channels_last)
-    assert torch.equal(call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3), out)
+    assert torch.equal(call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo"), out)
     check_against_reference(a, 0.5, 3, torch.bfloat16, "channels_last weight, out_channels 64 of 96")
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 def test_cuda_fused_conv2d_in_a_cuda_graph():
     a = cuda_arguments(torch.bfloat16, 13, batch=8, in_channels=128, out_channels=128, size=16,
                        shared_kernel=3, temb=True, residual=True, channels_last=True,
                        weight_channels_last=True)
-    eager = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+    eager = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+        call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3)
+        captured = call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "pyevo")
     captured.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -407,7 +449,6 @@ def test_cuda_fused_conv2d_in_a_cuda_graph():
 
 @CUDA
 @pytest.mark.sanitizer
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 def test_cuda_fused_conv2d_small():
     """Small cases for compute-sanitizer memcheck (the kernel's name holds "pyevo")."""
     for dtype, (temb, residual) in itertools.product([torch.bfloat16, torch.float16],
@@ -418,11 +459,12 @@ def test_cuda_fused_conv2d_small():
 
 
 @CUDA
-@pytest.mark.usefixtures("pyevo_cuda_kernels")
 def test_cuda_fused_conv2d_opcheck():
     a = cuda_arguments(torch.bfloat16, 15, batch=2, in_channels=64, out_channels=64, size=8,
                        shared_kernel=3, temb=True, residual=True, channels_last=True)
     tensors = [a[n] for n in ("x", "weight", "bias", "temb", "residual")]
-    results = torch.library.opcheck(torch.ops.pyevo.fused_conv2d.default, (*tensors, 0.5, 64, 3),
-                                    test_utils=("test_schema", "test_faketensor"))
-    assert all(r == "SUCCESS" for r in results.values()), results
+    for kernel in ("pyevo", "aten"):
+        results = torch.library.opcheck(torch.ops.pyevo.fused_conv2d.default,
+                                        (*tensors, 0.5, 64, 3, kernel),
+                                        test_utils=("test_schema", "test_faketensor"))
+        assert all(r == "SUCCESS" for r in results.values()), results

@@ -57,21 +57,32 @@ def test_table_keys_persist_and_merge(tmp_path):
     assert LatencyTable(path, "cpu", "float32", 64, "abc", setup=one_thread).get("mid_block", "r0:skip") is None
 
 
-def test_timing_setup_names_what_changes_a_timing():
+def test_timing_setup_names_what_changes_a_timing(monkeypatch, tmp_path):
     # CPU: the thread count; both runtimes run the modules as they are there, so they share figures
     # and a CUDA-graph flag changes nothing.
     cpu = {timing_setup("cpu", t, r, g) for t in (2,) for r in ("eager", "lean") for g in (False, True)}
     assert cpu == {"modules,threads2"} and timing_setup("cpu", 1, "lean", False) != timing_setup("cpu", 2, "lean", False)
-    # CUDA: the runtime, whether graphs are replayed (always under lean) and the ops' kernel choice.
+    # CUDA: the runtime, whether graphs are replayed (always under lean) and the ops' kernel choices
+    # on the GPU: a digest of the measured table's entries for it, so a changed table re-times.
     from pyevo import ops
+    from pyevo.kernel_choices import load_kernel_choices, write_kernel_choices
 
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = {(r, g): timing_setup("cuda", 2, r, g) for r in ("eager", "lean") for g in (False, True)}
     assert len({cuda[("eager", False)], cuda[("eager", True)], cuda[("lean", False)]}) == 3
     assert cuda[("lean", False)] == cuda[("lean", True)] and "graph1" in cuda[("lean", False)]
-    with ops.cuda_kernels("auto"):
-        auto = timing_setup("cuda", 2, "lean", False)
-    with ops.cuda_kernels("pyevo"):
-        assert timing_setup("cuda", 2, "lean", False) != auto
+    assert cuda[("lean", False)].endswith(",kernels-aten")  # the shipped table does not name this GPU
+    setups = set()
+    for kernel in ("pyevo", "aten"):
+        entry = {"device": "Test GPU", "capability": "9.0", "op": "shared_attention", "dtype": "bfloat16",
+                 "shape": {"B": 2, "S": 64, "C": 32, "heads": 2, "head_dim": 16, "cross": False, "S_kv": 64,
+                           "C_kv": 32},
+                 "kernel": kernel, "pyevo_ms": 1.0, "aten_ms": 1.0, "date": "2026-12-08", "torch": "2.14.1"}
+        write_kernel_choices(tmp_path / f"{kernel}.json", [entry])
+        monkeypatch.setattr(ops, "KERNEL_CHOICES", load_kernel_choices(tmp_path / f"{kernel}.json"))
+        setups.add(timing_setup("cuda", 2, "lean", False))
+    assert len(setups | {cuda[("lean", False)]}) == 3
 
 
 def test_two_processes_saving_one_cache_at_once_both_keep_their_entries(tmp_path):

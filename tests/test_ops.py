@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import subprocess
-import sys
 import zlib
 from typing import Optional
 
@@ -24,8 +22,6 @@ import pyevo
 from pyevo import ops
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-# The CUDA tests here check pyevo's kernels, so they run with those (see conftest.py).
-pytestmark = pytest.mark.usefixtures("pyevo_cuda_kernels")
 
 # Tolerances relative to the reference's scale (its largest magnitude): float64 near exact,
 # float32 within a few ulps of summation-order differences.
@@ -747,12 +743,13 @@ def test_cuda_shared_conv2d_matches_cpu(case):
 
 @CUDA
 @pytest.mark.parametrize("case", ATTENTION_CASES[-4:], ids=case_id)
-def test_cuda_shared_attention_matches_cpu(case):
+def test_cuda_shared_attention_matches_cpu(case, kernel="pyevo"):
+    # pyevo's fused attention forward (asked for per call); the backward is one composite.
     tensors = case.make(torch.float32, torch.Generator().manual_seed(0))
     cpu = [leaf(t) if t is not None else None for t in tensors]
     gpu = [leaf(t.cuda()) if t is not None else None for t in tensors]
     out_cpu = torch.ops.pyevo.shared_attention(*cpu, *case.args)
-    out_gpu = torch.ops.pyevo.shared_attention(*gpu, *case.args)
+    out_gpu = torch.ops.pyevo.shared_attention(*gpu, *case.args, kernel)
     # TF32 and the flash kernels on the GPU: compare at a looser float32 tolerance.
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=2e-3, atol=2e-3)
     grad_output = torch.randn(out_cpu.shape)
@@ -929,18 +926,18 @@ def test_cuda_group_norm_silu_small():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [8, 32, 40, 64, 96])
 @pytest.mark.parametrize("cross", [False, True])
-def test_cuda_shared_attention_fused(dtype, head_dim, cross):
-    # 96 > 64: the SDPA fallback; the others run pyevo's fused kernel.
+def test_cuda_shared_attention_fused(dtype, head_dim, cross, kernel="pyevo"):
+    # kernel="pyevo": 96 > 64 runs the SDPA fallback, the others pyevo's fused kernel.
     generator, seed = fresh_generator()
     case = AttentionCase(3, 77, 96, (50, 32) if cross else None, 2, 3, head_dim, (True,) * 4, True)
     tensors = [t.to("cuda", dtype) if t is not None else None
                for t in case.make(torch.float32, generator)]
     with no_tf32():
         poison_cuda_cache(tensors[0].shape, dtype=dtype)
-        out = torch.ops.pyevo.shared_attention(*tensors, *case.args)
+        out = torch.ops.pyevo.shared_attention(*tensors, *case.args, kernel)
         assert out.is_contiguous() and out.shape == tensors[0].shape
         check_cuda(out, lambda *t: attention_reference(*t, *case.args), tensors, dtype, seed,
-                   "attention")
+                   f"attention, kernel={kernel}")
 
 
 @CUDA
@@ -950,32 +947,55 @@ def test_cuda_shared_attention_small():
         test_cuda_shared_attention_fused(dtype, 32, False)
 
 
-def test_cuda_kernel_choice_setting():
-    # The module's fixture chose pyevo's kernels; the context manager restores what was set.
-    assert ops.get_cuda_kernels() == "pyevo"
-    with ops.cuda_kernels("auto"):
-        assert ops.get_cuda_kernels() == "auto"
-    assert ops.get_cuda_kernels() == "pyevo"
-    with pytest.raises(RuntimeError, match="unknown CUDA kernel choice 'cudnn'"):
-        ops.set_cuda_kernels("cudnn")
-    assert ops.get_cuda_kernels() == "pyevo"
-
-
-def test_cuda_kernel_choice_default_is_auto():
-    # A fresh process: nothing in this test session has set it.
-    code = "import pyevo; print(pyevo.ops.get_cuda_kernels())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "auto"
+def test_shared_attention_kernel_argument_on_cpu():
+    """The CPU kernel has one implementation: every valid request gives the same result; another
+    name is refused in one line that lists the valid ones."""
+    case = ATTENTION_CASES[-2]
+    tensors = case.make(torch.float32, torch.Generator().manual_seed(0))
+    out = torch.ops.pyevo.shared_attention(*tensors, *case.args)
+    for kernel in ("auto", "aten", "pyevo"):
+        assert torch.equal(torch.ops.pyevo.shared_attention(*tensors, *case.args, kernel), out)
+        assert torch.equal(ops.shared_attention(*tensors, *case.args, kernel=kernel), out)
+        assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel=kernel) == "aten"
+    message = r"^pyevo::shared_attention: unknown kernel 'flash' \(expected 'auto', 'aten' or 'pyevo'\)$"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyevo.shared_attention(*tensors, *case.args, "flash")
+    with pytest.raises(RuntimeError, match=message):
+        ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="flash")
 
 
 @CUDA
+@pytest.mark.parametrize("kernel", ["aten", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_auto_kernels_match_references(dtype):
-    # "auto" runs SDPA inside the same op: same contract, same checks. (The convs run cuDNN under
-    # either choice: the tests above cover them.)
-    with ops.cuda_kernels("auto"):
-        for cross in (False, True):
-            test_cuda_shared_attention_fused(dtype, 40, cross)
+def test_cuda_aten_and_auto_kernels_match_references(kernel, dtype):
+    # "aten" runs SDPA inside the same op, and "auto" the measured table's choice (SDPA where it has
+    # no entry): same contract, same checks.
+    for cross in (False, True):
+        test_cuda_shared_attention_fused(dtype, 40, cross, kernel)
+
+
+@CUDA
+def test_cuda_kernel_choice_follows_the_measured_table():
+    """A forced kernel is itself; "auto" is the shipped table's entry for this GPU and shape, ATen's
+    where it has none (a shape no table has)."""
+    case = ATTENTION_CASES[-2]
+    tensors = [t.cuda() if t is not None else None for t in case.make(torch.float32, torch.Generator())]
+    assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="pyevo") == "pyevo"
+    assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="aten") == "aten"
+    assert ops.kernel_choice("shared_attention", *tensors, *case.args) == "aten"
+    from pyevo.kernel_choices import cuda_device_identity
+
+    device, capability = cuda_device_identity("cuda")
+    for entry in ops.KERNEL_CHOICES.entries:
+        shape = entry["shape"]
+        if (entry["device"], entry["capability"], entry["op"]) != (device, capability, "shared_attention") \
+                or shape["cross"]:
+            continue
+        inner, c = shape["heads"] * shape["head_dim"], shape["C"]
+        projections = [torch.zeros(inner, c), None] * 3 + [torch.zeros(c, inner), None]
+        call = [t.to("cuda", getattr(torch, entry["dtype"])) if t is not None else None
+                for t in (torch.zeros(shape["B"], shape["S"], c), None, *projections)]
+        assert ops.kernel_choice("shared_attention", *call, shape["heads"], shape["head_dim"]) == entry["kernel"]
 
 
 @CUDA
@@ -991,6 +1011,7 @@ def test_cuda_opcheck_single_ops():
     tensors = [leaf(t.cuda()) if t is not None else None
                for t in ATTENTION_CASES[-2].make(torch.float32, generator)]
     opcheck(torch.ops.pyevo.shared_attention.default, (*tensors, *ATTENTION_CASES[-2].args))
+    opcheck(torch.ops.pyevo.shared_attention.default, (*tensors, *ATTENTION_CASES[-2].args, "pyevo"))
 
 
 def test_ops_follow_atens_autocast_policy():

@@ -30,7 +30,6 @@ from test_ops import AttentionCase, ConvCase, GroupNormCase
 from test_population_ops import AttentionPopulation, ConvPopulation, NormPopulation
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-pytestmark = pytest.mark.usefixtures("pyevo_cuda_kernels")
 
 CPU_DTYPES = st.sampled_from([torch.float32, torch.float64])
 CUDA_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])

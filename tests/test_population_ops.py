@@ -34,8 +34,6 @@ from test_ops import (attention_reference, check_cuda, conv_reference, fresh_gen
 from unet_configs import DIGITS_CONFIG
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-# The CUDA tests here check pyevo's kernels, so they run with those (see conftest.py).
-pytestmark = pytest.mark.usefixtures("pyevo_cuda_kernels")
 DTYPES = [torch.float32, torch.float64]
 SCALE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 

@@ -1,6 +1,7 @@
 // CPU kernels of pyevo::shared_attention.
 //  * forward: at::linear on prefix views of the shared projections and
-//    at::scaled_dot_product_attention (csrc/composite_kernels.cpp).
+//    at::scaled_dot_product_attention (csrc/composite_kernels.cpp); its `kernel` argument is
+//    validated, there is nothing to choose between here.
 //  * backward: recomputes the projections, then runs ATen's CPU flash-attention forward (for the
 //    output and its log-sum-exp) and backward, which never materialise the attention matrix;
 //    the chain rule through the projections is shared with the CUDA backward.
@@ -10,6 +11,7 @@
 
 #include "checks.h"
 #include "composite_kernels.h"
+#include "cuda_kernel_choice.h"
 
 namespace pyevo {
 namespace {
@@ -62,10 +64,24 @@ std::vector<at::Tensor> population_attention_cpu(
   return outputs;
 }
 
+at::Tensor shared_attention_cpu(
+    const at::Tensor& hidden_states, const std::optional<at::Tensor>& encoder_hidden_states,
+    const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,
+    const std::optional<at::Tensor>& k_bias, const at::Tensor& v_weight,
+    const std::optional<at::Tensor>& v_bias, const at::Tensor& out_weight,
+    const std::optional<at::Tensor>& out_bias, int64_t heads, int64_t head_dim,
+    c10::string_view kernel) {
+  kernel_request_from_name(std::string_view(kernel.data(), kernel.size()),
+                           "pyevo::shared_attention");
+  return shared_attention_composite(hidden_states, encoder_hidden_states, q_weight, q_bias,
+                                    k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
+                                    heads, head_dim);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyevo, CPU, m) {
-  m.impl("shared_attention", &shared_attention_composite);
+  m.impl("shared_attention", &shared_attention_cpu);
   m.impl("shared_attention_backward", &shared_attention_backward_cpu);
   m.impl("population_attention", &population_attention_cpu);
 }

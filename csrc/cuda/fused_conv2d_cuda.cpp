@@ -3,9 +3,10 @@
 // (cuDNN convolution, then the epilogue as ATen ops).
 //
 // The CUTLASS kernel runs when all of these hold:
-//  * pyevo.ops.set_cuda_kernels("pyevo") chose pyevo's kernels. Under the default "auto" this op
-//    runs the composite until the fused kernel has been measured against cuDNN on a GPU (the rule
-//    every op follows: experiments/device/README.md);
+//  * the call's `kernel` argument is "pyevo", or "auto" (the default) and the measured table
+//    chose pyevo's for this GPU and shape (csrc/cuda_kernel_choice.h). Without an entry "auto"
+//    runs the composite: a kernel runs by default where a GPU measured it faster than cuDNN (the
+//    rule every op follows: experiments/device/README.md);
 //  * the extension was built with it (setup.py found the CUTLASS headers and built sm_90a:
 //    PYEVO_WITH_CUTLASS_SM90), the device is compute capability 9.0, the dtype bfloat16/float16;
 //  * the shape suits its TMA descriptors: channel counts multiples of 8, 16-byte-aligned data
@@ -151,11 +152,13 @@ std::string cutlass_unsupported([[maybe_unused]] const at::Tensor& input,
                                 [[maybe_unused]] const std::optional<at::Tensor>& residual,
                                 [[maybe_unused]] double scale,
                                 [[maybe_unused]] int64_t out_channels,
-                                [[maybe_unused]] int64_t kernel_size,
+                                [[maybe_unused]] int64_t kernel_size, KernelRequest request,
                                 [[maybe_unused]] PreparedFusedConv& prepared) {
-  if (cuda_kernels() == CudaKernels::kAuto) {
-    return "set_cuda_kernels('auto') runs cuDNN until the fused kernel is measured faster";
-  }
+  const ResolvedKernel resolved =
+      resolve_kernel(request, input.device(), "fused_conv2d", [&] {
+        return fused_conv2d_shape_key(input, temb, residual, out_channels, kernel_size);
+      });
+  if (resolved.kernel == Kernel::kAten) return resolved.why;
 #ifndef PYEVO_WITH_CUTLASS_SM90
   return "this build has no CUTLASS sm_90a kernel (no nvidia-cutlass headers, or 9.0 not among "
          "the CUDA archs)";
@@ -185,14 +188,16 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& temb,
                              const std::optional<at::Tensor>& residual, double scale,
-                             int64_t out_channels, int64_t kernel_size) {
+                             int64_t out_channels, int64_t kernel_size, c10::string_view kernel) {
+  const KernelRequest request =
+      kernel_request_from_name(std::string_view(kernel.data(), kernel.size()), kOp);
   TORCH_CHECK(input.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", input.device());
   check_fused_conv2d(input, weight, bias, temb, residual, scale, out_channels, kernel_size);
   const c10::cuda::CUDAGuard device_guard(input.device());
 #ifdef PYEVO_WITH_CUTLASS_SM90
   PreparedFusedConv prepared;
   if (cutlass_unsupported(input, weight, bias, temb, residual, scale, out_channels, kernel_size,
-                          prepared)
+                          request, prepared)
           .empty()) {
     const auto dtype = input.scalar_type() == at::kBFloat16 ? cuda::FusedConvDtype::kBFloat16
                                                             : cuda::FusedConvDtype::kFloat16;
@@ -201,6 +206,8 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
     TORCH_CHECK(error == nullptr, kOp, ": the CUTLASS kernel failed: ", error);
     return prepared.output.contiguous(fused_conv2d_memory_format(input));
   }
+#else
+  (void)request;  // no CUTLASS kernel in this build: every request runs the composite
 #endif
   return fused_conv2d_composite(input, weight, bias, temb, residual, scale, out_channels,
                                 kernel_size);
@@ -212,13 +219,14 @@ std::string fused_conv2d_cuda_kernel(const at::Tensor& input, const at::Tensor& 
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& temb,
                                      const std::optional<at::Tensor>& residual,
-                                     int64_t out_channels, int64_t kernel_size) {
+                                     int64_t out_channels, int64_t kernel_size,
+                                     KernelRequest request) {
   TORCH_CHECK(input.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", input.device());
   check_fused_conv2d(input, weight, bias, temb, residual, 1.0, out_channels, kernel_size);
   const c10::cuda::CUDAGuard device_guard(input.device());
   PreparedFusedConv prepared;
   const std::string reason = cutlass_unsupported(input, weight, bias, temb, residual, 1.0,
-                                                 out_channels, kernel_size, prepared);
+                                                 out_channels, kernel_size, request, prepared);
   return reason.empty() ? "cutlass_sm90" : "aten: " + reason;
 }
 

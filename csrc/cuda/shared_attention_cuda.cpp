@@ -4,9 +4,10 @@
 //    float16/bfloat16, FMAs for float32; head_dim up to 64), heads side by side, then the output
 //    projection on the column prefix of out_weight. float64 and head_dim > 64 fall back to
 //    at::scaled_dot_product_attention (csrc/cuda/attention_runner.h).
-//    By default (pyevo.ops.set_cuda_kernels "auto") the single-candidate forward is the ATen
-//    composite (SDPA), which was faster than the fused kernel on an H100
-//    (experiments/device/README.md, 2026-11-26); population_attention always uses pyevo's.
+//    That is the forward under kernel="pyevo"; under "aten" it is the ATen composite (SDPA), and
+//    under "auto" (the default) the measured table's choice for the GPU and shape, the composite
+//    where it has none (csrc/cuda_kernel_choice.h): on an H100 SDPA was faster at most measured
+//    shapes (experiments/device/README.md, 2026-11-26). population_attention always uses pyevo's.
 //  * backward: recomputed through ATen (shared_attention_backward_composite: the projections
 //    again, the attention matrix materialised, the chain rule through the projections). The
 //    search only evaluates attention candidates; training runs on it rarely.
@@ -40,16 +41,23 @@ at::Tensor shared_attention_cuda(
     const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,
     const std::optional<at::Tensor>& k_bias, const at::Tensor& v_weight,
     const std::optional<at::Tensor>& v_bias, const at::Tensor& out_weight,
-    const std::optional<at::Tensor>& out_bias, int64_t heads, int64_t head_dim) {
+    const std::optional<at::Tensor>& out_bias, int64_t heads, int64_t head_dim,
+    c10::string_view kernel) {
   constexpr const char* op = "pyevo::shared_attention";
+  const KernelRequest request =
+      kernel_request_from_name(std::string_view(kernel.data(), kernel.size()), op);
   check_on_cuda(hidden_states, op);
-  if (cuda_kernels() == CudaKernels::kAuto) {
+  check_shared_attention(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
+                         v_weight, v_bias, out_weight, out_bias, heads, head_dim);
+  const ResolvedKernel resolved =
+      resolve_kernel(request, hidden_states.device(), "shared_attention", [&] {
+        return shared_attention_shape_key(hidden_states, encoder_hidden_states, heads, head_dim);
+      });
+  if (resolved.kernel == Kernel::kAten) {
     return shared_attention_composite(hidden_states, encoder_hidden_states, q_weight, q_bias,
                                       k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
                                       heads, head_dim);
   }
-  check_shared_attention(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias,
-                         v_weight, v_bias, out_weight, out_bias, heads, head_dim);
   const c10::cuda::CUDAGuard device_guard(hidden_states.device());
   return attention_runner::attention_forward(hidden_states, encoder_hidden_states, q_weight, q_bias,
                                              k_weight, k_bias, v_weight, v_bias, out_weight,

@@ -5,11 +5,11 @@
 // pyevo had its own WMMA implicit-GEMM kernels for these ops. On an H100 (2026-11-26,
 // experiments/device/README.md, figures in experiments/device/results/2026-11-26-h100.md) they
 // reached about 4% of the bfloat16 tensor-core peak, and the population conv 0.12-0.46x a loop
-// of cuDNN calls, so they only ran under set_cuda_kernels("pyevo"); they were removed (issue 15).
+// of cuDNN calls, so they only ran when asked for explicitly; they were removed (issue 15).
 // Work sharing between candidates is done in Python instead (pyevo/search/population.py), and
 // the one custom conv that can beat cuDNN, with a resnet's epilogue fused, is
-// pyevo::fused_conv2d (csrc/cuda/fused_conv2d_cuda.cpp). pyevo.ops.set_cuda_kernels does not
-// affect these ops.
+// pyevo::fused_conv2d (csrc/cuda/fused_conv2d_cuda.cpp). These ops have one implementation, so
+// no `kernel` argument.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

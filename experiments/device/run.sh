@@ -14,16 +14,19 @@
 #      test_runtime.py; -k cuda);
 #   c. compute-sanitizer memcheck of pyevo's kernels in the tests marked `sanitizer` (no caching
 #      allocator, so an access past a tensor's end is past an allocation's end);
-#   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case; then teacher vs
-#      a half-MACs student of the DDPM-CIFAR10 config, eager / graph / lean runtime
+#   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case, and from them
+#      a kernel-choice table for this GPU (kernel_choices.json: what fused_conv2d and
+#      shared_attention run under kernel="auto" once committed as pyevo/assets/kernel_choices.json);
+#      then teacher vs a half-MACs student of the DDPM-CIFAR10 config, eager / graph / lean runtime
 #      (experiments/device/runtime_latency.py);
 #   e. a short python -m pyevo.search --device cuda on the digits teacher (small stage settings),
 #      whose report gives teacher vs student latency on the GPU, then the same search with
 #      --device cpu on the same machine: seconds per stage (distill, retrain on the GPU) beside it;
 #   f. a summary table, printed last and written to $OUT/summary.md.
 # Step limits add up to 585 s; in the H100 run the steps took far less than their limits.
-# Files in $OUT (8 at most come back): build.log tests.log sanitizer.log bench.log bench.json
-# search.log search_report.json summary.md. Everything else stays in $WORK.
+# Files in $OUT (8 at most come back): build.log tests.log sanitizer.log bench.json
+# kernel_choices.json search.log search_report.json summary.md. Everything else stays in $WORK
+# (bench.log too: bench.json holds its figures, summary.md its table and, if it failed, its end).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -118,10 +121,13 @@ else
 fi
 
 # ---- d. microbenchmarks
+# The kernel-choice table is rewritten with the JSON after every case (on the CPU: no entries).
 if [[ $MODE == gpu ]]; then
-  step bench 100 "$OUT/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json"
+  step bench 100 "$WORK/bench.log" "$PY" -m pyevo.bench --json "$OUT/bench.json" \
+    --kernel-choices "$OUT/kernel_choices.json"
 else
-  step bench 120 "$OUT/bench.log" "$PY" -m pyevo.bench --quick --device cpu --json "$OUT/bench.json"
+  step bench 120 "$WORK/bench.log" "$PY" -m pyevo.bench --quick --device cpu --json "$OUT/bench.json" \
+    --kernel-choices "$OUT/kernel_choices.json"
 fi
 
 # ---- d2. teacher vs a half-MACs student of the DDPM-CIFAR10 config under each runtime (issue 15's targets)
@@ -170,4 +176,5 @@ fi
 echo
 "$PY" experiments/device/summarize.py --out "$OUT" --steps "$STEPS" --total "$((SECONDS - START))" \
   --cpu-report "$WORK/search_cpu/report.json" --runtime "$WORK/runtime.json" \
+  --bench-log "$WORK/bench.log" \
   || echo "summary failed (exit $?); logs are in $OUT"

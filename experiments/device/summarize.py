@@ -97,6 +97,19 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def kernel_choice_lines(path: pathlib.Path) -> list[str]:
+    """One line on the kernel-choice table the benchmark wrote: its entries and where pyevo's won."""
+    if not path.is_file():
+        return ["kernel choices: none written", ""]
+    try:
+        entries = json.loads(path.read_text()).get("entries", [])
+    except ValueError:
+        return [f"kernel choices: {path.name} is not JSON", ""]
+    ours = [f"{e['op']} {e['dtype']} {e['aten_ms'] / e['pyevo_ms']:.2f}x" for e in entries if e.get("kernel") == "pyevo"]
+    return [f"kernel choices ({path.name}, to commit as pyevo/assets/kernel_choices.json): {len(entries)} "
+            f"entries, pyevo's chosen in {len(ours)}" + (f": {', '.join(ours)}" if ours else ""), ""]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -104,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--total", type=int, default=None)
     parser.add_argument("--cpu-report", default=None, help="report.json of the same search on the CPU")
     parser.add_argument("--runtime", default=None, help="runtime_latency.py's JSON")
+    parser.add_argument("--bench-log", default=None, help="the benchmark's log: its end is shown if it failed")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     md = ["# pyevo device run", ""]
@@ -122,12 +136,18 @@ def main(argv=None) -> int:
                "bench": (f"{len(bench.get('rows', []))}/{meta.get('cases', '?')} cases"
                          + ("" if meta.get("complete") else " (incomplete)")) if bench else "no bench.json",
                "build": (read(out / "build.log").strip().splitlines() or ["no log"])[-1][:120]}
+    bench_failed = False
     for line in read(pathlib.Path(args.steps)).splitlines():
         name, rc, seconds = (line.split("\t") + ["", "", ""])[:3]
         md.append(f"| {name} | {rc} | {seconds} | {results.get(name, '')} |")
+        bench_failed |= name == "bench" and rc != "0"
     if args.total is not None:
         md.append(f"| total | | {args.total} | |")
     md.append("")
+    if bench_failed and args.bench_log:  # the log itself stays on the device machine
+        tail = read(pathlib.Path(args.bench_log)).strip().splitlines()[-15:]
+        md += ["bench log, last lines:", "```", *tail, "```", ""]
+    md += kernel_choice_lines(out / "kernel_choices.json")
 
     report = {}
     if (out / "search_report.json").is_file():

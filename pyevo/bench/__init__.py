@@ -23,6 +23,12 @@ Baselines (what a user of PyTorch would write):
   projection; population: once per candidate, and on CUDA that loop captured as one CUDA graph
   ("loop <backend> graph"), where launches cost nothing.
 
+Ours is pyevo's implementation, asked for per call (``kernel="pyevo"``) where the op also has
+ATen's. Those cases (fused conv, attention) also record what a kernel-choice table entry needs
+(:func:`kernel_choice_entries`): the op's shape key and which baselines are ATen's implementation in
+the same eager setting ("eager" and "eager NHWC"; the SDPA backends), the best of which ours is
+measured against.
+
 No plain conv or population conv cases: on CUDA ``shared_conv2d`` and ``population_conv2d`` run
 cuDNN themselves (pyevo's WMMA conv kernels, 0.12-0.46x a loop of cuDNN calls on an H100, were
 removed), so they would time cuDNN against itself.
@@ -44,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 import pyevo  # noqa: F401  (registers torch.ops.pyevo)
-from pyevo import ops
+from pyevo import _C, ops
+from pyevo.kernel_choices import choose_kernel
 
-__all__ = ["Case", "Timer", "measure_peaks", "run_case", "shape_sets"]
+__all__ = ["Case", "Timer", "kernel_choice_entries", "measure_peaks", "run_case", "shape_sets"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +153,11 @@ class Case:
     ours: Callable[[dict], Any]
     baselines: dict[str, Callable[[dict], Any]]
     prepare: Callable[[dict], dict] | None = None  # baseline-only tensors, built before timing
+    # Ops with both ATen's and pyevo's implementation: {"op", "shape", "aten_baselines"}, what a
+    # kernel-choice table entry is made of (kernel_choice_entries).
+    kernel_choice: dict | None = None
+    # Which kernel ours runs for these inputs ("aten: ..." where pyevo's does not apply).
+    ours_kernel: Callable[[dict], str] | None = None
 
 
 def _outputs(value) -> list[torch.Tensor]:
@@ -181,6 +193,10 @@ def run_case(case: Case, device: torch.device, timer: Timer, peaks: dict, l2_byt
     extras = [case.prepare(t) if case.prepare else {} for t in inputs]
     row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
            "candidates": case.candidates, "input_copies": copies}
+    if case.kernel_choice is not None:
+        row["kernel_choice"] = case.kernel_choice
+    if case.ours_kernel is not None:
+        row["ours_kernel"] = case.ours_kernel(first)
     with torch.inference_mode():
         reference = None
         row["ours_ms"] = timer(lambda i: case.ours(inputs[i]), copies)
@@ -285,7 +301,10 @@ def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
                              if with_residual else None)}
 
     def ours(t):
-        return ops.fused_conv2d(t["x"], t["w"], t["b"], t["temb"], t["residual"], scale, c, k)
+        return ops.fused_conv2d(t["x"], t["w"], t["b"], t["temb"], t["residual"], scale, c, k, kernel="pyevo")
+
+    def ours_kernel(t):
+        return _C._fused_conv2d_kernel(t["x"], t["w"], t["b"], t["temb"], t["residual"], c, k, "pyevo")
 
     def epilogue_ops(t, x, w, residual):
         out = F.conv2d(x, _crop(w, c, c, k).contiguous(), t["b"], padding=k // 2)
@@ -310,8 +329,13 @@ def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
                  "eager NHWC": lambda t: epilogue_ops(t, t["x"], t["w"], t["residual"])}
     if device.type == "cuda":
         baselines["graph"] = lambda t: t["graph"]()
+    # The entry's shape is the call ours makes: channels_last input, C -> C.
+    choice = {"op": "fused_conv2d", "aten_baselines": ["eager", "eager NHWC"],
+              "shape": {"N": n, "C_in": c, "C_out": c, "H": size, "W": size, "kernel_size": k,
+                        "has_temb": with_temb, "has_residual": with_residual, "channels_last": True}}
     return Case(f"fused-conv {epilogue}", f"{label} N{n} C{c}->{c} {size}x{size} k{k}of5", dtype, 1,
-                2 * n * size * size * c * c * k * k, None, make, ours, baselines, prepare)
+                2 * n * size * size * c * c * k * k, None, make, ours, baselines, prepare,
+                kernel_choice=choice, ours_kernel=ours_kernel)
 
 
 def group_norm_case(label, n, c, size, device, dtype) -> Case:
@@ -416,12 +440,16 @@ def attention_case(label, b, s, c, heads, head_dim, device, dtype) -> Case:
 
     def ours(t):
         return ops.shared_attention(t["x"], None, t["q_w"], t["q_b"], t["k_w"], t["k_b"], t["v_w"],
-                                    t["v_b"], t["o_w"], t["o_b"], heads, head_dim)
+                                    t["v_b"], t["o_w"], t["o_b"], heads, head_dim, kernel="pyevo")
 
     baselines = {name: (lambda t, run=_sdpa_baseline(heads, head_dim, backend): run(t, t["x"], heads))
                  for name, backend in _attention_backends(device).items()}
+    choice = {"op": "shared_attention", "aten_baselines": list(baselines),
+              "shape": {"B": b, "S": s, "C": c, "heads": heads, "head_dim": head_dim, "cross": False,
+                        "S_kv": s, "C_kv": c}}
     return Case("attention", f"{label} B{b} S{s} C{c} H{heads}x{head_dim}", dtype, 1,
-                _attention_flops(b, s, c, heads, head_dim), None, make, ours, baselines)
+                _attention_flops(b, s, c, heads, head_dim), None, make, ours, baselines,
+                kernel_choice=choice)
 
 
 def population_attention_case(label, b, s, c, heads, head_dim, count, device, dtype) -> Case:
@@ -483,3 +511,32 @@ def shape_sets(device: torch.device, quick: bool, dtypes: Sequence[torch.dtype],
                 cases.append(population_attention_case(label, b, s, c, heads, head_dim, count, device,
                                                        dtype))
     return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel-choice table entries
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_choice_entries(rows: Sequence[dict], device: str, capability: str, torch_version: str,
+                          date: str, source: str) -> list[dict]:
+    """The kernel-choice table entries (:mod:`pyevo.kernel_choices`) of a run's rows: one per case of
+    an op with both implementations, ours (pyevo's) against the fastest of its ATen baselines that
+    ran, chosen by :func:`~pyevo.kernel_choices.choose_kernel`. Rows where ours ran ATen's itself
+    (the CUTLASS conv did not apply) or no ATen baseline ran give none."""
+    entries = []
+    for row in rows:
+        choice = row.get("kernel_choice")
+        if choice is None or row.get("ours_kernel", "pyevo").startswith("aten"):
+            continue
+        timed = {name: row["baselines"][name]["ms"] for name in choice["aten_baselines"]
+                 if "ms" in row["baselines"].get(name, {})}
+        if not timed:
+            continue
+        baseline = min(timed, key=timed.get)
+        entries.append({"device": device, "capability": capability, "op": choice["op"], "dtype": row["dtype"],
+                        "shape": dict(choice["shape"]),
+                        "kernel": choose_kernel(row["ours_ms"], timed[baseline]),
+                        "pyevo_ms": round(row["ours_ms"], 4), "aten_ms": round(timed[baseline], 4),
+                        "aten_baseline": baseline, "date": date, "torch": torch_version, "source": source})
+    return entries

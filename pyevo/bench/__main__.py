@@ -5,10 +5,17 @@ JSON file.
     python -m pyevo.bench --device cpu        # the same kinds of layer, smaller, fp32, K = 8
     python -m pyevo.bench --quick             # tiny shapes, a few seconds (the test suite's smoke run)
     python -m pyevo.bench --only attention --json out.json
+    python -m pyevo.bench --kernel-choices kernel_choices.json   # also a kernel-choice table (GPU)
 
 Columns: ours and the fastest baseline in ms, their ratio (baseline / ours: above 1 means ours is
 faster), the work rate (TFLOP/s or GB/s) and its fraction of the peak measured in the same run,
 and the largest relative difference between our output and the baseline's.
+
+``--kernel-choices FILE`` also writes a kernel-choice table (pyevo/kernel_choices.py) from the run's
+fused-conv and attention cases: pyevo's kernel against the best ATen baseline in the same eager
+setting, per shape, for this GPU. Committed as pyevo/assets/kernel_choices.json, it decides what
+those ops run under kernel="auto" (experiments/device/README.md). A CPU run writes a table without
+entries: the CPU kernels have one implementation.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--kernel-choices", default=None, metavar="FILE",
+                        help="also write a kernel-choice table from the fused-conv and attention cases")
     return parser.parse_args(argv)
 
 
@@ -71,25 +80,22 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    """Runs the benchmark; the process-wide settings it changes (threads, TF32, the ops' CUDA kernel
-    choice) are as they were afterwards, so that a caller in the same process is not affected."""
-    from pyevo import ops
-
-    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             ops.get_cuda_kernels())
+    """Runs the benchmark; the process-wide settings it changes (threads, TF32) are as they were
+    afterwards, so that a caller in the same process is not affected."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         return _main(argv)
     finally:
         torch.set_num_threads(saved[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:3]
-        ops.set_cuda_kernels(saved[3])
 
 
 def _main(argv) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")  # SDPA backends that refuse a shape say so at length
     import pyevo
-    from pyevo.bench import Timer, measure_peaks, run_case, shape_sets
+    from pyevo.bench import Timer, kernel_choice_entries, measure_peaks, run_case, shape_sets
+    from pyevo.kernel_choices import cuda_device_identity, write_kernel_choices
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -113,9 +119,6 @@ def _main(argv) -> int:
     # different precision: off for both, so float32 means float32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    # What is measured is pyevo's own kernels (the attention forward, the fused conv), also where
-    # the ops' default ("auto") would run ATen's: the figures are what that default is chosen from.
-    pyevo.ops.set_cuda_kernels("pyevo")
 
     cases = shape_sets(device, args.quick, dtypes, populations)
     if args.only:
@@ -125,7 +128,9 @@ def _main(argv) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
             "torch": torch.__version__, "build_info": pyevo.build_info(), "quick": args.quick,
-            "threads": torch.get_num_threads(), "tf32": False, "cuda_kernels": "pyevo",
+            # Ours is pyevo's kernel, asked for per call (kernel="pyevo") where the op also has
+            # ATen's: the figures are what kernel="auto" is chosen from (--kernel-choices).
+            "threads": torch.get_num_threads(), "tf32": False, "ours_kernel": "pyevo",
             "repeats": repeats,
             "host": platform.node(), "cpu_count": os.cpu_count(), "cases": len(cases)}
     rows = []
@@ -135,6 +140,20 @@ def _main(argv) -> int:
         with open(args.json, "w") as handle:
             json.dump({"meta": {**meta, "complete": complete}, "peaks": peaks, "rows": rows}, handle,
                       indent=1)
+        if args.kernel_choices:
+            write_choices(complete)
+
+    def write_choices(complete: bool) -> None:
+        if not cuda:
+            write_kernel_choices(args.kernel_choices, [], note=f"python -m pyevo.bench on the CPU, {meta['date']}: "
+                                 "no entries, the CPU kernels have one implementation")
+            return
+        name, capability = cuda_device_identity(device)
+        command = "python -m pyevo.bench" + (" --quick" if args.quick else "")
+        entries = kernel_choice_entries(rows, name, capability, torch.__version__, meta["date"][:10],
+                                        source=command)
+        incomplete = "" if complete else " (cut short: the cases measured so far)"
+        write_kernel_choices(args.kernel_choices, entries, note=f"{command} on {name}, {meta['date']}{incomplete}")
 
     for index, case in enumerate(cases):
         row = run_case(case, device, timer, peaks, l2_bytes, seed=index)
@@ -149,6 +168,8 @@ def _main(argv) -> int:
     print(f"{meta['device']}, torch {meta['torch']}, {meta['date']}")
     print(format_table(rows, peaks))
     print(f"\nresults: {args.json}")
+    if args.kernel_choices:
+        print(f"kernel choices: {args.kernel_choices}")
     return 0
 
 
