@@ -19,7 +19,7 @@ KernelRequest kernel_request_from_name(std::string_view name, const char* op) {
   if (name == "auto") return KernelRequest::kAuto;
   if (name == "aten") return KernelRequest::kAten;
   if (name == "pyevo") return KernelRequest::kPyevo;
-  TORCH_CHECK(false, op, ": unknown kernel '", std::string(name),
+  TORCH_CHECK(false, op, ": unknown impl '", std::string(name),
               "' (expected 'auto', 'aten' or 'pyevo')");
 }
 
@@ -176,10 +176,10 @@ ResolvedKernel resolve_kernel(KernelRequest request, const c10::Device& device, 
   if (!device.is_cuda()) {
     return {Kernel::kAten, "the kernel on this device is ATen's (one implementation)"};
   }
-  if (request == KernelRequest::kAten) return {Kernel::kAten, "kernel='aten' asked for it"};
-  if (request == KernelRequest::kPyevo) return {Kernel::kPyevo, "kernel='pyevo' asked for it"};
+  if (request == KernelRequest::kAten) return {Kernel::kAten, "impl='aten' asked for it"};
+  if (request == KernelRequest::kPyevo) return {Kernel::kPyevo, "impl='pyevo' asked for it"};
   constexpr const char* no_entry =
-      "kernel='auto' and the measured table (pyevo/assets/kernel_choices.json) has no entry for "
+      "impl='auto' and the measured table (pyevo/assets/kernel_choices.json) has no entry for "
       "this GPU and shape: ATen's is the default";
   const MeasuredTable* table = installed_table.load();
   if (table == nullptr || table->ops.count(op) == 0) return {Kernel::kAten, no_entry};
@@ -190,8 +190,8 @@ ResolvedKernel resolve_kernel(KernelRequest request, const c10::Device& device, 
   const auto found = table->choices.find(table_key(identity.name, identity.capability, shape_key()));
   if (found == table->choices.end()) return {Kernel::kAten, no_entry};
   return {found->second, found->second == Kernel::kPyevo
-                             ? "kernel='auto': the measured table chose pyevo's for this GPU and shape"
-                             : "kernel='auto': the measured table chose ATen's for this GPU and shape"};
+                             ? "impl='auto': the measured table chose pyevo's for this GPU and shape"
+                             : "impl='auto': the measured table chose ATen's for this GPU and shape"};
 #else
   return {Kernel::kAten, no_entry};  // not reached: a build without CUDA has no CUDA tensors
 #endif

@@ -101,7 +101,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_fused_conv2d_kernel", &fused_conv2d_kernel, pybind11::arg("input"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("temb"),
         pybind11::arg("residual"), pybind11::arg("out_channels"), pybind11::arg("kernel_size"),
-        pybind11::arg("kernel") = "auto",
+        pybind11::arg("impl") = "auto",
         "Which kernel pyevo::fused_conv2d would run for these arguments and kernel request: "
         "'cutlass_sm90', or 'aten: <why not>' (cuDNN/oneDNN convolution + the epilogue as ATen "
         "ops)");
@@ -139,7 +139,7 @@ PYBIND11_MODULE(_C, m) {
             pyevo::resolve_kernel(request, device, op.c_str(), [&] { return shape_key; }).kernel));
       },
       pybind11::arg("op"), pybind11::arg("device"), pybind11::arg("shape_key"),
-      pybind11::arg("kernel"),
+      pybind11::arg("impl"),
       "The implementation ('aten' or 'pyevo') a call of op on device with this shape key and "
       "kernel request runs, as the ops resolve it (pyevo.ops.kernel_choice)");
   // The ATen composites that serve as CUDA backward kernels, callable on any device so that the

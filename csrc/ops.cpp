@@ -41,7 +41,7 @@ TORCH_LIBRARY(pyevo, m) {
   // "auto" follows the measured table. The CPU kernels validate it and have one implementation.
   m.def(
       "fused_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? temb, Tensor? residual, "
-      "float scale, int out_channels, int kernel_size, str kernel=\"auto\") -> Tensor");
+      "float scale, int out_channels, int kernel_size, str impl=\"auto\") -> Tensor");
 
   m.def(
       "shared_group_norm_silu(Tensor input, Tensor weight, Tensor bias, int channels_per_group, "
@@ -54,7 +54,7 @@ TORCH_LIBRARY(pyevo, m) {
   m.def(
       "shared_attention(Tensor hidden_states, Tensor? encoder_hidden_states, Tensor q_weight, "
       "Tensor? q_bias, Tensor k_weight, Tensor? k_bias, Tensor v_weight, Tensor? v_bias, "
-      "Tensor out_weight, Tensor? out_bias, int heads, int head_dim, str kernel=\"auto\") "
+      "Tensor out_weight, Tensor? out_bias, int heads, int head_dim, str impl=\"auto\") "
       "-> Tensor");
   // Returns the 10 gradients in the order of the tensor inputs of shared_attention:
   // hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,

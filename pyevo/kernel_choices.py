@@ -1,5 +1,5 @@
 """The measured kernel-choice table: which implementation, ATen's or pyevo's, a call of the two CUDA
-ops that have both runs when it asks for ``kernel="auto"`` (the default):
+ops that have both runs when it asks for ``impl="auto"`` (the default):
 
 * ``shared_attention`` (forward): the SDPA composite or pyevo's fused attention kernel;
 * ``fused_conv2d``: cuDNN then the epilogue as ATen ops, or pyevo's CUTLASS sm_90a kernel (where it

@@ -23,12 +23,12 @@ single-candidate ops instead).
 Which kernels run on CUDA: the convolutions (:func:`shared_conv2d`, :func:`population_conv2d`)
 run ATen's convolution (cuDNN) on the weight view, GroupNorm+SiLU and the population attention
 pyevo's kernels. :func:`shared_attention` and :func:`fused_conv2d` have both, and a trailing
-``kernel`` argument says which, per call: ``"aten"`` (SDPA; cuDNN and the epilogue as separate
+``impl`` argument says which, per call: ``"aten"`` (SDPA; cuDNN and the epilogue as separate
 ops), ``"pyevo"`` (pyevo's fused attention; the CUTLASS conv where it applies) or ``"auto"`` (the
 default): the measured table's choice for the GPU and the call's exact shape, ATen's where the table
 has no entry (:mod:`pyevo.kernel_choices`; the table, :data:`KERNEL_CHOICES`, is loaded once at
 import and nothing changes it). :func:`kernel_choice` answers which one a call runs. The CPU ops
-validate ``kernel`` and have one implementation.
+validate ``impl`` and have one implementation.
 
 Under ``torch.autocast`` the ops follow ATen's policy for their ATen counterparts: the convolutions
 and attentions run in the autocast dtype (like ``conv2d`` and SDPA), GroupNorm+SiLU in float32
@@ -59,7 +59,7 @@ __all__ = ["shared_conv2d", "fused_conv2d", "shared_group_norm_silu", "shared_at
 # ---------------------------------------------------------------------------------------------
 
 #: The measured kernel-choice table (``pyevo/assets/kernel_choices.json``), loaded once here and
-#: installed in the C++ ops, which look up every ``kernel="auto"`` call of :func:`fused_conv2d` and
+#: installed in the C++ ops, which look up every ``impl="auto"`` call of :func:`fused_conv2d` and
 #: :func:`shared_attention` on CUDA in it.
 KERNEL_CHOICES = load_kernel_choices(SHIPPED_TABLE)
 _C._install_kernel_choices([(device, capability, key, kernel)
@@ -68,7 +68,7 @@ _C._install_kernel_choices([(device, capability, key, kernel)
 
 def _call_shape_key(op: str, args: Sequence) -> tuple[torch.device, str]:
     """The device and the C++ shape key of a call of ``op`` with ``args`` (its arguments before
-    ``kernel``)."""
+    ``impl``)."""
     if op == "fused_conv2d":
         input, _weight, _bias, temb, residual, _scale, out_channels, kernel_size = args
         return input.device, _C._fused_conv2d_shape_key(input, temb, residual, out_channels, kernel_size)
@@ -79,18 +79,18 @@ def _call_shape_key(op: str, args: Sequence) -> tuple[torch.device, str]:
     raise ValueError(f"no kernel choice for op '{op}' (expected 'fused_conv2d' or 'shared_attention')")
 
 
-def kernel_choice(op: str, *args, kernel: str = "auto") -> str:
-    """Which implementation ``torch.ops.pyevo.<op>(*args, kernel=kernel)`` runs: ``"aten"`` or
+def kernel_choice(op: str, *args, impl: str = "auto") -> str:
+    """Which implementation ``torch.ops.pyevo.<op>(*args, impl=impl)`` runs: ``"aten"`` or
     ``"pyevo"``, resolved as the op resolves it. ``op`` is ``"fused_conv2d"`` or
-    ``"shared_attention"``; ``args`` are the op's arguments before ``kernel``.
+    ``"shared_attention"``; ``args`` are the op's arguments before ``impl``.
 
     On CUDA ``"aten"`` and ``"pyevo"`` are what they say, and ``"auto"`` is :data:`KERNEL_CHOICES`'s
     entry for the GPU and the call's shape, ``"aten"`` without one; on the CPU always ``"aten"`` (one
     implementation). Under ``"pyevo"`` :func:`fused_conv2d` still runs cuDNN and the epilogue where
-    the CUTLASS kernel does not apply: ``pyevo._C._fused_conv2d_kernel(..., kernel)`` says which
+    the CUTLASS kernel does not apply: ``pyevo._C._fused_conv2d_kernel(..., impl)`` says which
     kernel runs and why."""
     device, key = _call_shape_key(op, args)
-    return _C._resolve_kernel(op, device, key, kernel)
+    return _C._resolve_kernel(op, device, key, impl)
 
 
 def kernel_choice_digest(device: torch.device | str) -> str:
@@ -100,9 +100,9 @@ def kernel_choice_digest(device: torch.device | str) -> str:
     return KERNEL_CHOICES.digest(*cuda_device_identity(device))
 
 
-def _check_kernel_request(op: str, kernel: str) -> None:
-    """The C++ ops' check of ``kernel``, for fake tensors too."""
-    torch._check(kernel in KERNEL_REQUESTS, lambda: f"pyevo::{op}: unknown kernel '{kernel}' "
+def _check_kernel_request(op: str, impl: str) -> None:
+    """The C++ ops' check of ``impl``, for fake tensors too."""
+    torch._check(impl in KERNEL_REQUESTS, lambda: f"pyevo::{op}: unknown impl '{impl}' "
                                                     "(expected 'auto', 'aten' or 'pyevo')")
 
 
@@ -137,7 +137,7 @@ def shared_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_cha
 
 def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Optional[Tensor],
                  residual: Optional[Tensor], scale: float, out_channels: int,
-                 kernel_size: int, kernel: str = "auto") -> Tensor:
+                 kernel_size: int, impl: str = "auto") -> Tensor:
     """A ``diffusers`` ResnetBlock2D convolution with its epilogue fused, on a shared weight.
 
     Equivalent to ``(shared_conv2d(input, weight, bias, out_channels, kernel_size)
@@ -146,7 +146,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
     is ``fused_conv2d(h, w1, b1, temb, None, 1.0, ...)``, its conv2 ``fused_conv2d(h, w2, b2, None,
     shortcut, 1 / output_scale_factor, ...)``.
 
-    On CUDA, with ``kernel="pyevo"`` (or ``"auto"`` where the measured table chose pyevo's for the
+    On CUDA, with ``impl="pyevo"`` (or ``"auto"`` where the measured table chose pyevo's for the
     GPU and shape), bfloat16/float16 calls on a Hopper GPU (compute capability 9.0) with channel
     counts that are multiples of 8 run one CUTLASS kernel (TMA im2col, GMMA) whose epilogue adds
     bias, temb and the residual and scales before its one store; every other call runs cuDNN and
@@ -163,7 +163,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
         residual: ``(N, out_channels, H, W)`` or ``None``.
         scale: multiplies the sum.
         out_channels, kernel_size: as in :func:`shared_conv2d`.
-        kernel: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` or
+        impl: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` or
             ``"pyevo"``: which CUDA implementation runs (see the module's docstring).
 
     Returns:
@@ -172,7 +172,7 @@ def fused_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], temb: Op
         ``weight``, ``bias`` and ``temb`` have their full shapes, zero outside the part used.
     """
     return torch.ops.pyevo.fused_conv2d.default(input, weight, bias, temb, residual, scale,
-                                                out_channels, kernel_size, kernel)
+                                                out_channels, kernel_size, impl)
 
 
 def shared_group_norm_silu(input: Tensor, weight: Tensor, bias: Tensor, channels_per_group: int,
@@ -201,7 +201,7 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
                      q_weight: Tensor, q_bias: Optional[Tensor], k_weight: Tensor,
                      k_bias: Optional[Tensor], v_weight: Tensor, v_bias: Optional[Tensor],
                      out_weight: Tensor, out_bias: Optional[Tensor], heads: int,
-                     head_dim: int, kernel: str = "auto") -> Tensor:
+                     head_dim: int, impl: str = "auto") -> Tensor:
     """Multi-head attention over the first ``heads`` heads of shared projections.
 
     Queries come from ``hidden_states``; keys and values from ``encoder_hidden_states`` when
@@ -217,7 +217,7 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
         q_bias, k_bias, v_bias: ``(>= I)`` or ``None``.
         out_weight: ``(C, >= I)``; out_bias: ``(C)`` or ``None``.
         heads: heads used; head_dim: channels per head.
-        kernel: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` (SDPA)
+        impl: ``"auto"`` (the measured table's choice, ATen's without an entry), ``"aten"`` (SDPA)
             or ``"pyevo"`` (pyevo's fused attention): which CUDA forward runs (see the module's
             docstring). The backward is the same for all three.
 
@@ -227,7 +227,7 @@ def shared_attention(hidden_states: Tensor, encoder_hidden_states: Optional[Tens
     """
     return torch.ops.pyevo.shared_attention.default(
         hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-        out_weight, out_bias, heads, head_dim, kernel)
+        out_weight, out_bias, heads, head_dim, impl)
 
 
 def population_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -342,8 +342,8 @@ def _fused_conv2d_memory_format(input: Tensor) -> torch.memory_format:
 
 @torch.library.register_fake("pyevo::fused_conv2d")
 def _fused_conv2d_fake(input, weight, bias, temb, residual, scale, out_channels, kernel_size,
-                       kernel="auto"):
-    _check_kernel_request("fused_conv2d", kernel)
+                       impl="auto"):
+    _check_kernel_request("fused_conv2d", impl)
     _check_like("fused_conv2d", "input", input, weight=weight, bias=bias, temb=temb,
                 residual=residual)
     torch._check(input.dim() == 4 and weight.dim() == 4,
@@ -396,8 +396,8 @@ def _shared_group_norm_silu_backward_fake(grad_output, input, weight, bias, chan
 @torch.library.register_fake("pyevo::shared_attention")
 def _shared_attention_fake(hidden_states, encoder_hidden_states, q_weight, q_bias, k_weight,
                            k_bias, v_weight, v_bias, out_weight, out_bias, heads, head_dim,
-                           kernel="auto"):
-    _check_kernel_request("shared_attention", kernel)
+                           impl="auto"):
+    _check_kernel_request("shared_attention", impl)
     _check_like("shared_attention", "hidden_states", hidden_states, encoder_hidden_states=encoder_hidden_states,
                 q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
                 v_bias=v_bias, out_weight=out_weight, out_bias=out_bias)

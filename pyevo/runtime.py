@@ -52,7 +52,7 @@ def _fused_conv2d_fits(conv: nn.Module) -> bool:
 
 def _conv_epilogue(conv: nn.Module, x: torch.Tensor, temb: torch.Tensor | None, residual: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-    """``(conv(x) + temb + residual) * scale`` as ``pyevo::fused_conv2d`` with ``kernel="auto"`` (one
+    """``(conv(x) + temb + residual) * scale`` as ``pyevo::fused_conv2d`` with ``impl="auto"`` (one
     kernel on Hopper where the measured kernel-choice table takes pyevo's for the shape; cuDNN then the
     epilogue elsewhere), or as separate ops for a convolution the op does not cover."""
     if _fused_conv2d_fits(conv):

@@ -7,7 +7,7 @@ combination of the optional arguments and crops 1/3/5 of a 5x5 shared weight; it
 opcheck, memory-format rule and refusals of bad arguments. The CUDA tests (skipped without a GPU;
 all named ``cuda``) compare the CUDA op, in bfloat16/float16 at DDPM-CIFAR10 and LDM layer shapes,
 with the same reference, and check that on a Hopper GPU the CUTLASS kernel, not the cuDNN
-fallback, is what runs. They ask for pyevo's kernel per call (``kernel="pyevo"``); one test runs
+fallback, is what runs. They ask for pyevo's kernel per call (``impl="pyevo"``); one test runs
 ``"aten"`` and ``"auto"`` (the measured table's choice) against the same reference.
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_fused_conv2d_kernel_introspection_cpu():
         choice = _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 4, 3,
                                          kernel)
         assert choice.startswith("aten: ")
-    with pytest.raises(RuntimeError, match="pyevo::fused_conv2d: unknown kernel 'cudnn'"):
+    with pytest.raises(RuntimeError, match="pyevo::fused_conv2d: unknown impl 'cudnn'"):
         _C._fused_conv2d_kernel(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 4, 3, "cudnn")
     assert "cutlass_sm90" in pyevo.build_info()
 
@@ -215,15 +215,15 @@ def test_fused_conv2d_kernel_argument_on_cpu():
     for kernel in ("auto", "aten", "pyevo"):
         assert torch.equal(call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, kernel), out)
         assert ops.kernel_choice("fused_conv2d", a["x"], a["weight"], a["bias"], a["temb"], a["residual"],
-                                 0.5, 4, 3, kernel=kernel) == "aten"
+                                 0.5, 4, 3, impl=kernel) == "aten"
     assert torch.equal(ops.fused_conv2d(a["x"], a["weight"], a["bias"], a["temb"], a["residual"], 0.5, 4, 3,
-                                        kernel="pyevo"), out)
-    message = r"^pyevo::fused_conv2d: unknown kernel 'cudnn' \(expected 'auto', 'aten' or 'pyevo'\)$"
+                                        impl="pyevo"), out)
+    message = r"^pyevo::fused_conv2d: unknown impl 'cudnn' \(expected 'auto', 'aten' or 'pyevo'\)$"
     with pytest.raises(RuntimeError, match=message):
         call(torch.ops.pyevo.fused_conv2d, a, 0.5, 3, "cudnn")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="unknown kernel 'cudnn'"):
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="unknown impl 'cudnn'"):
         fake = {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in a.items()}
         call(torch.ops.pyevo.fused_conv2d, fake, 0.5, 3, "cudnn")
 
@@ -278,7 +278,7 @@ def test_fused_conv2d_refuses_non_finite_scale():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the CUTLASS kernel (kernel="pyevo") against plain PyTorch
+# CUDA: the CUTLASS kernel (impl="pyevo") against plain PyTorch
 # ---------------------------------------------------------------------------------------------
 
 
@@ -359,7 +359,7 @@ def test_cuda_fused_conv2d_aten_and_auto_match_reference(kernel, dtype):
         a = cuda_arguments(dtype, seed, batch=4, in_channels=64, out_channels=64, size=16,
                            shared_kernel=5, temb=True, residual=True, channels_last=channels_last,
                            weight_channels_last=channels_last)
-        out = check_against_reference(a, 0.5, 3, dtype, f"{kernel}, seed {seed}", kernel=kernel)
+        out = check_against_reference(a, 0.5, 3, dtype, f"{kernel}, seed {seed}", impl=kernel)
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last
                                  else torch.contiguous_format)
 
@@ -395,7 +395,7 @@ def test_cuda_fused_conv2d_takes_the_cutlass_path_on_hopper():
     a = cuda_arguments(torch.bfloat16, 0, batch=2, in_channels=64, out_channels=64, size=8,
                        shared_kernel=3, temb=True, residual=False)
     args = (a["x"], a["weight"], a["bias"], a["temb"], None, 64, 3)
-    assert "kernel='aten'" in _C._fused_conv2d_kernel(*args, "aten")
+    assert "impl='aten'" in _C._fused_conv2d_kernel(*args, "aten")
     assert "no entry" in _C._fused_conv2d_kernel(*args, "auto")
     assert "no entry" in _C._fused_conv2d_kernel(*args)  # "auto" is the default
     assert ops.kernel_choice("fused_conv2d", a["x"], a["weight"], a["bias"], a["temb"], None, 1.0, 64, 3) == "aten"

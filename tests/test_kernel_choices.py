@@ -156,11 +156,11 @@ def test_the_shipped_table_is_what_the_ops_use():
 def test_kernel_choice_on_the_cpu_and_refusals():
     x, w = torch.randn(2, 16, 8, 6), torch.randn(24, 16, 3, 3)
     for kernel in ("auto", "aten", "pyevo"):
-        assert ops.kernel_choice("fused_conv2d", x, w, None, None, None, 1.0, 24, 3, kernel=kernel) == "aten"
+        assert ops.kernel_choice("fused_conv2d", x, w, None, None, None, 1.0, 24, 3, impl=kernel) == "aten"
         assert _C._resolve_kernel("fused_conv2d", torch.device("cpu"), "any key", kernel) == "aten"
-    with pytest.raises(RuntimeError, match=r"^pyevo::fused_conv2d: unknown kernel 'fast' "
+    with pytest.raises(RuntimeError, match=r"^pyevo::fused_conv2d: unknown impl 'fast' "
                                            r"\(expected 'auto', 'aten' or 'pyevo'\)$"):
-        ops.kernel_choice("fused_conv2d", x, w, None, None, None, 1.0, 24, 3, kernel="fast")
+        ops.kernel_choice("fused_conv2d", x, w, None, None, None, 1.0, 24, 3, impl="fast")
     with pytest.raises(ValueError, match="no kernel choice for op 'shared_conv2d'"):
         ops.kernel_choice("shared_conv2d", x, w, None, 24, 3)
     with pytest.raises(RuntimeError, match="no kernel choice for op 'shared_conv2d'"):

@@ -927,7 +927,7 @@ def test_cuda_group_norm_silu_small():
 @pytest.mark.parametrize("head_dim", [8, 32, 40, 64, 96])
 @pytest.mark.parametrize("cross", [False, True])
 def test_cuda_shared_attention_fused(dtype, head_dim, cross, kernel="pyevo"):
-    # kernel="pyevo": 96 > 64 runs the SDPA fallback, the others pyevo's fused kernel.
+    # impl="pyevo": 96 > 64 runs the SDPA fallback, the others pyevo's fused kernel.
     generator, seed = fresh_generator()
     case = AttentionCase(3, 77, 96, (50, 32) if cross else None, 2, 3, head_dim, (True,) * 4, True)
     tensors = [t.to("cuda", dtype) if t is not None else None
@@ -955,13 +955,13 @@ def test_shared_attention_kernel_argument_on_cpu():
     out = torch.ops.pyevo.shared_attention(*tensors, *case.args)
     for kernel in ("auto", "aten", "pyevo"):
         assert torch.equal(torch.ops.pyevo.shared_attention(*tensors, *case.args, kernel), out)
-        assert torch.equal(ops.shared_attention(*tensors, *case.args, kernel=kernel), out)
-        assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel=kernel) == "aten"
-    message = r"^pyevo::shared_attention: unknown kernel 'flash' \(expected 'auto', 'aten' or 'pyevo'\)$"
+        assert torch.equal(ops.shared_attention(*tensors, *case.args, impl=kernel), out)
+        assert ops.kernel_choice("shared_attention", *tensors, *case.args, impl=kernel) == "aten"
+    message = r"^pyevo::shared_attention: unknown impl 'flash' \(expected 'auto', 'aten' or 'pyevo'\)$"
     with pytest.raises(RuntimeError, match=message):
         torch.ops.pyevo.shared_attention(*tensors, *case.args, "flash")
     with pytest.raises(RuntimeError, match=message):
-        ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="flash")
+        ops.kernel_choice("shared_attention", *tensors, *case.args, impl="flash")
 
 
 @CUDA
@@ -980,8 +980,8 @@ def test_cuda_kernel_choice_follows_the_measured_table():
     where it has none (a shape no table has)."""
     case = ATTENTION_CASES[-2]
     tensors = [t.cuda() if t is not None else None for t in case.make(torch.float32, torch.Generator())]
-    assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="pyevo") == "pyevo"
-    assert ops.kernel_choice("shared_attention", *tensors, *case.args, kernel="aten") == "aten"
+    assert ops.kernel_choice("shared_attention", *tensors, *case.args, impl="pyevo") == "pyevo"
+    assert ops.kernel_choice("shared_attention", *tensors, *case.args, impl="aten") == "aten"
     assert ops.kernel_choice("shared_attention", *tensors, *case.args) == "aten"
     from pyevo.kernel_choices import cuda_device_identity
 

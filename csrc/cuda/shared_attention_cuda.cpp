@@ -4,7 +4,7 @@
 //    float16/bfloat16, FMAs for float32; head_dim up to 64), heads side by side, then the output
 //    projection on the column prefix of out_weight. float64 and head_dim > 64 fall back to
 //    at::scaled_dot_product_attention (csrc/cuda/attention_runner.h).
-//    That is the forward under kernel="pyevo"; under "aten" it is the ATen composite (SDPA), and
+//    That is the forward under impl="pyevo"; under "aten" it is the ATen composite (SDPA), and
 //    under "auto" (the default) the measured table's choice for the GPU and shape, the composite
 //    where it has none (csrc/cuda_kernel_choice.h): on an H100 SDPA was faster at most measured
 //    shapes (experiments/device/README.md, 2026-11-26). population_attention always uses pyevo's.

@@ -16,7 +16,7 @@
 #      allocator, so an access past a tensor's end is past an allocation's end);
 #   d. the microbenchmarks (python -m pyevo.bench), JSON written after every case, and from them
 #      a kernel-choice table for this GPU (kernel_choices.json: what fused_conv2d and
-#      shared_attention run under kernel="auto" once committed as pyevo/assets/kernel_choices.json);
+#      shared_attention run under impl="auto" once committed as pyevo/assets/kernel_choices.json);
 #      then teacher vs a half-MACs student of the DDPM-CIFAR10 config, eager / graph / lean runtime
 #      (experiments/device/runtime_latency.py);
 #   e. a short python -m pyevo.search --device cuda on the digits teacher (small stage settings),

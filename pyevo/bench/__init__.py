@@ -23,7 +23,7 @@ Baselines (what a user of PyTorch would write):
   projection; population: once per candidate, and on CUDA that loop captured as one CUDA graph
   ("loop <backend> graph"), where launches cost nothing.
 
-Ours is pyevo's implementation, asked for per call (``kernel="pyevo"``) where the op also has
+Ours is pyevo's implementation, asked for per call (``impl="pyevo"``) where the op also has
 ATen's. Those cases (fused conv, attention) also record what a kernel-choice table entry needs
 (:func:`kernel_choice_entries`): the op's shape key and which baselines are ATen's implementation in
 the same eager setting ("eager" and "eager NHWC"; the SDPA backends), the best of which ours is
@@ -301,7 +301,7 @@ def fused_conv_case(label, n, c, size, k, epilogue, device, dtype) -> Case:
                              if with_residual else None)}
 
     def ours(t):
-        return ops.fused_conv2d(t["x"], t["w"], t["b"], t["temb"], t["residual"], scale, c, k, kernel="pyevo")
+        return ops.fused_conv2d(t["x"], t["w"], t["b"], t["temb"], t["residual"], scale, c, k, impl="pyevo")
 
     def ours_kernel(t):
         return _C._fused_conv2d_kernel(t["x"], t["w"], t["b"], t["temb"], t["residual"], c, k, "pyevo")
@@ -440,7 +440,7 @@ def attention_case(label, b, s, c, heads, head_dim, device, dtype) -> Case:
 
     def ours(t):
         return ops.shared_attention(t["x"], None, t["q_w"], t["q_b"], t["k_w"], t["k_b"], t["v_w"],
-                                    t["v_b"], t["o_w"], t["o_b"], heads, head_dim, kernel="pyevo")
+                                    t["v_b"], t["o_w"], t["o_b"], heads, head_dim, impl="pyevo")
 
     baselines = {name: (lambda t, run=_sdpa_baseline(heads, head_dim, backend): run(t, t["x"], heads))
                  for name, backend in _attention_backends(device).items()}

@@ -14,7 +14,7 @@ and the largest relative difference between our output and the baseline's.
 ``--kernel-choices FILE`` also writes a kernel-choice table (pyevo/kernel_choices.py) from the run's
 fused-conv and attention cases: pyevo's kernel against the best ATen baseline in the same eager
 setting, per shape, for this GPU. Committed as pyevo/assets/kernel_choices.json, it decides what
-those ops run under kernel="auto" (experiments/device/README.md). A CPU run writes a table without
+those ops run under impl="auto" (experiments/device/README.md). A CPU run writes a table without
 entries: the CPU kernels have one implementation.
 """
 from __future__ import annotations
@@ -128,8 +128,8 @@ def _main(argv) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
             "torch": torch.__version__, "build_info": pyevo.build_info(), "quick": args.quick,
-            # Ours is pyevo's kernel, asked for per call (kernel="pyevo") where the op also has
-            # ATen's: the figures are what kernel="auto" is chosen from (--kernel-choices).
+            # Ours is pyevo's kernel, asked for per call (impl="pyevo") where the op also has
+            # ATen's: the figures are what impl="auto" is chosen from (--kernel-choices).
             "threads": torch.get_num_threads(), "tf32": False, "ours_kernel": "pyevo",
             "repeats": repeats,
             "host": platform.node(), "cpu_count": os.cpu_count(), "cases": len(cases)}
