@@ -183,13 +183,16 @@ def load_kernel_choices(path: str | Path) -> KernelChoiceTable:
 
 
 def write_kernel_choices(path: str | Path, entries: Sequence[Mapping[str, Any]], note: str | None = None) -> None:
-    """Writes ``entries`` as a table file (checked first, as :func:`load_kernel_choices` checks it)."""
+    """Writes ``entries`` as a table file (checked first, as :func:`load_kernel_choices` checks it), atomically:
+    the benchmark rewrites it after every case, and a killed run must not leave half a table to commit."""
+    from pyevo.runfolder import atomic_write_text
+
     _table_of(list(entries))
     data: dict[str, Any] = {"format": FORMAT}
     if note:
         data["note"] = note
     data["entries"] = [dict(entry) for entry in entries]
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def choose_kernel(pyevo_ms: float, aten_ms: float) -> str:
