@@ -96,6 +96,7 @@ def _main(argv) -> int:
     import pyevo
     from pyevo.bench import Timer, kernel_choice_entries, measure_peaks, run_case, shape_sets
     from pyevo.kernel_choices import cuda_device_identity, write_kernel_choices
+    from pyevo.runfolder import atomic_write_text
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -136,10 +137,10 @@ def _main(argv) -> int:
     rows = []
 
     def write(complete: bool) -> None:
-        # After every case, so a run cut short still leaves what it measured.
-        with open(args.json, "w") as handle:
-            json.dump({"meta": {**meta, "complete": complete}, "peaks": peaks, "rows": rows}, handle,
-                      indent=1)
+        # After every case, so a run cut short still leaves what it measured; atomically, so a run killed
+        # mid-write leaves the previous case's file rather than half a JSON.
+        atomic_write_text(args.json, json.dumps({"meta": {**meta, "complete": complete}, "peaks": peaks,
+                                                 "rows": rows}, indent=1))
         if args.kernel_choices:
             write_choices(complete)
 
