@@ -10,6 +10,11 @@
 
 namespace pyevo {
 
+// The CUDA kernels' first check: the op was dispatched to them with this tensor on a CUDA device.
+inline void check_on_cuda(const at::Tensor& tensor, const char* op) {
+  TORCH_CHECK(tensor.is_cuda(), op, ": the CUDA kernel got a tensor on ", tensor.device());
+}
+
 // shared_conv2d: input (N, C_in, H, W); weight (C_out_max, C_in_max, K, K) with K odd;
 // C_in <= C_in_max; 1 <= out_channels <= C_out_max; kernel_size odd, <= K; stride >= 1;
 // bias 1-D with at least out_channels entries.

@@ -191,7 +191,7 @@ at::Tensor fused_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                              int64_t out_channels, int64_t kernel_size, c10::string_view kernel) {
   const KernelRequest request =
       kernel_request_from_name(std::string_view(kernel.data(), kernel.size()), kOp);
-  TORCH_CHECK(input.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", input.device());
+  check_on_cuda(input, kOp);
   check_fused_conv2d(input, weight, bias, temb, residual, scale, out_channels, kernel_size);
   const c10::cuda::CUDAGuard device_guard(input.device());
 #ifdef PYEVO_WITH_CUTLASS_SM90
@@ -221,7 +221,7 @@ std::string fused_conv2d_cuda_kernel(const at::Tensor& input, const at::Tensor& 
                                      const std::optional<at::Tensor>& residual,
                                      int64_t out_channels, int64_t kernel_size,
                                      KernelRequest request) {
-  TORCH_CHECK(input.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", input.device());
+  check_on_cuda(input, kOp);
   check_fused_conv2d(input, weight, bias, temb, residual, 1.0, out_channels, kernel_size);
   const c10::cuda::CUDAGuard device_guard(input.device());
   PreparedFusedConv prepared;

@@ -24,10 +24,6 @@
 namespace pyevo {
 namespace {
 
-void check_on_cuda(const at::Tensor& tensor, const char* op) {
-  TORCH_CHECK(tensor.is_cuda(), op, ": the CUDA kernel got a tensor on ", tensor.device());
-}
-
 group_norm_runner::TableUpload uploader(const at::Device& device) {
   return [device](const void* data, int64_t bytes) { return upload_table(data, bytes, device); };
 }

@@ -32,10 +32,6 @@
 namespace pyevo {
 namespace {
 
-void check_on_cuda(const at::Tensor& tensor, const char* op) {
-  TORCH_CHECK(tensor.is_cuda(), op, ": the CUDA kernel got a tensor on ", tensor.device());
-}
-
 at::Tensor shared_attention_cuda(
     const at::Tensor& hidden_states, const std::optional<at::Tensor>& encoder_hidden_states,
     const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias, const at::Tensor& k_weight,

@@ -15,14 +15,11 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "composite_kernels.h"
 
 namespace pyevo {
 namespace {
-
-void check_on_cuda(const at::Tensor& tensor, const char* op) {
-  TORCH_CHECK(tensor.is_cuda(), op, ": the CUDA kernel got a tensor on ", tensor.device());
-}
 
 // The composites check their arguments (csrc/checks.h) before they run.
 at::Tensor shared_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
