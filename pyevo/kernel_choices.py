@@ -99,19 +99,12 @@ def shape_key(op: str, dtype: str, shape: Mapping[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class KernelChoiceTable:
-    """A loaded table: its entries as in the file, and their choices by (device, capability, shape key)."""
+    """A loaded table: its entries as in the file, and their choices by (device, capability, shape key).
+    Which kernel a call runs is decided in C++ (``csrc/cuda_kernel_choice.cpp``), from these choices as
+    :mod:`pyevo.ops` installs them."""
 
     entries: tuple[Mapping[str, Any], ...]
     choices: Mapping[tuple[str, str, str], str]
-
-    def lookup(self, device: str, capability: str, key: str) -> str:
-        """The kernel ("aten" or "pyevo") for a call with this shape key on this GPU: the entry's, or
-        "aten" without an exact match."""
-        return self.choices.get((device, capability, key), "aten")
-
-    def choice(self, device: str, capability: str, op: str, dtype: str, shape: Mapping[str, Any]) -> str:
-        """:meth:`lookup` by the entry's fields rather than a key."""
-        return self.lookup(device, capability, shape_key(op, dtype, shape))
 
     def digest(self, device: str, capability: str) -> str:
         """A short name for this GPU's choices: "aten" when the table has none for it (every call runs

@@ -28,19 +28,33 @@ def table_file(tmp_path, entries, name="choices.json"):
     return path
 
 
-def test_lookup_is_exact_and_defaults_to_aten(tmp_path):
+def test_lookup_is_exact_and_defaults_to_aten():
+    """The C++ rule the ops follow (the shipped table is installed at import): an entry's GPU, capability,
+    dtype and shape give its kernel; change any one of them and no entry matches, so ATen's runs."""
+    shipped = load_kernel_choices(SHIPPED_TABLE)
+    chosen = [entry for entry in shipped.entries if entry["kernel"] == "pyevo"]
+    if not chosen:
+        pytest.skip("the shipped table chooses pyevo's kernel nowhere: exactness cannot show")
+    entry = chosen[0]
+    op, dtype, shape = entry["op"], entry["dtype"], dict(entry["shape"])
+    assert _C._measured_kernel_choice(entry["device"], entry["capability"], shape_key(op, dtype, shape)) == "pyevo"
+    keys = {key for _, _, key in shipped.choices}
+    for field, value in shape.items():
+        changed = shape_key(op, dtype, {**shape, field: (not value) if isinstance(value, bool) else value + 8})
+        assert changed not in keys
+        assert _C._measured_kernel_choice(entry["device"], entry["capability"], changed) == "aten", field
+    other_dtype = shape_key(op, "float16" if dtype != "float16" else "bfloat16", shape)
+    assert _C._measured_kernel_choice(entry["device"], entry["capability"], other_dtype) == "aten"
+    assert _C._measured_kernel_choice("Other GPU", entry["capability"], shape_key(op, dtype, shape)) == "aten"
+    assert _C._measured_kernel_choice(entry["device"], "8.0", shape_key(op, dtype, shape)) == "aten"
+
+
+def test_loaded_entries_and_choices(tmp_path):
     attention = {**ENTRY, "op": "shared_attention", "shape": ATTENTION_SHAPE, "kernel": "aten"}
     table = load_kernel_choices(table_file(tmp_path, [ENTRY, attention]))
-    assert table.choice("Test GPU", "9.0", "fused_conv2d", "bfloat16", CONV_SHAPE) == "pyevo"
-    assert table.choice("Test GPU", "9.0", "shared_attention", "bfloat16", ATTENTION_SHAPE) == "aten"
-    # One field, the dtype, the GPU or its capability changed: no entry, ATen's.
-    for field, value in [("N", 4), ("C_out", 16), ("kernel_size", 1), ("has_residual", True),
-                         ("channels_last", False)]:
-        assert table.choice("Test GPU", "9.0", "fused_conv2d", "bfloat16", {**CONV_SHAPE, field: value}) == "aten"
-    assert table.choice("Test GPU", "9.0", "fused_conv2d", "float16", CONV_SHAPE) == "aten"
-    assert table.choice("Other GPU", "9.0", "fused_conv2d", "bfloat16", CONV_SHAPE) == "aten"
-    assert table.choice("Test GPU", "8.0", "fused_conv2d", "bfloat16", CONV_SHAPE) == "aten"
-    assert table.entries[0]["source"] == "a test" and len(table.choices) == 2
+    assert table.choices == {("Test GPU", "9.0", shape_key("fused_conv2d", "bfloat16", CONV_SHAPE)): "pyevo",
+                             ("Test GPU", "9.0", shape_key("shared_attention", "bfloat16", ATTENTION_SHAPE)): "aten"}
+    assert table.entries[0]["source"] == "a test"
 
 
 def test_shape_keys_of_calls_match_those_of_entries():
