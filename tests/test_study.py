@@ -12,7 +12,7 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, build_plan, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import _build_lines, verdict
+from pyevo.study.report import _build_lines, _verdict_lines, collect, verdict
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,26 @@ def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
     (line,) = _build_lines(context)
     assert "2 builds" in line and "`aaaaaaaa` (pyevo-diffnas-50, random-50-0)" in line and "`bbbbbbbb` (bk-sdm)" in line
     assert "uniform-50" not in line
+
+
+def test_bk_sdm_is_compared_with_the_pyevo_student_nearest_it_in_macs(tmp_path):
+    units, arms = build_plan(FULL)
+    keys = unit_keys(units)
+    context = StudyContext(tmp_path, tmp_path / "state", FULL, {u.name: u for u in units}, keys)
+    (tmp_path / "state" / "units").mkdir(parents=True)
+
+    def finish(name, macs, balanced_fd):
+        per_seed = {str(seed): {"fd": balanced_fd + seed * 0.01, "balanced_fd": balanced_fd + seed * 0.01}
+                    for seed in (0, 1, 2)}
+        (tmp_path / "state" / "units" / f"{name}.json").write_text(json.dumps(
+            {"key": keys[name], "seconds": 1.0, "result": {"macs_ratio": macs, "per_seed": per_seed}}))
+
+    finish("pyevo-diffnas-50", 0.50, 5.0)  # better than BK-SDM, but far from it in MACs
+    finish("pyevo-diffnas-70", 0.65, 9.0)
+    finish("bk-sdm", 0.665, 6.0)
+    _, rows = collect(context, arms)
+    (line,) = [line for line in _verdict_lines(context, rows) if line.startswith("- BK-SDM")]
+    assert "against pyevo at 70% (MACs 0.650, the nearest): pyevo worse; worse" in line
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():

@@ -119,6 +119,9 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "mean over the teacher's mean (KID's only where both means stand clear of their spread over the "
             "seeds: the unbiased KID of a near-perfect set is noise around zero). PSNR, SSIM and same class are "
             "paired with the teacher's samples.",
+            "- Verdicts (*better*, *worse*, *within noise*) compare two arms' means over the evaluation seeds: "
+            "*within noise* where they differ by no more than the root sum of squares of their stds; the random "
+            "genomes of a target pool to the mean and std of their means.",
             "- Every in-space arm (pyevo, random genomes, BK-SDM removal, ablations) is retrained from the "
             "distilled supernet with pyevo's retraining (dynamic joint loss unless the ablation says otherwise). "
             "The pruned arms (uniform width, Diff-Pruning) change block widths, so no block-wise term applies: "
@@ -278,12 +281,17 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
         cells = [f"{label}{macs(names)}: {verdict(ours, other, 'balanced_fd')}; {verdict(ours, other, 'fd')}"
                  for label, (names, other) in others.items()]
         lines.append(f"- at {n}%, pyevo{macs([f'pyevo-diffnas-{n}'])} against " + " · ".join(cells))
-    bk = summary("bk-sdm")
-    if "bk-sdm" in rows:
-        made = rows["bk-sdm"]["made"]
-        lines.append(f"- BK-SDM removal (MACs {_fmt(made and made['macs_ratio'])}) against pyevo at "
-                     f"{target_name(context.settings.main_target)}%: pyevo "
-                     f"{verdict(summary('pyevo-diffnas-' + target_name(context.settings.main_target)), bk, 'balanced_fd')}")
+    bk_made = rows["bk-sdm"]["made"] if "bk-sdm" in rows else None
+    if bk_made:
+        # Against the pyevo student nearest it in MACs (BK-SDM's removal lands where it lands, not at a target).
+        made = {n: rows[f"pyevo-diffnas-{n}"]["made"] for n in map(target_name, context.settings.targets)
+                if f"pyevo-diffnas-{n}" in rows and rows[f"pyevo-diffnas-{n}"]["made"]}
+        if made:
+            n = min(made, key=lambda k: abs(made[k]["macs_ratio"] - bk_made["macs_ratio"]))
+            ours, bk = summary(f"pyevo-diffnas-{n}"), summary("bk-sdm")
+            lines.append(f"- BK-SDM removal (MACs {_fmt(bk_made['macs_ratio'])}) against pyevo at {n}% (MACs "
+                         f"{_fmt(made[n]['macs_ratio'])}, the nearest): pyevo {verdict(ours, bk, 'balanced_fd')}; "
+                         f"{verdict(ours, bk, 'fd')}")
     m = target_name(context.settings.main_target)
     reference = summary(f"pyevo-diffnas-{m}")
     if f"ablation-loss-end-only-{m}" in rows:
