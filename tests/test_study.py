@@ -12,7 +12,7 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, build_plan, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import _build_lines, _verdict_lines, collect, verdict
+from pyevo.study.report import _build_lines, _verdict_lines, collect, read_curve, verdict
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,17 @@ def test_bk_sdm_is_compared_with_the_pyevo_student_nearest_it_in_macs(tmp_path):
     _, rows = collect(context, arms)
     (line,) = [line for line in _verdict_lines(context, rows) if line.startswith("- BK-SDM")]
     assert "against pyevo at 70% (MACs 0.650, the nearest): pyevo worse; worse" in line
+
+
+def test_pyevo_curve_is_read_linearly_in_macs_between_its_students():
+    low = {"fd": {"mean": 10.0, "std": 1.0, "ratio": 1.0}, "psnr": {"mean": 20.0, "std": 0.0, "ratio": None}}
+    high = {"fd": {"mean": 6.0, "std": 3.0, "ratio": 0.6}, "psnr": {"mean": 30.0, "std": 1.0, "ratio": None}}
+    curve = [(0.4, low), (0.6, high)]
+    middle = read_curve(curve, 0.45)
+    assert middle["fd"] == pytest.approx({"mean": 9.0, "std": 1.5, "ratio": 0.9})
+    assert middle["psnr"]["ratio"] is None and middle["psnr"]["mean"] == pytest.approx(22.5)
+    assert read_curve(curve, 0.6)["fd"]["mean"] == pytest.approx(6.0)
+    assert read_curve(curve, 0.39) is None and read_curve(curve, 0.61) is None and read_curve(curve[:1], 0.4) is None
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():

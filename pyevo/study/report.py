@@ -84,6 +84,7 @@ def write_results(path: Path, context: StudyContext, arms: list[Arm], command: s
     lines += _seed_table(context, rows)
     lines += _ablation_lines(context, rows)
     lines += _verdict_lines(context, rows)
+    lines += _equal_macs_lines(rows)
     drawn = _plots(plots, teacher, rows)
     if drawn:
         lines += ["## Plots", ""] + [f"![{title}]({plots.name}/{file})" for title, file in drawn] + [""]
@@ -247,7 +248,8 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     """Plain statements: pyevo against each alternative per target, and the paper's two claims."""
     lines = ["## Where pyevo wins and where it loses", "",
              "pyevo diffnas at each target against each alternative (class-balanced FD; FD), as the verdict "
-             "rule in the opening of this page says:", ""]
+             "rule in the opening of this page says. The arms land at different MACs for the same target; "
+             "*At equal MACs* below compares them at the same cost.", ""]
 
     def summary(name: str) -> dict | None:
         row = rows.get(name)
@@ -310,6 +312,58 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
             described.append(f"{label}: measured latency {_fmt(lat and lat['ratio'])}x the teacher, MACs "
                              f"{_fmt((row['quality'] or row['made'] or {}).get('macs_ratio'))}")
         lines += ["", f"- A MACs budget against a measured-latency budget at {m}%: " + "; ".join(described) + "."]
+    return lines + [""]
+
+
+def pyevo_curve(rows: dict[str, dict]) -> list[tuple[float, dict]]:
+    """pyevo diffnas's students (the targets' and the caps-off one; training seed 0) as (MACs ratio, summary),
+    by MACs."""
+    return sorted(((row["made"]["macs_ratio"], row["summary"]) for name, row in rows.items()
+                   if name.startswith("pyevo-diffnas-") and row["arm"].training_seed == 0 and row["made"]
+                   and row["summary"]), key=lambda point: point[0])
+
+
+def read_curve(curve: list[tuple[float, dict]], macs: float) -> dict | None:
+    """The curve's summary at ``macs``, linear between its two nearest points (means, stds and ratios);
+    None outside the MACs it spans."""
+    for (x0, s0), (x1, s1) in zip(curve, curve[1:]):
+        if x0 <= macs <= x1:
+            w = 0.0 if x1 == x0 else (macs - x0) / (x1 - x0)
+            out = {}
+            for figure in s0.keys() & s1.keys():
+                out[figure] = {k: None if s0[figure][k] is None or s1[figure][k] is None
+                               else (1 - w) * s0[figure][k] + w * s1[figure][k] for k in ("mean", "std", "ratio")}
+            return out
+    return None
+
+
+def _equal_macs_lines(rows: dict[str, dict]) -> list[str]:
+    """Each other arm against pyevo's curve read at that arm's own MACs: the arms land at different MACs
+    (a pruned arm where its channel granularity allows), so a comparison at the same target is not one
+    at the same cost."""
+    curve = pyevo_curve(rows)
+    others = [row for row in rows.values() if row["arm"].family in ("uniform", "diff-pruning", "bk-sdm", "random")
+              and row["arm"].training_seed == 0 and row["made"] and row["summary"]]
+    if len(curve) < 2 or not others:
+        return []
+    span = f"{curve[0][0]:.3f}–{curve[-1][0]:.3f}"
+    lines = ["## At equal MACs", "",
+             f"pyevo diffnas's students (MACs {span}), read linearly in MACs at each other arm's "
+             "own MACs (means, stds and ratios interpolated between the two nearest), against that arm: "
+             "the verdict is pyevo's.", "",
+             "| arm | MACs | its class-balanced FD | pyevo's there | verdict | its FD | pyevo's there | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(others, key=lambda r: r["made"]["macs_ratio"]):
+        macs = row["made"]["macs_ratio"]
+        ours = read_curve(curve, macs)
+        name = row["arm"].label + (f" `{row['arm'].name}`" if row["arm"].family == "random" else "")
+        if ours is None:
+            lines.append(f"| {name} | {macs:.3f} | {_figure(row, 'balanced_fd')} | outside {span} | — | "
+                         f"{_figure(row, 'fd')} | outside {span} | — |")
+            continue
+        lines.append(f"| {name} | {macs:.3f} | {_figure(row, 'balanced_fd')} | "
+                     f"{_figure({'summary': ours}, 'balanced_fd')} | {verdict(ours, row['summary'], 'balanced_fd')} | "
+                     f"{_figure(row, 'fd')} | {_figure({'summary': ours}, 'fd')} | {verdict(ours, row['summary'], 'fd')} |")
     return lines + [""]
 
 
