@@ -7,7 +7,7 @@ import torch
 
 from pyevo.bench import kernel_choice_entries
 from pyevo.bench.__main__ import main
-from pyevo.kernel_choices import load_kernel_choices, write_kernel_choices
+from pyevo.kernel_choices import load_kernel_choices, shape_key, write_kernel_choices
 
 
 def test_bench_quick_cpu(tmp_path, capsys):
@@ -70,5 +70,5 @@ def test_kernel_choice_entries_from_rows(tmp_path):
     path = tmp_path / "choices.json"
     write_kernel_choices(path, entries)
     table = load_kernel_choices(path)
-    assert table.choice("Test GPU", "9.0", "fused_conv2d", "bfloat16", conv_shape) == "pyevo"
-    assert table.choice("Test GPU", "9.0", "shared_attention", "bfloat16", attention_shape) == "aten"
+    assert table.choices == {("Test GPU", "9.0", shape_key("fused_conv2d", "bfloat16", conv_shape)): "pyevo",
+                             ("Test GPU", "9.0", shape_key("shared_attention", "bfloat16", attention_shape)): "aten"}
