@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyevo.study.plan import FULL, MINI, build_plan, unit_keys
+from pyevo.study.plan import FULL, MINI, build_plan, study_settings, unit_keys
 from pyevo.study.quality import summarise
 from pyevo.study.report import _build_lines, _verdict_lines, collect, read_curve, verdict
 from pyevo.study.units import StudyContext
@@ -53,6 +53,32 @@ def test_unit_keys_change_with_what_a_unit_depends_on_and_nothing_else():
     other_steps, _ = build_plan(replace(FULL, pipeline={"retrain.steps": 10}))
     changed = unit_keys(other_steps)
     assert {name for name in keys if keys[name] == changed[name]} == {"teacher"}  # everything trained changes
+
+
+def test_the_committed_digits_results_are_keyed_as_the_plan_keys_them_now():
+    """A change to the plan that moves the digits study's keys would silently send its 89 finished units to run
+    again (or, worse, pass changed settings off as the ones measured): every committed result must still match."""
+    units, _ = build_plan(FULL)
+    keys = unit_keys(units)
+    stored = sorted((ROOT / "experiments" / "results" / "units").glob("*.json"))
+    assert len(stored) == len(units)
+    for path in stored:
+        assert json.loads(path.read_text())["key"] == keys[path.stem], path.stem
+
+
+def test_the_latent_study_plans_the_same_arms_keyed_apart_with_the_end_target_its_runs_do_not_use():
+    digits_units, digits_arms = build_plan(FULL)
+    latent_units, latent_arms = build_plan(study_settings("latent-digits"))
+    digits_keys, latent_keys = unit_keys(digits_units), unit_keys(latent_units)
+    assert len(latent_units) == len(digits_units) and len(latent_arms) == len(digits_arms)
+    # The latent-digits runs retrain towards the teacher's prediction (its preset), so the ablation is the noise.
+    names = {a.name for a in latent_arms}
+    assert "ablation-end-noise-50" in names and "ablation-end-teacher-50" not in names
+    ablation = {u.name: u for u in latent_units}["ablation-end-noise-50"]
+    assert ablation.spec["overrides"]["retrain.end_target"] == "true"
+    assert not set(digits_keys.values()) & set(latent_keys.values())  # no unit of one stands for the other's
+    with pytest.raises(ValueError, match="built-in teachers"):
+        study_settings("cifar10")
 
 
 def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
@@ -165,16 +191,24 @@ def test_random_genomes_land_under_their_target_and_are_drawn_alike_each_time():
     assert 0.5 - RANDOM_WINDOW <= ratio <= 0.5 + 1e-9
 
 
-def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do(tmp_path):
+@pytest.mark.parametrize("teacher", ["digits", "latent-digits"])
+def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do(tmp_path, teacher):
     """The CI miniature: ``python -m pyevo.study --mini`` from nothing (every kind of unit: a base, in-space
-    arms, a pruned arm, the teacher, quality, latency), then again: every unit is read back."""
+    arms, a pruned arm, the teacher, quality, latency), then again: every unit is read back. On the latent
+    teacher every arm trains on latents and every figure is taken on decoded digits."""
     out, state, page = tmp_path / "mini", tmp_path / "state", tmp_path / "RESULTS.md"
-    command = [sys.executable, "-m", "pyevo.study", "--mini", "--out", str(out), "--state", str(state),
-               "--results", str(page)]
+    command = [sys.executable, "-m", "pyevo.study", "--mini", "--teacher", teacher, "--out", str(out),
+               "--state", str(state), "--results", str(page)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    units, arms = build_plan(MINI)
+    settings = study_settings(teacher, mini=True)
+    units, arms = build_plan(settings)
+    import safetensors.torch
+
+    teacher_samples = next((out / "teacher-samples").glob("*/seed-0.safetensors"))
+    size = {"digits": 16, "latent-digits": 32}[teacher]  # the pixel teacher's digits; the latents' decoded ones
+    assert safetensors.torch.load_file(teacher_samples)["samples"].shape == (settings.num_samples, 1, size, size)
     keys = unit_keys(units)
     for unit in units:
         stored = json.loads((state / "units" / f"{unit.name}.json").read_text())

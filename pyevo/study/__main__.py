@@ -1,6 +1,7 @@
 """``python -m pyevo.study``: run (or resume) the evidence study and write its results page.
 
     python -m pyevo.study                         # the full study into runs/study, then experiments/RESULTS.md
+    python -m pyevo.study --teacher latent-digits # on the latent teacher: experiments/RESULTS-latent-digits.md
     python -m pyevo.study --mini --out runs/mini --results runs/mini/RESULTS.md   # the miniature (CI)
     python -m pyevo.study --only 'pyevo-*' 'latency-pyevo-*'                      # some units (and what they need)
 
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from pyevo.runfolder import atomic_write_json, read_json
-from pyevo.study.plan import FULL, MINI, Unit, build_plan, unit_keys
+from pyevo.study.plan import DEFAULT_TEACHER, TEACHERS, Unit, build_plan, study_settings, unit_keys
 from pyevo.study.units import READY, RUNNERS, StudyContext
 
 log = logging.getLogger("pyevo.study")
@@ -31,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyevo.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/study", help="work folder: models, run folders, logs (default runs/study)")
-    parser.add_argument("--results", default="experiments/RESULTS.md", help="the results page to write")
-    parser.add_argument("--state", default="experiments/results", help="the units' results, kept to go on from in "
-                        "another sitting (default experiments/results, committed with the page)")
+    parser.add_argument("--teacher", choices=TEACHERS, default=DEFAULT_TEACHER,
+                        help=f"the built-in teacher the study runs on (default {DEFAULT_TEACHER})")
+    parser.add_argument("--results", help="the results page to write (default experiments/RESULTS.md; "
+                        "experiments/RESULTS-<teacher>.md for another teacher)")
+    parser.add_argument("--state", help="the units' results, kept to go on from in another sitting (default "
+                        "experiments/results, experiments/results-<teacher> for another teacher; committed with the page)")
     parser.add_argument("--mini", action="store_true", help="the miniature study (tiny steps, one seed, two arms)")
     parser.add_argument("--workers", type=int, default=0, help="units at once in the parallel phase (default: cores)")
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="run only the units matching these patterns "
@@ -43,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = MINI if args.mini else FULL
+    settings = study_settings(args.teacher, args.mini)
+    suffix = "" if args.teacher == DEFAULT_TEACHER else f"-{args.teacher}"
+    args.results = args.results or f"experiments/RESULTS{suffix}.md"
+    args.state = args.state or f"experiments/results{suffix}"
     units, arms = build_plan(settings)
     keys = unit_keys(units)
     out = Path(args.out)
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     wanted = select_units(units, args.only) if args.only else {u.name for u in units}
     failed = schedule(context, [u for u in units if u.name in wanted], args.workers or os.cpu_count() or 1,
-                      args.mini, report)
+                      ["--teacher", args.teacher] + (["--mini"] if args.mini else []), report)
     report()
     if failed:
         print(f"pyevo.study: {len(failed)} unit(s) failed: {', '.join(failed)} (logs in {out / 'logs'}); "
@@ -122,10 +129,10 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
     return 0
 
 
-def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool, report) -> list[str]:
+def schedule(context: StudyContext, units: list[Unit], workers: int, settings_args: list[str], report) -> list[str]:
     """Run ``units`` (those not done) as child processes in the plan's order: the ones that time things alone
     with every core, the others ``workers`` at a time with cores / workers threads each; phase 2 once every
-    other unit is through. Returns the names of the units that failed (and those that needed them are left)."""
+    other unit is through; each child gets ``settings_args`` (the study's teacher and size). Returns the names of the units that failed (and those that needed them are left)."""
     cores = os.cpu_count() or 1
     pending = [u for u in units if not is_done(context, u.name)]
     done = {name for name in context.units if is_done(context, name)}
@@ -166,7 +173,7 @@ def schedule(context: StudyContext, units: list[Unit], workers: int, mini: bool,
             log_file = open(context.out / "logs" / f"{unit.name}.log", "a")
             command = [sys.executable, "-m", "pyevo.study", "--out", str(context.out), "--state", str(context.state),
                        "--unit", unit.name,
-                       "--threads", str(threads)] + (["--mini"] if mini else [])
+                       "--threads", str(threads), *settings_args]
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             running[unit.name] = (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),
                                   time.perf_counter())

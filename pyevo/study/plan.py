@@ -45,6 +45,17 @@ MINI = StudySettings(
     pipeline={"distill.steps": 6, "distill.batch_size": 16, "search.population": 8, "search.generations": 1,
               "search.heldout_size": 32, "latency.repeats": 2, "latency.network_repeats": 3, "retrain.steps": 6,
               "retrain.batch_size": 16, "batch": 8})
+# The built-in teachers a study runs on (pixel digits, and latent digits: the UNet on the autoencoder's
+# latents, every figure on the decoded images).
+TEACHERS = ("digits", "latent-digits")
+DEFAULT_TEACHER = StudySettings.teacher
+
+
+def study_settings(teacher: str = DEFAULT_TEACHER, mini: bool = False) -> StudySettings:
+    """The full study (or its miniature) on one of :data:`TEACHERS`."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"the study runs on the built-in teachers {', '.join(TEACHERS)}, not {teacher!r}")
+    return replace(MINI if mini else FULL, teacher=teacher)
 
 
 @dataclass(frozen=True)
@@ -97,7 +108,13 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
 
     def base(name: str, seed: int, extra: dict | None = None) -> str:
         if name not in bases:
-            bases[name] = Unit(f"base-{name}", "base", {"seed": seed, "overrides": {**settings.pipeline, **(extra or {})}})
+            spec = {"seed": seed, "overrides": {**settings.pipeline, **(extra or {})}}
+            # Every other unit's key has the teacher in it (in its evaluation or through a base); a base's
+            # names it where it is not the default, so that the digits study's keys stay what its results
+            # were made under.
+            if settings.teacher != DEFAULT_TEACHER:
+                spec["teacher"] = settings.teacher
+            bases[name] = Unit(f"base-{name}", "base", spec)
             order.append(bases[name])
         return bases[name].name
 
@@ -134,8 +151,11 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
                      {**caps, "retrain.loss": loss})
     pipeline_arm(Arm(f"ablation-global-{m}", "ablation", "global search (summed NSR under the MACs cap)", main),
                  b0, {"search.rule": "global", **caps})
-    pipeline_arm(Arm(f"ablation-end-teacher-{m}", "ablation", "end target: teacher's prediction", main), b0,
-                 {**caps, "retrain.end_target": "teacher"})
+    # The end target the teacher's default run does not use (the true noise unless its preset says otherwise).
+    other_end, label = (("true", "the true noise") if default_end_target(settings) == "teacher"
+                        else ("teacher", "teacher's prediction"))
+    pipeline_arm(Arm(f"ablation-end-{'noise' if other_end == 'true' else 'teacher'}-{m}", "ablation",
+                     f"end target: {label}", main), b0, {**caps, "retrain.end_target": other_end})
     if "ablation" in families:
         pipeline_arm(Arm(f"ablation-teacher-path-{m}", "ablation", "teacher-shaped path in the sandwich", main),
                      base("teacher-path", 0, {"distill.teacher_path": True}), caps)
@@ -172,6 +192,13 @@ def build_plan(settings: StudySettings) -> tuple[list[Unit], list[Arm]]:
         units.append(Unit(f"latency-{arm.name}", "latency", {"batch": settings.latency_batch,
                                                              "repeats": settings.latency_repeats}, (arm.name,), phase=2))
     return units, [arm for arm, _ in arms]
+
+
+def default_end_target(settings: StudySettings) -> str:
+    """The retraining's end target in the study's runs of its teacher (its preset's, else pyevo's default)."""
+    from pyevo.config import load_config
+
+    return load_config(overrides={"teacher": settings.teacher, **settings.pipeline}).retrain.end_target
 
 
 def unit_keys(units: list[Unit]) -> dict[str, str]:

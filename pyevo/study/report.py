@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pyevo.runfolder import atomic_write_text, read_json
-from pyevo.study.plan import Arm, target_name
+from pyevo.study.plan import Arm, default_end_target, target_name
 from pyevo.study.quality import FIGURES, summarise
 from pyevo.study.units import StudyContext
 
@@ -74,7 +74,7 @@ def verdict(a: dict | None, b: dict | None, figure: str, lower_is_better: bool =
 
 def write_results(path: Path, context: StudyContext, arms: list[Arm], command: str) -> None:
     teacher, rows = collect(context, arms)
-    plots = path.parent / "results_plots"
+    plots = path.parent / f"{path.stem.lower()}_plots"  # RESULTS.md's beside it in results_plots/
     lines = [f"# Evidence study ({context.settings.name}): pyevo against the simple alternatives on the "
              f"`{context.settings.teacher}` teacher", "",
              "Written by `" + command + "` (regenerated after every finished unit; rows not yet run say *pending*).",
@@ -94,6 +94,9 @@ def write_results(path: Path, context: StudyContext, arms: list[Arm], command: s
 
 def _setup_lines(context: StudyContext) -> list[str]:
     s = context.settings
+    latent = s.teacher == "latent-digits"  # figures on decoded samples
+    timed = ("UNet forward (the decoder, the same for every model and run once per sample, left out)" if latent
+             else "whole forward")
     versions = []
     for package in ("torch", "diffusers", "deap", "torch-pruning", "torchmetrics"):
         try:
@@ -114,7 +117,9 @@ def _setup_lines(context: StudyContext) -> list[str]:
             f"evaluation noise seeds {list(s.eval_seeds)} ({s.num_samples} DDIM samples of {s.ddim_steps} steps "
             f"per model and seed, the teacher's from the same noise); training seeds {list(s.training_seeds)} at "
             f"{target_name(s.main_target)}%.",
-            "- Quality is in the digits classifier's features against the 500 held-out digits. Class-balanced FD: "
+            "- Quality is in the digits classifier's features against the 500 held-out digits"
+            + (" (a latent model's samples decoded by the teacher's autoencoder, as its pipeline decodes them)"
+               if latent else "") + ". Class-balanced FD: "
             "70 samples of each predicted class (the class mixture drops out); class-mixture TV: total-variation "
             "distance of the predicted class shares to the held-out ones. Ratios (in brackets) are the model's "
             "mean over the teacher's mean (KID's only where both means stand clear of their spread over the "
@@ -131,7 +136,7 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "granularity allows (every layer keeps the same share of each of its channel groups): it is pruned "
             "to the achievable ratio nearest its target, which can lie above it; the MACs column says where "
             "each arm landed, and the plots place every arm at its own MACs and latency.",
-            f"- Latency: each model's whole forward beside the teacher's, timed in turn, batch {s.latency_batch}, "
+            f"- Latency: each model's {timed} beside the teacher's, timed in turn, batch {s.latency_batch}, "
             f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running.",
             *_build_lines(context)]
 
@@ -232,7 +237,8 @@ def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     ablations = [r for r in rows.values() if r["arm"].family == "ablation"]
     if reference is None or not ablations:
         return []
-    lines = [f"## Ablations at {m}% (against pyevo diffnas at {m}%, dynamic loss, end target the true noise)", "",
+    end = "the teacher's prediction" if default_end_target(context.settings) == "teacher" else "the true noise"
+    lines = [f"## Ablations at {m}% (against pyevo diffnas at {m}%, dynamic loss, end target {end})", "",
              "| ablation | class-balanced FD | FD | same class | verdict on class-balanced FD | verdict on FD |",
              "|---|---|---|---|---|---|"]
     for row in [reference] + ablations:

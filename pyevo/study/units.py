@@ -58,6 +58,31 @@ class StudyContext:
         return read_json(self.result_path(name))["result"]
 
 
+def study_teacher(name: str):
+    """The study's teacher, its schedule, its autoencoder (None for a pixel teacher) and the size of the images
+    every figure is taken on (a latent teacher's decoded ones)."""
+    from pyevo.autoencoder import teacher_autoencoder
+    from pyevo.teacher import load_teacher, sample_shape
+
+    teacher, scheduler = load_teacher(name)
+    codec = teacher_autoencoder(name)
+    shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
+    return teacher, scheduler, codec, shape[-1]
+
+
+def training_set(config: RunConfig, teacher, scheduler, codec, folder: Path):
+    """What the pruned arms prune and retrain on: the training digits, or (a latent teacher) their latents,
+    encoded as a pyevo run encodes them (the run's posterior and seed) and written to ``folder``."""
+    from pyevo.pipeline import encode_images, load_images
+
+    train, _, _, _ = load_images(config, teacher, scheduler, codec)
+    if codec is None:
+        return train
+    folder.mkdir(parents=True, exist_ok=True)
+    return encode_images(codec, {"train": train}, config.vae_posterior, config.seed,
+                         folder / "latents.safetensors")["train"]
+
+
 def pipeline_config(context: StudyContext, overrides: dict[str, Any], seed: int, folder: Path) -> RunConfig:
     """A pyevo run of the study's teacher: the study's overrides, the unit's seed and folder, and one latency
     table shared by every unit (merged under a lock)."""
@@ -194,16 +219,14 @@ def bk_sdm_genome(space) -> tuple[int, ...]:
 def run_pruned(unit: Unit, context: StudyContext) -> dict:
     """A structurally pruned teacher (uniform width or Diff-Pruning), retrained with the end loss alone under
     pyevo's retraining schedule (its block outputs have other widths than the teacher's: no block term)."""
-    from pyevo.pipeline import load_images
     from pyevo.retrain import retrain_student
     from pyevo.study.pruning import prune_unet, save_pruned
-    from pyevo.teacher import load_teacher
     from pyevo.training import StepCheckpoints, resolve_train_dtype
 
     folder = context.folder(unit.name)
     config = pipeline_config(context, unit.spec["overrides"], unit.spec["seed"], folder)
-    teacher, scheduler = load_teacher(config.teacher)
-    train, _, _, _ = load_images(config, teacher, scheduler)
+    teacher, scheduler, codec, _ = study_teacher(config.teacher)
+    train = training_set(config, teacher, scheduler, codec, folder)
     start = time.perf_counter()
     model, info = prune_unet(teacher, unit.spec["target"], unit.spec["importance"], train, scheduler, config.seed)
     pruned_seconds = time.perf_counter() - start
@@ -229,7 +252,6 @@ def teacher_samples(context: StudyContext, seed: int, n: int, steps: int) -> tor
     import fcntl
 
     from pyevo.sample import sample_images
-    from pyevo.teacher import load_teacher
 
     folder = context.out / "teacher-samples" / f"{context.settings.teacher}-n{n}-steps{steps}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,8 +259,8 @@ def teacher_samples(context: StudyContext, seed: int, n: int, steps: int) -> tor
     with open(folder / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            teacher, scheduler = load_teacher(context.settings.teacher)
-            samples = sample_images(teacher, scheduler.config, n, steps, seed, progress=False)
+            teacher, scheduler, codec, _ = study_teacher(context.settings.teacher)
+            samples = sample_images(teacher, scheduler.config, n, steps, seed, codec, progress=False)
             atomic_write_bytes(path, safetensors.torch.save({"samples": samples.contiguous()}))
     return safetensors.torch.load_file(path)["samples"]
 
@@ -248,11 +270,9 @@ def run_teacher(unit: Unit, context: StudyContext) -> dict:
     real-vs-real floor, class shares)."""
     from pyevo.pipeline import network_cost
     from pyevo.study.quality import DigitsReference, sample_figures
-    from pyevo.teacher import load_teacher, sample_shape
     from pyevo.teachers.evaluate import TeacherEvalConfig, evaluate_samples
 
-    teacher, _ = load_teacher(unit.spec["teacher"])
-    size = sample_shape(teacher)[-1]
+    teacher, _, _, size = study_teacher(unit.spec["teacher"])
     reference = DigitsReference(size)
     per_seed, bar = {}, {}
     for seed in unit.spec["seeds"]:
@@ -275,14 +295,13 @@ def evaluate_model(model, unit: Unit, context: StudyContext) -> dict:
     from pyevo.pipeline import network_cost
     from pyevo.sample import sample_images
     from pyevo.study.quality import DigitsReference, sample_figures
-    from pyevo.teacher import load_teacher, sample_shape
 
     spec = unit.spec["evaluate"]
-    teacher, scheduler = load_teacher(context.settings.teacher)
-    reference = DigitsReference(sample_shape(teacher)[-1])
+    teacher, scheduler, codec, size = study_teacher(context.settings.teacher)
+    reference = DigitsReference(size)
     per_seed = {}
     for seed in spec["seeds"]:
-        samples = sample_images(model, scheduler.config, spec["n"], spec["steps"], seed, progress=False)
+        samples = sample_images(model, scheduler.config, spec["n"], spec["steps"], seed, codec, progress=False)
         if not bool(torch.isfinite(samples).all()):
             raise RuntimeError(f"{unit.name}: its samples at seed {seed} are not finite")
         per_seed[str(seed)] = sample_figures(samples, teacher_samples(context, seed, spec["n"], spec["steps"]),
@@ -297,10 +316,9 @@ def rebuild_architecture(arm: Unit, context: StudyContext):
     an in-space arm's student assembled from an undistilled supernet; a pruned arm pruned again (pruning is
     deterministic given its seed; its MACs are checked against the recorded ones)."""
     from pyevo.pipeline import network_cost
-    from pyevo.teacher import load_teacher
 
     result = context.result(arm.name)
-    teacher, scheduler = load_teacher(context.settings.teacher)
+    teacher, scheduler, codec, _ = study_teacher(context.settings.teacher)
     if arm.kind == "arm":
         from pyevo.space import decode_network, unet_space
         from pyevo.student import student_class
@@ -309,11 +327,10 @@ def rebuild_architecture(arm: Unit, context: StudyContext):
         genomes = decode_network(result["genome"], unet_space(teacher))
         model = student_class(teacher).from_supernet(teacher, build_supernet(teacher), genomes)
     else:
-        from pyevo.pipeline import load_images
         from pyevo.study.pruning import prune_unet
 
         config = pipeline_config(context, arm.spec["overrides"], arm.spec["seed"], context.folder(arm.name))
-        train, _, _, _ = load_images(config, teacher, scheduler)
+        train = training_set(config, teacher, scheduler, codec, context.folder(arm.name))
         model, _ = prune_unet(teacher, arm.spec["target"], arm.spec["importance"], train, scheduler, config.seed)
     if network_cost(model).macs != result["macs"]:
         raise RuntimeError(f"{arm.name}: the rebuilt architecture has {network_cost(model).macs} MACs, the arm's "
