@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyevo.study.plan import FULL, MINI, build_plan, study_settings, unit_keys
+from pyevo.study.plan import FULL, MINI, Arm, build_plan, study_settings, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import _build_lines, _verdict_lines, collect, read_curve, verdict
+from pyevo.study.report import (_build_lines, _verdict_lines, collect, over_training_seeds, read_curve,
+                                 same_students, verdict)
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,33 @@ def test_pyevo_curve_is_read_linearly_in_macs_between_its_students():
     assert middle["psnr"]["ratio"] is None and middle["psnr"]["mean"] == pytest.approx(22.5)
     assert read_curve(curve, 0.6)["fd"]["mean"] == pytest.approx(6.0)
     assert read_curve(curve, 0.39) is None and read_curve(curve, 0.61) is None and read_curve(curve[:1], 0.4) is None
+
+
+def _made_row(name, family, target, seed, genome, per_seed, macs=0.5, search="s0"):
+    summary = summarise(per_seed, None)
+    return {"arm": Arm(name, family, name, target, seed), "summary": summary, "latency": None,
+            "made": {"genome": genome, "base_search_sha256": search, "per_seed": per_seed, "macs_ratio": macs}}
+
+
+def test_one_student_is_named_once_where_arms_share_its_genome_search_and_figures():
+    figures = {"0": {"fd": 2.0}, "1": {"fd": 3.0}}
+    rows = {"pyevo-diffnas-70": _made_row("pyevo-diffnas-70", "pyevo", 0.7, 0, "g", figures),
+            "pyevo-diffnas-nocap": _made_row("pyevo-diffnas-nocap", "pyevo", None, 0, "g", figures),
+            # the same genome retrained otherwise (an ablation), or from another search: other students
+            "ablation": _made_row("ablation", "ablation", 0.7, 0, "g", {"0": {"fd": 2.0}, "1": {"fd": 3.5}}),
+            "other-search": _made_row("other-search", "pyevo", 0.7, 1, "g", figures, search="s1")}
+    assert same_students(rows) == [["pyevo-diffnas-70", "pyevo-diffnas-nocap"]]
+
+
+def test_families_over_training_seeds_are_the_mean_and_spread_of_their_seeds_means():
+    rows = {f"pyevo-diffnas-50{suffix}": _made_row(f"pyevo-diffnas-50{suffix}", "pyevo", 0.5, seed, suffix,
+                                                   {"0": {"fd": fd - 1}, "1": {"fd": fd + 1}}, macs=macs)
+            for suffix, seed, fd, macs in (("", 0, 10.0, 0.49), ("-s1", 1, 6.0, 0.50), ("-s2", 2, 8.0, 0.51))}
+    rows["pyevo-budget-50"] = _made_row("pyevo-budget-50", "pyevo", 0.5, 0, "b", {"0": {"fd": 50.0}})  # not diffnas
+    pooled = over_training_seeds(rows, "pyevo", 0.5)
+    assert pooled["fd"] == pytest.approx({"mean": 8.0, "std": 2.0}) and pooled["macs"] == pytest.approx(0.5)
+    del rows["pyevo-diffnas-50-s1"], rows["pyevo-diffnas-50-s2"]
+    assert over_training_seeds(rows, "pyevo", 0.5) is None  # one seed has no spread
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():

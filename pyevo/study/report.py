@@ -7,6 +7,7 @@ more than the two standard deviations combined (sqrt(s1² + s2²)), *within nois
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import platform
 import statistics
@@ -204,7 +205,29 @@ def _main_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
                      f"{arm.training_seed} | {_fmt(macs)} | {_fmt(params)} | {lat} | {_figure(row, 'fd')} | "
                      f"{_figure(row, 'balanced_fd')} | {_figure(row, 'kid', 1)} | {_figure(row, 'mixture_tv', 3)} | "
                      f"{_figure(row, 'psnr')} | {_figure(row, 'ssim', 3)} | {_figure(row, 'agreement', 3)} |")
-    return lines + [""]
+    lines.append("")
+    for group in same_students(rows):
+        labels = [f"{rows[n]['arm'].label} ({_target_text(rows[n]['arm'])})" for n in group]
+        lines += [f"- {' and '.join(labels)} are one student: the same genome from the same search, retrained "
+                  "alike (every figure identical).", ""]
+    return lines
+
+
+def _target_text(arm: Arm) -> str:
+    return "no target" if arm.target is None else f"{target_name(arm.target)}%"
+
+
+def same_students(rows: dict[str, dict]) -> list[list[str]]:
+    """Groups of in-space arms that are one model: the same genome from the same search with bit-identical
+    figures at every evaluation seed (a cap that does not bind selects what the uncapped rule selects)."""
+    groups: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        made = row["made"]
+        if made and made.get("genome"):
+            fingerprint = json.dumps([made["genome"], made.get("base_search_sha256"), made["per_seed"]],
+                                     sort_keys=True)
+            groups.setdefault(fingerprint, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
@@ -228,7 +251,32 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
             total = (f"{statistics.mean(known):.3f} ± {statistics.stdev(known):.3f}" if len(known) > 1 else "pending")
             lines.append(f"| {picked[0]['arm'].label}: {FIGURE_NAMES[figure]} ratio | " + " | ".join(cells)
                          + f" | {total} |")
-    return lines + [""]
+    lines.append("")
+    families = {family: over_training_seeds(rows, family, main) for family in ("pyevo", "uniform", "diff-pruning")}
+    if all(families.values()):
+        ours = families["pyevo"]
+        cells = [f"{label} (MACs {_fmt(families[family]['macs'])}): {verdict(ours, families[family], 'balanced_fd')}; "
+                 f"{verdict(ours, families[family], 'fd')}"
+                 for family, label in (("uniform", "uniform width"), ("diff-pruning", "Diff-Pruning"))]
+        lines += ["Over the training seeds (each family's mean over them and the std of its seeds' means, the "
+                  f"verdict rule as above), pyevo diffnas (MACs {_fmt(ours['macs'])}) against " + " · ".join(cells)
+                  + " (class-balanced FD; FD).", ""]
+    return lines
+
+
+def over_training_seeds(rows: dict[str, dict], family: str, target: float) -> dict | None:
+    """A family's arms at ``target`` over its training seeds: per figure, the mean of the seeds' means and the
+    std of those means, and their mean MACs ratio (None until at least two seeds have finished)."""
+    picked = [r for r in rows.values() if r["arm"].family == family and r["arm"].target == target
+              and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas")) and r["summary"]]
+    if len(picked) < 2:
+        return None
+    summaries = [r["summary"] for r in picked]
+    out: dict = {figure: {"mean": statistics.mean(p[figure]["mean"] for p in summaries),
+                          "std": statistics.stdev(p[figure]["mean"] for p in summaries)}
+                 for figure in FIGURES if all(figure in p for p in summaries)}
+    out["macs"] = statistics.mean(r["made"]["macs_ratio"] for r in picked)
+    return out
 
 
 def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
@@ -300,6 +348,15 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
             lines.append(f"- BK-SDM removal (MACs {_fmt(bk_made['macs_ratio'])}) against pyevo at {n}% (MACs "
                          f"{_fmt(made[n]['macs_ratio'])}, the nearest): pyevo {verdict(ours, bk, 'balanced_fd')}; "
                          f"{verdict(ours, bk, 'fd')}")
+    nocap = rows.get("pyevo-diffnas-nocap")
+    if nocap and nocap["made"] and nocap["summary"]:
+        twins = next((g for g in same_students(rows) if "pyevo-diffnas-nocap" in g), [])
+        also = [rows[n]["arm"] for n in twins if n != "pyevo-diffnas-nocap"]
+        lines.append(f"- What the diffnas rule finds on its own (caps off): MACs {_fmt(nocap['made']['macs_ratio'])}, "
+                     f"params {_fmt(nocap['made']['params_ratio'])}, class-balanced FD "
+                     f"{_fmt(nocap['summary']['balanced_fd']['ratio'])}x, FD {_fmt(nocap['summary']['fd']['ratio'])}x"
+                     + (f"; the same student as {', '.join(f'{a.label} at {_target_text(a)}' for a in also)}, whose "
+                        "cap does not bind" if also else "") + ".")
     m = target_name(context.settings.main_target)
     reference = summary(f"pyevo-diffnas-{m}")
     if f"ablation-loss-end-only-{m}" in rows:
@@ -310,10 +367,12 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
                   f"- *Its dynamic weighting is needed* (dynamic against static and hard): against static "
                   f"{verdict(reference, summary(f'ablation-loss-static-{m}'), 'balanced_fd')}, against hard "
                   f"{verdict(reference, summary(f'ablation-loss-hard-{m}'), 'balanced_fd')} (class-balanced FD)."]
-    latency_rows = [rows.get(f"ablation-global-{m}"), rows.get(f"pyevo-budget-{m}")]
+    latency_rows = [rows.get(f"ablation-global-{m}"), rows.get(f"pyevo-diffnas-{m}"), rows.get(f"pyevo-budget-{m}")]
     if all(r is not None for r in latency_rows):
         described = []
-        for label, row in zip(("MACs budget (global)", "measured-latency budget"), latency_rows):
+        for label, row in zip(("MACs budget alone (global: least summed NSR, latency not considered)",
+                               "MACs cap with the diffnas rule (each block's fastest measured candidate within "
+                               "its NSR slack)", "measured-latency budget (budget rule)"), latency_rows):
             lat = row["latency"]
             described.append(f"{label}: measured latency {_fmt(lat and lat['ratio'])}x the teacher, MACs "
                              f"{_fmt((row['quality'] or row['made'] or {}).get('macs_ratio'))}")
