@@ -12,8 +12,8 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, Arm, build_plan, study_settings, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import (_build_lines, _verdict_lines, collect, over_training_seeds, read_curve,
-                                 same_students, verdict)
+from pyevo.study.report import (_build_lines, _equal_latency_lines, _verdict_lines, collect, over_training_seeds,
+                                 read_curve, same_students, verdict)
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,26 @@ def test_families_over_training_seeds_are_the_mean_and_spread_of_their_seeds_mea
     assert pooled["fd"] == pytest.approx({"mean": 8.0, "std": 2.0}) and pooled["macs"] == pytest.approx(0.5)
     del rows["pyevo-diffnas-50-s1"], rows["pyevo-diffnas-50-s2"]
     assert over_training_seeds(rows, "pyevo", 0.5) is None  # one seed has no spread
+
+
+def test_each_arm_meets_the_best_pyevo_student_no_slower_than_it():
+    def timed(name, family, target, fd, latency):
+        row = _made_row(name, family, target, 0, name, {"0": {"fd": fd, "balanced_fd": fd}, "1": {"fd": fd + 1,
+                                                                                                  "balanced_fd": fd + 1}})
+        row["latency"] = {"ratio": latency}
+        return row
+
+    rows = {"pyevo-diffnas-30": timed("pyevo-diffnas-30", "pyevo", 0.3, 20.0, 0.50),
+            "pyevo-diffnas-50": timed("pyevo-diffnas-50", "pyevo", 0.5, 9.0, 0.57),
+            "pyevo-diffnas-70": timed("pyevo-diffnas-70", "pyevo", 0.7, 6.0, 0.55),
+            "uniform-50": timed("uniform-50", "uniform", 0.5, 3.0, 0.80),
+            "uniform-30": timed("uniform-30", "uniform", 0.3, 12.0, 0.56),
+            "diff-pruning-30": timed("diff-pruning-30", "diff-pruning", 0.3, 12.0, 0.45)}
+    table = {line.split(" | ")[0].lstrip("| "): line for line in _equal_latency_lines(rows) if line.startswith("| uniform")
+             or line.startswith("| Diff")}
+    assert "70%, 0.550 (of 2)" in table["uniform-30"] and "better" in table["uniform-30"]  # 0.57 is slower: left out
+    assert "70%, 0.550 (of 3)" in table["uniform-50"] and "worse" in table["uniform-50"]
+    assert "none as fast" in table["diff-pruning-30"]
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
