@@ -304,7 +304,7 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     lines = ["## Where pyevo wins and where it loses", "",
              "pyevo diffnas at each target against each alternative (class-balanced FD; FD), as the verdict "
              "rule in the opening of this page says. The arms land at different MACs for the same target; "
-             "*At equal MACs* below compares them at the same cost.", ""]
+             "*At equal MACs* and *At equal or lower measured latency* below compare them at the same cost.", ""]
 
     def summary(name: str) -> dict | None:
         row = rows.get(name)
