@@ -324,8 +324,13 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
         return out
 
     def macs(names: list[str]) -> str:
+        """The arms' mean MACs and, once timed, mean measured latency (fractions of the teacher's)."""
         values = [rows[n]["made"]["macs_ratio"] for n in names if n in rows and rows[n]["made"]]
-        return "" if not values else f" (MACs {statistics.mean(values):.3f})"
+        timed = [rows[n]["latency"]["ratio"] for n in names if n in rows and rows[n]["latency"]]
+        if not values:
+            return ""
+        latency = f", latency {statistics.mean(timed):.3f}" if len(timed) == len(names) else ""
+        return f" (MACs {statistics.mean(values):.3f}{latency})"
 
     for t in context.settings.targets:
         n = target_name(t)
