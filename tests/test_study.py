@@ -257,9 +257,12 @@ def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do
     size = {"digits": 16, "latent-digits": 32}[teacher]  # the pixel teacher's digits; the latents' decoded ones
     assert safetensors.torch.load_file(teacher_samples)["samples"].shape == (settings.num_samples, 1, size, size)
     keys = unit_keys(units)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     for unit in units:
         stored = json.loads((state / "units" / f"{unit.name}.json").read_text())
         assert stored["key"] == keys[unit.name]
+        if head.returncode == 0:  # a git checkout: each result names the commit its code ran at
+            assert stored["code"].split("+")[0] == head.stdout.strip()
     text = page.read_text()
     table = text.split("## Every arm")[1].split("\n## ")[0]
     assert "pending" not in table  # every arm's row filled (the verdicts name arms the miniature leaves out)

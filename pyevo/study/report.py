@@ -140,7 +140,22 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "each arm landed, and the plots place every arm at its own MACs and latency.",
             f"- Latency: each model's {timed} beside the teacher's, timed in turn, batch {s.latency_batch}, "
             f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running.",
-            *_build_lines(context)]
+            *_build_lines(context), *_code_lines(context)]
+
+
+def _code_lines(context: StudyContext) -> list[str]:
+    """Which commit made each finished unit (the units' keys hold their settings, not the code)."""
+    made: dict[str, int] = {}
+    for name in context.units:
+        result = unit_result(context, name)
+        if result is not None:
+            version = result.get("code") or "not recorded"
+            made[version] = made.get(version, 0) + 1
+    if not made:
+        return []
+    return ["- Code each unit ran at (commit: units): " + ", ".join(f"`{v}`: {n}" if v != "not recorded" else
+                                                                      f"not recorded (made before results named "
+                                                                      f"their commit): {n}" for v, n in made.items()) + "."]
 
 
 def _build_lines(context: StudyContext) -> list[str]:
