@@ -82,6 +82,26 @@ def test_the_latent_study_plans_the_same_arms_keyed_apart_with_the_end_target_it
         study_settings("cifar10")
 
 
+def test_a_result_is_credited_to_the_last_commit_that_changed_the_code():
+    from pyevo.study.provenance import CODE_PATHS, code_commit
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    code = git("log", "-1", "--format=%h", "--abbrev=12", "--", "pyevo/study/provenance.py")
+    if not code:
+        pytest.skip("not a git checkout with history")
+    assert code_commit(code) == code and code_commit(code + "+changes") == code + "+changes"
+    # A later commit of results alone is credited to the code commit before it.
+    later = git("log", "--format=%h", "--abbrev=12", f"{code}..HEAD")
+    for commit in (later.split() if later else []):
+        if not git("diff", "--name-only", f"{commit}~1", commit, "--", *CODE_PATHS):
+            assert code_commit(commit) == git("log", "-1", "--format=%h", "--abbrev=12", commit, "--", *CODE_PATHS)
+            assert code_commit(commit) != commit
+            break
+
+
 def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
     units, _ = build_plan(FULL)
     keys = unit_keys(units)

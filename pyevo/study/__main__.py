@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pyevo.runfolder import atomic_write_json, read_json
 from pyevo.study.plan import DEFAULT_TEACHER, TEACHERS, Unit, build_plan, study_settings, unit_keys
+from pyevo.study.provenance import code_version
 from pyevo.study.units import READY, RUNNERS, StudyContext
 
 log = logging.getLogger("pyevo.study")
@@ -128,20 +129,6 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
                                                        "threads": torch.get_num_threads(), "code": code_version(),
                                                        "result": result})
     return 0
-
-
-def code_version() -> str | None:
-    """The commit the unit's code ran at, with "+changes" where pyevo's code differed from it (None outside a
-    git checkout). A unit's key holds its settings, not the code: this says which code made each result."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "pyevo", "csrc", "kernels", "setup.py"],
-                                 cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if changed else "")
 
 
 def schedule(context: StudyContext, units: list[Unit], workers: int, settings_args: list[str], report) -> list[str]:

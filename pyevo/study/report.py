@@ -144,16 +144,19 @@ def _setup_lines(context: StudyContext) -> list[str]:
 
 
 def _code_lines(context: StudyContext) -> list[str]:
-    """Which commit made each finished unit (the units' keys hold their settings, not the code)."""
+    """Which code made each finished unit: the last commit that changed the code at or before the one each
+    result names (the units' keys hold their settings, not the code)."""
+    from pyevo.study.provenance import code_commit
+
     made: dict[str, int] = {}
     for name in context.units:
         result = unit_result(context, name)
         if result is not None:
-            version = result.get("code") or "not recorded"
+            version = code_commit(result["code"]) if result.get("code") else "not recorded"
             made[version] = made.get(version, 0) + 1
     if not made:
         return []
-    return ["- Code each unit ran at (commit: units): " + ", ".join(f"`{v}`: {n}" if v != "not recorded" else
+    return ["- Code each unit ran at (the last commit that changed pyevo's code; units): " + ", ".join(f"`{v}`: {n}" if v != "not recorded" else
                                                                       f"not recorded (made before results named "
                                                                       f"their commit): {n}" for v, n in made.items()) + "."]
 
