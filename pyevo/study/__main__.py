@@ -134,7 +134,8 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
 def schedule(context: StudyContext, units: list[Unit], workers: int, settings_args: list[str], report) -> list[str]:
     """Run ``units`` (those not done) as child processes in the plan's order: the ones that time things alone
     with every core, the others ``workers`` at a time with cores / workers threads each; phase 2 once every
-    other unit is through; each child gets ``settings_args`` (the study's teacher and size). Returns the names of the units that failed (and those that needed them are left)."""
+    other unit is through; each child gets ``settings_args`` (the study's teacher and size). Returns the names of
+    the units that failed (and those that needed them are left)."""
     cores = os.cpu_count() or 1
     pending = [u for u in units if not is_done(context, u.name)]
     done = {name for name in context.units if is_done(context, name)}

@@ -148,12 +148,16 @@ def _code_lines(context: StudyContext) -> list[str]:
     result names (the units' keys hold their settings, not the code)."""
     from pyevo.study.provenance import code_commit
 
-    made: dict[str, int] = {}
+    recorded: dict[str, int] = {}  # as the results name it, so git is asked once per distinct version
     for name in context.units:
         result = unit_result(context, name)
         if result is not None:
-            version = code_commit(result["code"]) if result.get("code") else "not recorded"
-            made[version] = made.get(version, 0) + 1
+            version = result.get("code") or "not recorded"
+            recorded[version] = recorded.get(version, 0) + 1
+    made: dict[str, int] = {}
+    for version, count in recorded.items():
+        commit = version if version == "not recorded" else code_commit(version)
+        made[commit] = made.get(commit, 0) + count
     if not made:
         return []
     return ["- Code each unit ran at (the last commit that changed pyevo's code; units): " + ", ".join(f"`{v}`: {n}" if v != "not recorded" else
