@@ -145,15 +145,23 @@ def load_autoencoder(path: str | Path) -> LatentCodec:
     return LatentCodec(vae.eval().requires_grad_(False), found)
 
 
+def has_own_autoencoder(teacher: str) -> bool:
+    """Whether the teacher's pipeline folder holds an autoencoder (a latent teacher), without loading it."""
+    folder = resolve_teacher_folder(teacher)
+    return folder.is_dir() and any((folder / sub / "config.json").is_file() for sub in AUTOENCODER_SUBFOLDERS)
+
+
 def teacher_autoencoder(teacher: str, vae: str | None = None) -> LatentCodec | None:
     """The run's autoencoder: ``vae`` when given, else the teacher pipeline folder's own, else None
     (a pixel teacher)."""
     if vae:
         return load_autoencoder(vae)
-    folder = resolve_teacher_folder(teacher)
-    if folder.is_dir() and any((folder / sub / "config.json").is_file() for sub in AUTOENCODER_SUBFOLDERS):
-        return load_autoencoder(folder)
-    return None
+    return load_autoencoder(resolve_teacher_folder(teacher)) if has_own_autoencoder(teacher) else None
+
+
+def image_shape(unet: nn.Module, codec: LatentCodec | None) -> tuple[int, int, int]:
+    """(C, H, W) of the images a model makes: its samples, or a latent model's decoded by ``codec``."""
+    return sample_shape(unet) if codec is None else codec.image_shape(sample_shape(unet))
 
 
 def check_latent_teacher(codec: LatentCodec, unet: nn.Module) -> None:

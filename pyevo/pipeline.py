@@ -33,7 +33,7 @@ from pyevo.config import ConfigError, RunConfig, save_config
 from pyevo.cost import count_macs, count_params
 from pyevo.diffusion import ImageSet, balanced_labels, uniform_labels
 from pyevo.distill import block_nsr, distill_supernet, heldout_calls
-from pyevo.autoencoder import LatentCodec, check_latent_teacher, teacher_autoencoder
+from pyevo.autoencoder import LatentCodec, check_latent_teacher, image_shape, teacher_autoencoder
 from pyevo.metrics import ClipUnavailable, clip_score, load_clip_model
 from pyevo.evaluate import (decode_latency, network_latency, paired_similarity, per_class_similarity, quality_features,
                             sample_quality)
@@ -74,7 +74,7 @@ def load_images(config: RunConfig, teacher, scheduler, codec: LatentCodec | None
     by :func:`encode_images`, and the reference stays in image space; data-free sets are the
     teacher's own samples, latents already.
     """
-    shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
+    shape = image_shape(teacher, codec)
     channels, *size = shape
     conditional = is_class_conditional(teacher)
     classes = num_class_embeds(teacher)
@@ -997,8 +997,7 @@ def _evaluate(config, teacher, student, scheduler, codec: LatentCodec | None, re
     text = {"encoder_hidden_states": condition_rows(conditions, config.evaluate.num_samples),
             "added_cond_kwargs": added_condition_rows(conditions, config.evaluate.num_samples),
             **guidance(conditions, config.guidance_scale)} if conditions is not None else {}
-    image_shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
-    extractor, features_kind, features_note = quality_features(config.evaluate, image_shape)
+    extractor, features_kind, features_note = quality_features(config.evaluate, image_shape(teacher, codec))
     samples = {}
     out = {}
     for name, model in (("teacher", teacher), ("student", student)):

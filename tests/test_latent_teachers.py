@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, VQModel
 
-from pyevo.autoencoder import AutoencoderError, check_latent_teacher, load_autoencoder, teacher_autoencoder
+from pyevo.autoencoder import (AutoencoderError, LatentCodec, check_latent_teacher, has_own_autoencoder,
+                               image_shape, load_autoencoder, teacher_autoencoder)
 from tests.test_real_teachers import _assert_one_line_refusal, cli, fresh_process, small_unet, write_images
 
 IMAGE_SIZE = 16  # the tiny VAE halves once: 16x16x3 images <-> 8x8x4 latents, the UNet's sample
@@ -209,6 +210,17 @@ def test_vq_model_pipeline_folder_is_found_in_vqvae_and_decodes_with_quantisatio
         expected = codec.vae.decode(latents / codec.scaling_factor).sample.clamp(-1, 1)  # quantises, as LDMPipeline
     assert torch.allclose(codec.decode(latents), expected)
     assert teacher_autoencoder(str(tmp_path / "nowhere-but-a-name")) is None
+    assert has_own_autoencoder(str(pipeline)) and not has_own_autoencoder(str(tmp_path / "nowhere-but-a-name"))
+
+
+def test_a_models_images_are_its_samples_or_a_latent_models_decoded_ones():
+    pixel = small_unet(3)
+    assert image_shape(pixel, None) == (3, pixel.config.sample_size, pixel.config.sample_size)
+    codec = LatentCodec(tiny_vq())
+    latents = torch.randn(1, *image_shape(small_unet(4), None))  # a latent UNet's samples
+    with torch.no_grad():
+        decoded = codec.decode(latents)
+    assert image_shape(small_unet(4), codec) == tuple(decoded.shape[1:])
 
 
 @pytest.mark.parametrize("case, message", [

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pyevo.teacher import BUILT_IN_TEACHERS
+
 
 @dataclass(frozen=True)
 class StudySettings:
@@ -45,9 +47,9 @@ MINI = StudySettings(
     pipeline={"distill.steps": 6, "distill.batch_size": 16, "search.population": 8, "search.generations": 1,
               "search.heldout_size": 32, "latency.repeats": 2, "latency.network_repeats": 3, "retrain.steps": 6,
               "retrain.batch_size": 16, "batch": 8})
-# The built-in teachers a study runs on (pixel digits, and latent digits: the UNet on the autoencoder's
+# The study runs on the built-in teachers (pixel digits, and latent digits: the UNet on the autoencoder's
 # latents, every figure on the decoded images).
-TEACHERS = ("digits", "latent-digits")
+TEACHERS = BUILT_IN_TEACHERS
 DEFAULT_TEACHER = StudySettings.teacher
 
 

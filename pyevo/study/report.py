@@ -14,6 +14,7 @@ import statistics
 from importlib import metadata
 from pathlib import Path
 
+from pyevo.autoencoder import has_own_autoencoder
 from pyevo.runfolder import atomic_write_text, read_json
 from pyevo.study.plan import Arm, default_end_target, target_name
 from pyevo.study.quality import FIGURES, summarise
@@ -96,7 +97,7 @@ def write_results(path: Path, context: StudyContext, arms: list[Arm], command: s
 
 def _setup_lines(context: StudyContext) -> list[str]:
     s = context.settings
-    latent = s.teacher == "latent-digits"  # figures on decoded samples
+    latent = has_own_autoencoder(s.teacher)  # figures on decoded samples
     timed = ("UNet forward (the decoder, the same for every model and run once per sample, left out)" if latent
              else "whole forward")
     versions = []

@@ -61,13 +61,12 @@ class StudyContext:
 def study_teacher(name: str):
     """The study's teacher, its schedule, its autoencoder (None for a pixel teacher) and the size of the images
     every figure is taken on (a latent teacher's decoded ones)."""
-    from pyevo.autoencoder import teacher_autoencoder
-    from pyevo.teacher import load_teacher, sample_shape
+    from pyevo.autoencoder import image_shape, teacher_autoencoder
+    from pyevo.teacher import load_teacher
 
     teacher, scheduler = load_teacher(name)
     codec = teacher_autoencoder(name)
-    shape = sample_shape(teacher) if codec is None else codec.image_shape(sample_shape(teacher))
-    return teacher, scheduler, codec, shape[-1]
+    return teacher, scheduler, codec, image_shape(teacher, codec)[-1]
 
 
 def training_set(config: RunConfig, teacher, scheduler, codec, folder: Path):
