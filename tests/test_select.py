@@ -34,7 +34,7 @@ def test_budget_knapsack_matches_brute_force(seed):
     best = None
     for combo in itertools.product(*(r.evaluated for r in results.values())):
         if sum(c.latency_ms for c in combo) <= budget:
-            value = sum(c.nsr for c in combo)
+            value = sum(c.nsr / r.teacher.nsr for c, r in zip(combo, results.values()))
             best = value if best is None else min(best, value)
     if best is None:
         with pytest.raises(BudgetError):
@@ -43,7 +43,19 @@ def test_budget_knapsack_matches_brute_force(seed):
     picks = select_budget(results, budget, resolution=20000)
     assert sum(p.latency_ms for p in picks.values()) <= budget
     # Rounding latencies up to the grid may cost a little optimality, never feasibility.
-    assert sum(p.nsr for p in picks.values()) <= best + 0.05
+    assert sum(p.nsr / results[n].teacher.nsr for n, p in picks.items()) <= best + 0.05
+
+
+def test_budget_weighs_each_blocks_nsr_against_its_teacher_shaped_candidates():
+    # Block a's supernet is ten times noisier than b's: b's fast candidate adds less raw NSR than a's but
+    # triples b's, so under one scale b keeps its teacher shape.
+    a_teacher, b_teacher = Candidate((0,), "at", 1.0, 2.0), Candidate((0,), "bt", 0.1, 2.0)
+    a_fast, b_fast = Candidate((1,), "af", 1.5, 1.0), Candidate((1,), "bf", 0.3, 1.0)
+    results = {"a": BlockSearchResult("a", a_teacher, pareto_front([a_teacher, a_fast]), [a_teacher, a_fast], []),
+               "b": BlockSearchResult("b", b_teacher, pareto_front([b_teacher, b_fast]), [b_teacher, b_fast], [])}
+    # 3.1 ms: one block keeps its teacher shape. Raw NSR would keep a's (1.0 + 0.3 < 1.5 + 0.1); relative NSR
+    # keeps b's (1.0 + 3.0 > 1.5 + 1.0).
+    assert select_budget(results, 3.1) == {"a": a_fast, "b": b_teacher}
 
 
 def test_budget_below_the_fastest_student_is_an_error():

@@ -5,7 +5,11 @@
 - ``block-budget``: per block, the lowest-NSR candidate at most ``fraction`` of the teacher block's
   latency.
 - ``budget``: a whole-network latency budget split across blocks by a multiple-choice knapsack
-  over the fronts (minimise the sum of NSRs subject to the summed latency).
+  over the fronts (minimise the summed relative NSR subject to the summed latency).
+
+Wherever NSRs of several blocks are summed, each is relative to its block's teacher-shaped
+candidate's NSR, so that blocks compare on one scale (a block's raw NSR depends on how hard its
+supernet was to distil, not only on what a candidate loses).
 - ``global`` (DNA-style, the ablation of the local rules): the least summed NSR over every block's
   evaluated candidates under the MACs and params caps, latency not considered (:func:`select_global`).
 
@@ -53,7 +57,8 @@ def select_block_budget(results: Mapping[str, BlockSearchResult], fraction: floa
 
 def select_budget(results: Mapping[str, BlockSearchResult], budget_ms: float, resolution: int = 4000
                   ) -> dict[str, Candidate]:
-    """Multiple-choice knapsack: one candidate per block, summed latency <= ``budget_ms``, least summed NSR.
+    """Multiple-choice knapsack: one candidate per block, summed latency <= ``budget_ms``, least summed relative
+    NSR (each block's NSR over its teacher-shaped candidate's).
 
     Latencies are rounded *up* to ``budget_ms / resolution`` so a returned pick never exceeds the
     budget; dynamic programming over the rounded costs is then exact.
@@ -65,11 +70,11 @@ def select_budget(results: Mapping[str, BlockSearchResult], budget_ms: float, re
                           f"take {fastest:.3f} ms")
     unit = budget_ms / resolution
     infinity = math.inf
-    # best[c] = least NSR sum of the blocks so far with rounded cost exactly c; choice keeps the path.
+    # best[c] = least relative NSR sum of the blocks so far with rounded cost exactly c; choice keeps the path.
     best = [0.0] + [infinity] * resolution
     choices: list[list[tuple[int, int]]] = []
     for name in names:
-        front = results[name].front
+        front, scale = results[name].front, results[name].teacher.nsr
         nxt = [infinity] * (resolution + 1)
         back = [(-1, -1)] * (resolution + 1)
         for cost_so_far, value in enumerate(best):
@@ -77,8 +82,8 @@ def select_budget(results: Mapping[str, BlockSearchResult], budget_ms: float, re
                 continue
             for index, candidate in enumerate(front):
                 cost = cost_so_far + math.ceil(candidate.latency_ms / unit - 1e-9)
-                if cost <= resolution and value + candidate.nsr < nxt[cost]:
-                    nxt[cost] = value + candidate.nsr
+                if cost <= resolution and value + candidate.nsr / scale < nxt[cost]:
+                    nxt[cost] = value + candidate.nsr / scale
                     back[cost] = (cost_so_far, index)
         choices.append(back)
         best = nxt
