@@ -12,8 +12,8 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, Arm, build_plan, study_settings, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import (_build_lines, _equal_latency_lines, _verdict_lines, collect, over_training_seeds,
-                                 read_curve, same_students, verdict)
+from pyevo.study.report import (_ablation_lines, _build_lines, _equal_latency_lines, _verdict_lines, balanced_shortfall,
+                                 collect, over_training_seeds, read_curve, same_students, verdict, with_training_noise)
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +198,52 @@ def test_each_arm_meets_the_best_pyevo_student_no_slower_than_it():
     assert "70%, 0.550 (of 2)" in table["uniform-30"] and "better" in table["uniform-30"]  # 0.57 is slower: left out
     assert "70%, 0.550 (of 3)" in table["uniform-50"] and "worse" in table["uniform-50"]
     assert "none as fast" in table["diff-pruning-30"]
+    # One student timed twice (the caps-off arm is the 70% one) stands at the mean of its two timings.
+    rows["pyevo-diffnas-nocap"] = timed("pyevo-diffnas-nocap", "pyevo", None, 6.0, 0.59)
+    rows["pyevo-diffnas-nocap"]["made"]["genome"] = "pyevo-diffnas-70"
+    rows["uniform-57"] = timed("uniform-57", "uniform", 0.5, 3.0, 0.565)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in _equal_latency_lines(rows) if line.startswith("| ")}
+    assert "70%, 0.570 (of 3)" in table["uniform-50"]
+    assert "30%, 0.500 (of 1)" in table["uniform-57"]  # 0.570 is slower than 0.565, whichever timing came first
+
+
+def test_ablations_are_judged_with_and_without_the_training_seeds_spread_and_other_builds_are_named(tmp_path):
+    units, arms = build_plan(FULL)
+    keys = unit_keys(units)
+    context = StudyContext(tmp_path, tmp_path / "state", FULL, {u.name: u for u in units}, keys)
+    (tmp_path / "state" / "units").mkdir(parents=True)
+
+    def finish(name, balanced_fd, search="a" * 64):
+        per_seed = {str(seed): {"fd": balanced_fd + seed * 0.1, "balanced_fd": balanced_fd + seed * 0.1,
+                                "class_shares": [0.1] * 9 + [0.0 + 0.1 * (name != "uniform-50")]}
+                    for seed in (0, 1, 2)}
+        (tmp_path / "state" / "units" / f"{name}.json").write_text(json.dumps(
+            {"key": keys[name], "seconds": 1.0,
+             "result": {"macs_ratio": 0.5, "per_seed": per_seed, "base_search_sha256": search, "genome": name}}))
+
+    finish("pyevo-diffnas-50", 5.0)
+    finish("ablation-loss-end-only-50", 6.0)  # 1.0 worse: beyond evaluation noise (0.14), within 2 x 0.8 spread
+    finish("ablation-loss-static-50", 9.0, search="b" * 64)  # beyond both; from another build
+    finish("ablation-loss-hard-50", 6.0)
+    _, rows = collect(context, arms)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in _ablation_lines(context, rows)
+             if line.startswith("| ")}
+    assert table["retrain loss end-only"].endswith("| worse | worse | pending | pending |")  # no spread yet
+    finish("pyevo-diffnas-50-s1", 6.0, search="c" * 64)
+    finish("pyevo-diffnas-50-s2", 4.4, search="d" * 64)  # seeds' means 5.1, 6.1, 4.5: std 0.81
+    _, rows = collect(context, arms)
+    lines = _ablation_lines(context, rows)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert table["retrain loss end-only"].endswith("| worse | worse | within noise | within noise |")
+    assert table["retrain loss static"].endswith("| worse | worse | worse | worse |")
+    (note,) = [line for line in lines if line.startswith("- From another build")]
+    assert "`aaaaaaaa`" in note and note.endswith(": retrain loss static.")
+    claims = [line for line in _verdict_lines(context, rows) if line.startswith("- *")]
+    assert "dynamic is better (counting training-seed noise: within noise) on class-balanced FD" in claims[0]
+    assert "against static better (counting training-seed noise: better)" in claims[1]
+    # uniform-50 has no 10th class: its three sets fall short of 70 (one of them, 0 of the class)
+    finish("uniform-50", 5.0)
+    assert balanced_shortfall(context) == (3, 21, 0)
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
@@ -214,8 +260,14 @@ def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
     a = {"fd": {"mean": 1.0, "std": 0.3}}
     assert verdict(a, {"fd": {"mean": 2.0, "std": 0.4}}, "fd") == "better"  # 1.0 apart > 0.5 combined
     assert verdict(a, {"fd": {"mean": 1.4, "std": 0.4}}, "fd") == "within noise"
-    assert verdict({"psnr": {"mean": 20, "std": 0}}, {"psnr": {"mean": 25, "std": 1}}, "psnr", False) == "worse"
+    # PSNR: higher is better
+    assert verdict({"psnr": {"mean": 20, "std": 0}}, {"psnr": {"mean": 25, "std": 1}}, "psnr") == "worse"
     assert verdict(a, None, "fd") == "pending"
+    # Counting a training-seed spread of 0.7 for each: sqrt(0.3² + 0.4² + 2 x 0.7²) = 1.11 > 1.0 apart.
+    spread = {"fd": {"mean": 5.0, "std": 0.7}}
+    assert verdict(with_training_noise(a, spread), with_training_noise({"fd": {"mean": 2.0, "std": 0.4}}, spread),
+                   "fd") == "within noise"
+    assert with_training_noise(a, None) is None
 
 
 def test_bk_sdm_removal_skips_each_blocks_second_resnet_and_attention_and_the_mid_block():

@@ -17,7 +17,7 @@ from pathlib import Path
 from pyevo.autoencoder import has_own_autoencoder
 from pyevo.runfolder import atomic_write_text, read_json
 from pyevo.study.plan import Arm, default_end_target, target_name
-from pyevo.study.quality import FIGURES, summarise
+from pyevo.study.quality import BALANCED_PER_CLASS, FIGURES, LOWER_IS_BETTER, summarise
 from pyevo.study.units import StudyContext
 
 FIGURE_NAMES = {"fd": "FD", "kid": "KID", "balanced_fd": "class-balanced FD", "mixture_tv": "class-mixture TV",
@@ -63,7 +63,7 @@ def _figure(row: dict, figure: str, digits: int = 2) -> str:
     return text + (f" ({entry['ratio']:.3f}x)" if entry["ratio"] is not None else "")
 
 
-def verdict(a: dict | None, b: dict | None, figure: str, lower_is_better: bool = True) -> str:
+def verdict(a: dict | None, b: dict | None, figure: str) -> str:
     """How arm ``a`` compares with arm ``b`` on ``figure`` (their summaries)."""
     if not a or not b or figure not in a or figure not in b:
         return "pending"
@@ -71,7 +71,16 @@ def verdict(a: dict | None, b: dict | None, figure: str, lower_is_better: bool =
     noise = math.hypot(a[figure]["std"], b[figure]["std"])
     if abs(difference) <= noise:
         return "within noise"
-    return "better" if (difference < 0) == lower_is_better else "worse"
+    return "better" if (difference < 0) == LOWER_IS_BETTER[figure] else "worse"
+
+
+def with_training_noise(summary: dict | None, spread: dict | None) -> dict | None:
+    """``summary`` with each figure's std widened by ``spread``'s (a family's std over training seeds): what a
+    single training seed's model could move by, so that two such models' verdict counts it for each."""
+    if not summary or not spread:
+        return None
+    return {figure: {**entry, "std": math.hypot(entry["std"], spread[figure]["std"])}
+            for figure, entry in summary.items() if figure in spread}
 
 
 def write_results(path: Path, context: StudyContext, arms: list[Arm], command: str) -> None:
@@ -95,6 +104,24 @@ def write_results(path: Path, context: StudyContext, arms: list[Arm], command: s
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def balanced_shortfall(context: StudyContext) -> tuple[int, int, int | None]:
+    """How many finished sample sets (model and seed) hold fewer than ``BALANCED_PER_CLASS`` of some predicted
+    class, of how many, and the fewest of a class among them (None where none is short)."""
+    short, sets, fewest = 0, 0, None
+    for name in context.units:
+        result = unit_result(context, name)
+        for figures in ((result or {}).get("result") or {}).get("per_seed", {}).values():
+            shares = figures.get("class_shares")
+            if not shares:
+                continue
+            sets += 1
+            least = round(min(shares) * context.settings.num_samples)
+            if least < BALANCED_PER_CLASS:
+                short += 1
+                fewest = least if fewest is None else min(fewest, least)
+    return short, sets, fewest
+
+
 def _setup_lines(context: StudyContext) -> list[str]:
     s = context.settings
     latent = has_own_autoencoder(s.teacher)  # figures on decoded samples
@@ -113,6 +140,7 @@ def _setup_lines(context: StudyContext) -> list[str]:
     except (OSError, StopIteration):
         pass
     done = sum(unit_result(context, name) is not None for name in context.units)
+    short, sets, fewest = balanced_shortfall(context)
     return [f"- Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {done} of "
             f"{len(context.units)} units finished. Machine: {cpu}, {len(_cores())} core(s); Python "
             f"{platform.python_version()}; {', '.join(versions)}.",
@@ -122,8 +150,10 @@ def _setup_lines(context: StudyContext) -> list[str]:
             f"{target_name(s.main_target)}%.",
             "- Quality is in the digits classifier's features against the 500 held-out digits"
             + (" (a latent model's samples decoded by the teacher's autoencoder, as its pipeline decodes them)"
-               if latent else "") + ". Class-balanced FD: "
-            "70 samples of each predicted class (the class mixture drops out); class-mixture TV: total-variation "
+               if latent else "") + f". Class-balanced FD: {BALANCED_PER_CLASS} samples of each predicted class (the "
+            "class mixture drops out; all of a class where a set holds fewer"
+            + (f": {short} of the {sets} sample sets so far, at fewest {fewest}" if short else "") + "); class-mixture "
+            "TV: total-variation "
             "distance of the predicted class shares to the held-out ones. Ratios (in brackets) are the model's "
             "mean over the teacher's mean (KID's only where both means stand clear of their spread over the "
             "seeds: the unbiased KID of a near-perfect set is noise around zero). PSNR, SSIM and same class are "
@@ -207,9 +237,12 @@ def _teacher_lines(teacher: dict | None) -> list[str]:
     ratios = [b["balanced_ratio"] for b in bar.values()]
     mean = statistics.mean(ratios)
     passes = mean <= 1.5 and all(0.05 <= share <= 0.15 for b in bar.values() for share in b["class_shares"])
+    over = [f"{seed} ({b['balanced_ratio']:.3f})" for seed, b in bar.items() if b["balanced_ratio"] > 1.5]
     lines += ["", f"Mean class-balanced ratio {mean:.3f}" + (f" ± {statistics.stdev(ratios):.3f}" if len(ratios) > 1
                                                              else "") +
-              f": the teacher {'meets' if passes else 'does not meet'} the bar over these seeds.", ""]
+              f": the teacher {'meets' if passes else 'does not meet'} the bar over these seeds (the ratio judged on "
+              "its mean over them, every class share at every seed)"
+              + (f"; alone, seed {', '.join(over)} is over 1.5" if over else "") + ".", ""]
     return lines
 
 
@@ -310,15 +343,29 @@ def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     if reference is None or not ablations:
         return []
     end = "the teacher's prediction" if default_end_target(context.settings) == "teacher" else "the true noise"
+    spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
     lines = [f"## Ablations at {m}% (against pyevo diffnas at {m}%, dynamic loss, end target {end})", "",
-             "| ablation | class-balanced FD | FD | same class | verdict on class-balanced FD | verdict on FD |",
-             "|---|---|---|---|---|---|"]
+             "Each verdict is the ablation's against the reference. Both are one training seed's models: the first "
+             "two verdicts count the evaluation noise alone, the last two also pyevo diffnas's spread over training "
+             "seeds at this target (each model's std widened by it; *Training seeds* above), which a single seed "
+             "hides." + ("" if spread else " That spread is pending."), "",
+             "| ablation | class-balanced FD | FD | same class | class-balanced FD: ablation vs reference | FD: "
+             "ablation vs reference | class-balanced FD, training noise counted | FD, training noise counted |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in [reference] + ablations:
+        cells = (["—"] * 4 if row is reference else
+                 [verdict(row["summary"], reference["summary"], f) for f in ("balanced_fd", "fd")]
+                 + [verdict(with_training_noise(row["summary"], spread),
+                            with_training_noise(reference["summary"], spread), f) for f in ("balanced_fd", "fd")])
         lines.append(f"| {row['arm'].label if row is not reference else 'pyevo diffnas (reference)'} | "
                      f"{_figure(row, 'balanced_fd')} | {_figure(row, 'fd')} | {_figure(row, 'agreement', 3)} | "
-                     + ("—" if row is reference else verdict(row["summary"], reference["summary"], "balanced_fd"))
-                     + " | " + ("—" if row is reference else verdict(row["summary"], reference["summary"], "fd"))
-                     + " |")
+                     + " | ".join(cells) + " |")
+    build = (reference["made"] or {}).get("base_search_sha256")
+    apart = [row["arm"].label for row in ablations if row["made"] and build
+             and row["made"].get("base_search_sha256") not in (None, build)]
+    if apart:
+        lines += ["", f"- From another build of the base than the reference's (`{build[:8]}`; see the setup above), so "
+                  "the build's float rounding is confounded with what the ablation changes: " + ", ".join(apart) + "."]
     return lines + [""]
 
 
@@ -327,7 +374,9 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     lines = ["## Where pyevo wins and where it loses", "",
              "pyevo diffnas at each target against each alternative (class-balanced FD; FD), as the verdict "
              "rule in the opening of this page says. The arms land at different MACs for the same target; "
-             "*At equal MACs* and *At equal or lower measured latency* below compare them at the same cost.", ""]
+             "*At equal MACs* and *At equal or lower measured latency* below compare them at the same cost. Each "
+             "verdict here is between one training seed's models and counts evaluation noise alone; how far a model "
+             "moves with its training seed is measured at the main target (*Training seeds*).", ""]
 
     def summary(name: str) -> dict | None:
         row = rows.get(name)
@@ -350,7 +399,7 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
         """The arms' mean MACs and, once timed, mean measured latency (fractions of the teacher's)."""
         values = [rows[n]["made"]["macs_ratio"] for n in names if n in rows and rows[n]["made"]]
         timed = [rows[n]["latency"]["ratio"] for n in names if n in rows and rows[n]["latency"]]
-        if not values:
+        if not values or len(values) < len(names):  # a pool's mean once every arm of it has finished
             return ""
         latency = f", latency {statistics.mean(timed):.3f}" if len(timed) == len(names) else ""
         return f" (MACs {statistics.mean(values):.3f}{latency})"
@@ -389,13 +438,22 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     m = target_name(context.settings.main_target)
     reference = summary(f"pyevo-diffnas-{m}")
     if f"ablation-loss-end-only-{m}" in rows:
-        lines += ["", "The paper's claims, at " + m + "%:",
-                  f"- *The joint loss helps* (dynamic against end-only): dynamic is "
-                  f"{verdict(reference, summary(f'ablation-loss-end-only-{m}'), 'balanced_fd')} on class-balanced FD, "
-                  f"{verdict(reference, summary(f'ablation-loss-end-only-{m}'), 'fd')} on FD.",
+        spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
+
+        def claim(ablation: str, figure: str) -> str:
+            """Dynamic's verdict on ``figure`` against ``ablation``: over evaluation noise, then counting training
+            seeds'."""
+            other = summary(f"ablation-loss-{ablation}-{m}")
+            counted = (verdict(with_training_noise(reference, spread), with_training_noise(other, spread), figure)
+                       if spread else "pending")
+            return f"{verdict(reference, other, figure)} (counting training-seed noise: {counted})"
+
+        lines += ["", "The paper's claims, at " + m + "% (one training seed each; in brackets the verdict counting "
+                  "pyevo diffnas's spread over training seeds, as in *Ablations*):",
+                  f"- *The joint loss helps* (dynamic against end-only): dynamic is {claim('end-only', 'balanced_fd')} "
+                  f"on class-balanced FD, {claim('end-only', 'fd')} on FD.",
                   f"- *Its dynamic weighting is needed* (dynamic against static and hard): against static "
-                  f"{verdict(reference, summary(f'ablation-loss-static-{m}'), 'balanced_fd')}, against hard "
-                  f"{verdict(reference, summary(f'ablation-loss-hard-{m}'), 'balanced_fd')} (class-balanced FD)."]
+                  f"{claim('static', 'balanced_fd')}, against hard {claim('hard', 'balanced_fd')} (class-balanced FD)."]
     latency_rows = [rows.get(f"ablation-global-{m}"), rows.get(f"pyevo-diffnas-{m}"), rows.get(f"pyevo-budget-{m}")]
     if all(r is not None for r in latency_rows):
         described = []
@@ -403,7 +461,8 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
                                "MACs cap with the diffnas rule (each block's fastest measured candidate within "
                                "its NSR slack)", "measured-latency budget (budget rule)"), latency_rows):
             lat = row["latency"]
-            described.append(f"{label}: measured latency {_fmt(lat and lat['ratio'])}x the teacher, MACs "
+            described.append(f"{label}: measured latency "
+                             + ("pending" if lat is None else f"{lat['ratio']:.3f}x the teacher") + ", MACs "
                              f"{_fmt((row['quality'] or row['made'] or {}).get('macs_ratio'))}")
         lines += ["", f"- A MACs budget against a measured-latency budget at {m}%: " + "; ".join(described) + "."]
     return lines + [""]
@@ -465,10 +524,17 @@ def _equal_latency_lines(rows: dict[str, dict]) -> list[str]:
     """Each other arm against the best (least mean class-balanced FD) of pyevo diffnas's students (training seed
     0) that are no slower than it in measured latency: pyevo's front, read at the arm's latency. Picking the best
     of several noisy means favours pyevo a little; the page says how many were there to pick from."""
-    twins = {name for group in same_students(rows) for name in group[1:]}
-    students = sorted(((row["latency"]["ratio"], name) for name, row in rows.items()
+    # One student timed in several units (arms that are one student) stands at the mean of its timings: which
+    # of them counted would otherwise depend on the order of the rows.
+    groups = same_students(rows)
+    twins = {name for group in groups for name in group[1:]}
+    timed = {name: row["latency"]["ratio"] for name, row in rows.items() if row["latency"]}
+    for group in groups:
+        if all(n in timed for n in group):
+            timed[group[0]] = statistics.mean(timed[n] for n in group)
+    students = sorted(((timed[name], name) for name, row in rows.items()
                        if name.startswith("pyevo-diffnas-") and name not in twins and row["arm"].training_seed == 0
-                       and row["latency"] and row["summary"]))
+                       and name in timed and row["summary"]))
     others = [row for row in rows.values() if row["arm"].family in ("uniform", "diff-pruning", "bk-sdm", "random")
               and row["arm"].training_seed == 0 and row["latency"] and row["summary"]]
     if not students or not others:
@@ -479,11 +545,11 @@ def _equal_latency_lines(rows: dict[str, dict]) -> list[str]:
              "CPU latency: the comparison is at equal or lower cost. The count in brackets is how many of pyevo's "
              "students were that fast: picking the best of several noisy means favours pyevo a little. The verdict "
              "is pyevo's."]
-    for group in same_students(rows):
-        timed = [rows[n]["latency"]["ratio"] for n in group if rows[n]["latency"]]
-        if len(timed) > 1:
-            lines.append(f"The latency's repeatability: one student timed in {len(timed)} units gave "
-                         f"{', '.join(f'{t:.3f}' for t in timed)} of the teacher's.")
+    for group in groups:
+        timings = [rows[n]["latency"]["ratio"] for n in group if rows[n]["latency"]]
+        if len(timings) > 1:
+            lines.append(f"The latency's repeatability: one student timed in {len(timings)} units gave "
+                         f"{', '.join(f'{t:.3f}' for t in timings)} of the teacher's (it stands at their mean here).")
     lines += ["", "| arm | its latency / teacher | its class-balanced FD | pyevo's student: target, latency | its class-balanced FD "
               "| verdict | its FD | pyevo's FD | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(others, key=lambda r: r["latency"]["ratio"]):
