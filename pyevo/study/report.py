@@ -312,11 +312,13 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     families = {family: over_training_seeds(rows, family, main) for family in ("pyevo", "uniform", "diff-pruning")}
     if all(families.values()):
         ours = families["pyevo"]
-        cells = [f"{label} (MACs {_fmt(families[family]['macs'])}): {verdict(ours, families[family], 'balanced_fd')}; "
+        cells = [f"{label} (MACs {_fmt(families[family]['macs'])}, {families[family]['seeds']} seeds): "
+                 f"{verdict(ours, families[family], 'balanced_fd')}; "
                  f"{verdict(ours, families[family], 'fd')}"
                  for family, label in (("uniform", "uniform width"), ("diff-pruning", "Diff-Pruning"))]
         lines += ["Over the training seeds (each family's mean over them and the std of its seeds' means, the "
-                  f"verdict rule as above), pyevo diffnas (MACs {_fmt(ours['macs'])}) against " + " · ".join(cells)
+                  f"verdict rule as above), pyevo diffnas (MACs {_fmt(ours['macs'])}, {ours['seeds']} seeds) against "
+                  + " · ".join(cells)
                   + " (class-balanced FD; FD).", ""]
     return lines
 
@@ -333,6 +335,7 @@ def over_training_seeds(rows: dict[str, dict], family: str, target: float) -> di
                           "std": statistics.stdev(p[figure]["mean"] for p in summaries)}
                  for figure in FIGURES if all(figure in p for p in summaries)}
     out["macs"] = statistics.mean(r["made"]["macs_ratio"] for r in picked)
+    out["seeds"] = len(picked)
     return out
 
 
