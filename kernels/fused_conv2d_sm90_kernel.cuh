@@ -60,11 +60,26 @@ namespace fusion = cutlass::epilogue::fusion;
 // EVT nodes of our own
 // ---------------------------------------------------------------------------------------------
 
+// The workspace half of an EVT node's host interface, for nodes that need none.
+struct NoWorkspace {
+  template <class ProblemShape, class Arguments>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+
+  template <class ProblemShape, class Arguments>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+};
+
 // A row vector per image, broadcast over the image's pixels: element (m, n) of the GEMM output
 // reads rows[(m / pixels_per_image) * image_stride + n]. For the time embedding of a resnet's
 // conv1 (temb[n_image, c]). Consumer-only: no shared memory, no producer loads.
 template <class ElementInput, class ElementCompute>
-struct PerImageRowBroadcast {
+struct PerImageRowBroadcast : NoWorkspace {
   struct SharedStorage {};
 
   struct Arguments {
@@ -88,18 +103,6 @@ struct PerImageRowBroadcast {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.pixels_per_image >= 1;
-  }
-
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
   }
 
   CUTLASS_HOST_DEVICE PerImageRowBroadcast() {}
@@ -174,7 +177,7 @@ struct PerImageRowBroadcast {
 // with a null address is not documented, so a null residual is encoded with a placeholder
 // (any 16-byte-aligned device address; nothing is read from it).
 template <class AuxLoad>
-struct OptionalAuxLoad : AuxLoad {
+struct OptionalAuxLoad : AuxLoad, NoWorkspace {
   using AuxLoad::AuxLoad;
   using AuxPointer = decltype(typename AuxLoad::Arguments{}.ptr_aux);
 
@@ -204,17 +207,9 @@ struct OptionalAuxLoad : AuxLoad {
     return true;
   }
 
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
+  // AuxLoad's take its own Arguments; these nodes' take ours.
+  using NoWorkspace::get_workspace_size;
+  using NoWorkspace::initialize_workspace;
 };
 
 // The EVT's one compute node: (acc + bias + temb + residual) * scale, elementwise on fp32
