@@ -12,8 +12,9 @@ import torch
 
 from pyevo.study.plan import FULL, MINI, Arm, build_plan, study_settings, unit_keys
 from pyevo.study.quality import summarise
-from pyevo.study.report import (_ablation_lines, _build_lines, _equal_latency_lines, _verdict_lines, balanced_shortfall,
-                                 collect, over_training_seeds, read_curve, same_students, verdict, with_training_noise)
+from pyevo.study.report import (TrainingSeedSpread, _ablation_lines, _build_lines, _equal_latency_lines, _verdict_lines,
+                                 balanced_shortfall, collect, finished_units, over_training_seeds, read_curve,
+                                 same_students, verdict, with_training_noise)
 from pyevo.study.units import StudyContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +116,10 @@ def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
 
     finish("pyevo-diffnas-50", "a" * 64)
     finish("uniform-50", None)  # a pruned arm needs no base
-    assert _build_lines(context) == []  # one build: nothing to say
+    assert _build_lines(finished_units(context)) == []  # one build: nothing to say
     finish("bk-sdm", "b" * 64)
     finish("random-50-0", "a" * 64)
-    (line,) = _build_lines(context)
+    (line,) = _build_lines(finished_units(context))
     assert "2 builds" in line and "`aaaaaaaa` (pyevo-diffnas-50, random-50-0)" in line and "`bbbbbbbb` (bk-sdm)" in line
     assert "uniform-50" not in line
 
@@ -139,7 +140,7 @@ def test_bk_sdm_is_compared_with_the_pyevo_student_nearest_it_in_macs(tmp_path):
     finish("pyevo-diffnas-70", 0.65, 9.0)
     finish("bk-sdm", 0.665, 6.0)
     _, rows = collect(context, arms)
-    (line,) = [line for line in _verdict_lines(context, rows) if line.startswith("- BK-SDM")]
+    (line,) = [line for line in _verdict_lines(context, rows, None) if line.startswith("- BK-SDM")]
     assert "against pyevo at 70% (MACs 0.650, the nearest): pyevo worse; worse" in line
 
 
@@ -176,7 +177,8 @@ def test_families_over_training_seeds_are_the_mean_and_spread_of_their_seeds_mea
             for suffix, seed, fd, macs in (("", 0, 10.0, 0.49), ("-s1", 1, 6.0, 0.50), ("-s2", 2, 8.0, 0.51))}
     rows["pyevo-budget-50"] = _made_row("pyevo-budget-50", "pyevo", 0.5, 0, "b", {"0": {"fd": 50.0}})  # not diffnas
     pooled = over_training_seeds(rows, "pyevo", 0.5)
-    assert pooled["fd"] == pytest.approx({"mean": 8.0, "std": 2.0}) and pooled["macs"] == pytest.approx(0.5)
+    assert pooled.summary["fd"] == pytest.approx({"mean": 8.0, "std": 2.0}) and pooled.macs == pytest.approx(0.5)
+    assert pooled.seeds == 3
     del rows["pyevo-diffnas-50-s1"], rows["pyevo-diffnas-50-s2"]
     assert over_training_seeds(rows, "pyevo", 0.5) is None  # one seed has no spread
 
@@ -226,24 +228,25 @@ def test_ablations_are_judged_with_and_without_the_training_seeds_spread_and_oth
     finish("ablation-loss-static-50", 9.0, search="b" * 64)  # beyond both; from another build
     finish("ablation-loss-hard-50", 6.0)
     _, rows = collect(context, arms)
-    table = {line.split(" | ")[0].lstrip("| "): line for line in _ablation_lines(context, rows)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in _ablation_lines(context, rows, None)
              if line.startswith("| ")}
     assert table["retrain loss end-only"].endswith("| worse | worse | pending | pending |")  # no spread yet
     finish("pyevo-diffnas-50-s1", 6.0, search="c" * 64)
     finish("pyevo-diffnas-50-s2", 4.4, search="d" * 64)  # seeds' means 5.1, 6.1, 4.5: std 0.81
     _, rows = collect(context, arms)
-    lines = _ablation_lines(context, rows)
+    spread = over_training_seeds(rows, "pyevo", 0.5)
+    lines = _ablation_lines(context, rows, spread)
     table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     assert table["retrain loss end-only"].endswith("| worse | worse | within noise | within noise |")
     assert table["retrain loss static"].endswith("| worse | worse | worse | worse |")
     (note,) = [line for line in lines if line.startswith("- From another build")]
     assert "`aaaaaaaa`" in note and note.endswith(": retrain loss static.")
-    claims = [line for line in _verdict_lines(context, rows) if line.startswith("- *")]
+    claims = [line for line in _verdict_lines(context, rows, spread) if line.startswith("- *")]
     assert "dynamic is better (counting training-seed noise: within noise) on class-balanced FD" in claims[0]
     assert "against static better (counting training-seed noise: better)" in claims[1]
     # uniform-50 has no 10th class: its three sets fall short of 70 (one of them, 0 of the class)
     finish("uniform-50", 5.0)
-    assert balanced_shortfall(context) == (3, 21, 0)
+    assert balanced_shortfall(finished_units(context), FULL.num_samples) == (3, 21, 0)
 
 
 def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
@@ -264,7 +267,7 @@ def test_summaries_are_means_and_stds_over_seeds_and_ratios_of_the_means():
     assert verdict({"psnr": {"mean": 20, "std": 0}}, {"psnr": {"mean": 25, "std": 1}}, "psnr") == "worse"
     assert verdict(a, None, "fd") == "pending"
     # Counting a training-seed spread of 0.7 for each: sqrt(0.3² + 0.4² + 2 x 0.7²) = 1.11 > 1.0 apart.
-    spread = {"fd": {"mean": 5.0, "std": 0.7}}
+    spread = TrainingSeedSpread({"fd": {"mean": 5.0, "std": 0.7}}, macs=0.5, seeds=3)
     assert verdict(with_training_noise(a, spread), with_training_noise({"fd": {"mean": 2.0, "std": 0.4}}, spread),
                    "fd") == "within noise"
     assert with_training_noise(a, None) is None

@@ -122,11 +122,12 @@ def run_unit(context: StudyContext, name: str, threads: int) -> int:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(key + "\n")
     folder.mkdir(parents=True, exist_ok=True)
+    code = code_version()  # the code this process imported: a commit made while the unit runs is not its code
     start = time.perf_counter()
     result = RUNNERS[unit.kind](unit, context)
     atomic_write_json(context.result_path(name), {"key": key, "kind": unit.kind, "spec": unit.spec,
                                                        "seconds": round(time.perf_counter() - start, 1),
-                                                       "threads": torch.get_num_threads(), "code": code_version(),
+                                                       "threads": torch.get_num_threads(), "code": code,
                                                        "result": result})
     return 0
 

@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import statistics
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def unit_result(context: StudyContext, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if data.get("key") == context.keys.get(name) else None
+
+
+def finished_units(context: StudyContext) -> dict[str, dict]:
+    """Every finished unit's stored result (its current key's), by unit name, read once per page."""
+    results = {name: unit_result(context, name) for name in context.units}
+    return {name: result for name, result in results.items() if result is not None}
+
+
+@dataclass(frozen=True)
+class TrainingSeedSpread:
+    """A family's arms at one target over its training seeds: per figure the mean of the seeds' means and the
+    std of those means (``summary``, shaped as one arm's), their mean MACs ratio, and how many seeds."""
+
+    summary: dict
+    macs: float
+    seeds: int
 
 
 def collect(context: StudyContext, arms: list[Arm]) -> tuple[dict | None, dict[str, dict]]:
@@ -74,55 +91,58 @@ def verdict(a: dict | None, b: dict | None, figure: str) -> str:
     return "better" if (difference < 0) == LOWER_IS_BETTER[figure] else "worse"
 
 
-def with_training_noise(summary: dict | None, spread: dict | None) -> dict | None:
+def with_training_noise(summary: dict | None, spread: TrainingSeedSpread | None) -> dict | None:
     """``summary`` with each figure's std widened by ``spread``'s (a family's std over training seeds): what a
     single training seed's model could move by, so that two such models' verdict counts it for each."""
     if not summary or not spread:
         return None
-    return {figure: {**entry, "std": math.hypot(entry["std"], spread[figure]["std"])}
-            for figure, entry in summary.items() if figure in spread}
+    return {figure: {**entry, "std": math.hypot(entry["std"], spread.summary[figure]["std"])}
+            for figure, entry in summary.items() if figure in spread.summary}
 
 
 def write_results(path: Path, context: StudyContext, arms: list[Arm], command: str) -> None:
     teacher, rows = collect(context, arms)
+    finished = finished_units(context)
+    # pyevo's own spread over training seeds at the main target: what a single seed's verdict hides.
+    spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
     plots = path.parent / f"{path.stem.lower()}_plots"  # RESULTS.md's beside it in results_plots/
     lines = [f"# Evidence study ({context.settings.name}): pyevo against the simple alternatives on the "
              f"`{context.settings.teacher}` teacher", "",
              "Written by `" + command + "` (regenerated after every finished unit; rows not yet run say *pending*).",
-             "", *_setup_lines(context), ""]
+             "", *_setup_lines(context, finished), ""]
     lines += _teacher_lines(teacher)
     lines += _main_table(context, rows)
     lines += _seed_table(context, rows)
-    lines += _ablation_lines(context, rows)
-    lines += _verdict_lines(context, rows)
+    lines += _ablation_lines(context, rows, spread)
+    lines += _verdict_lines(context, rows, spread)
     lines += _equal_macs_lines(rows)
     lines += _equal_latency_lines(rows)
     drawn = _plots(plots, teacher, rows)
     if drawn:
         lines += ["## Plots", ""] + [f"![{title}]({plots.name}/{file})" for title, file in drawn] + [""]
-    lines += _time_lines(context, rows)
+    lines += _time_lines(context, finished)
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def balanced_shortfall(context: StudyContext) -> tuple[int, int, int | None]:
-    """How many finished sample sets (model and seed) hold fewer than ``BALANCED_PER_CLASS`` of some predicted
-    class, of how many, and the fewest of a class among them (None where none is short)."""
+def balanced_shortfall(finished: dict[str, dict], num_samples: int) -> tuple[int, int, int | None]:
+    """How many finished sample sets (model and seed; ``num_samples`` each) hold fewer than
+    ``BALANCED_PER_CLASS`` of some predicted class, of how many, and the fewest of a class among them (None
+    where none is short)."""
     short, sets, fewest = 0, 0, None
-    for name in context.units:
-        result = unit_result(context, name)
-        for figures in ((result or {}).get("result") or {}).get("per_seed", {}).values():
+    for result in finished.values():
+        for figures in (result.get("result") or {}).get("per_seed", {}).values():
             shares = figures.get("class_shares")
             if not shares:
                 continue
             sets += 1
-            least = round(min(shares) * context.settings.num_samples)
+            least = round(min(shares) * num_samples)
             if least < BALANCED_PER_CLASS:
                 short += 1
                 fewest = least if fewest is None else min(fewest, least)
     return short, sets, fewest
 
 
-def _setup_lines(context: StudyContext) -> list[str]:
+def _setup_lines(context: StudyContext, finished: dict[str, dict]) -> list[str]:
     s = context.settings
     latent = has_own_autoencoder(s.teacher)  # figures on decoded samples
     timed = ("UNet forward (the decoder, the same for every model and run once per sample, left out)" if latent
@@ -139,9 +159,8 @@ def _setup_lines(context: StudyContext) -> list[str]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    done = sum(unit_result(context, name) is not None for name in context.units)
-    short, sets, fewest = balanced_shortfall(context)
-    return [f"- Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {done} of "
+    short, sets, fewest = balanced_shortfall(finished, s.num_samples)
+    return [f"- Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {len(finished)} of "
             f"{len(context.units)} units finished. Machine: {cpu}, {len(_cores())} core(s); Python "
             f"{platform.python_version()}; {', '.join(versions)}.",
             f"- Targets (MACs, fraction of the teacher's): {', '.join(target_name(t) + '%' for t in s.targets)}; "
@@ -171,39 +190,36 @@ def _setup_lines(context: StudyContext) -> list[str]:
             "each arm landed, and the plots place every arm at its own MACs and latency.",
             f"- Latency: each model's {timed} beside the teacher's, timed in turn, batch {s.latency_batch}, "
             f"float32, CPU, median of {s.latency_repeats}, with nothing else of the study running.",
-            *_build_lines(context), *_code_lines(context)]
+            *_build_lines(finished), *_code_lines(finished)]
 
 
-def _code_lines(context: StudyContext) -> list[str]:
+def _code_lines(finished: dict[str, dict]) -> list[str]:
     """Which code made each finished unit: the last commit that changed the code at or before the one each
     result names (the units' keys hold their settings, not the code)."""
     from pyevo.study.provenance import code_commit
 
     recorded: dict[str, int] = {}  # as the results name it, so git is asked once per distinct version
-    for name in context.units:
-        result = unit_result(context, name)
-        if result is not None:
-            version = result.get("code") or "not recorded"
-            recorded[version] = recorded.get(version, 0) + 1
+    for result in finished.values():
+        version = result.get("code") or "not recorded"
+        recorded[version] = recorded.get(version, 0) + 1
     made: dict[str, int] = {}
     for version, count in recorded.items():
         commit = version if version == "not recorded" else code_commit(version)
         made[commit] = made.get(commit, 0) + count
     if not made:
         return []
-    return ["- Code each unit ran at (the last commit that changed pyevo's code; units): " + ", ".join(f"`{v}`: {n}" if v != "not recorded" else
-                                                                      f"not recorded (made before results named "
-                                                                      f"their commit): {n}" for v, n in made.items()) + "."]
+    counts = [f"`{version}`: {count}" if version != "not recorded"
+              else f"not recorded (made before results named their commit): {count}" for version, count in made.items()]
+    return ["- Code each unit ran at (the last commit that changed pyevo's code; units): " + ", ".join(counts) + "."]
 
 
-def _build_lines(context: StudyContext) -> list[str]:
+def _build_lines(finished: dict[str, dict]) -> list[str]:
     """Which build of the base (distillation and search) each finished in-space arm came from: the work
     folder is not kept between sittings, so each sitting distils and searches again, and builds on other
     machines can differ in float rounding."""
     builds: dict[str, list[str]] = {}
-    for name in context.units:
-        result = unit_result(context, name)
-        digest = result and result["result"].get("base_search_sha256")
+    for name, result in finished.items():
+        digest = result["result"].get("base_search_sha256")
         if digest:
             builds.setdefault(digest, []).append(name)
     if len(builds) < 2:
@@ -312,41 +328,37 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     families = {family: over_training_seeds(rows, family, main) for family in ("pyevo", "uniform", "diff-pruning")}
     if all(families.values()):
         ours = families["pyevo"]
-        cells = [f"{label} (MACs {_fmt(families[family]['macs'])}, {families[family]['seeds']} seeds): "
-                 f"{verdict(ours, families[family], 'balanced_fd')}; "
-                 f"{verdict(ours, families[family], 'fd')}"
+        cells = [f"{label} (MACs {_fmt(families[family].macs)}, {families[family].seeds} seeds): "
+                 f"{verdict(ours.summary, families[family].summary, 'balanced_fd')}; "
+                 f"{verdict(ours.summary, families[family].summary, 'fd')}"
                  for family, label in (("uniform", "uniform width"), ("diff-pruning", "Diff-Pruning"))]
         lines += ["Over the training seeds (each family's mean over them and the std of its seeds' means, the "
-                  f"verdict rule as above), pyevo diffnas (MACs {_fmt(ours['macs'])}, {ours['seeds']} seeds) against "
+                  f"verdict rule as above), pyevo diffnas (MACs {_fmt(ours.macs)}, {ours.seeds} seeds) against "
                   + " · ".join(cells)
                   + " (class-balanced FD; FD).", ""]
     return lines
 
 
-def over_training_seeds(rows: dict[str, dict], family: str, target: float) -> dict | None:
-    """A family's arms at ``target`` over its training seeds: per figure, the mean of the seeds' means and the
-    std of those means, and their mean MACs ratio (None until at least two seeds have finished)."""
+def over_training_seeds(rows: dict[str, dict], family: str, target: float) -> TrainingSeedSpread | None:
+    """A family's arms at ``target`` over its training seeds (None until at least two seeds have finished)."""
     picked = [r for r in rows.values() if r["arm"].family == family and r["arm"].target == target
               and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas")) and r["summary"]]
     if len(picked) < 2:
         return None
     summaries = [r["summary"] for r in picked]
-    out: dict = {figure: {"mean": statistics.mean(p[figure]["mean"] for p in summaries),
-                          "std": statistics.stdev(p[figure]["mean"] for p in summaries)}
-                 for figure in FIGURES if all(figure in p for p in summaries)}
-    out["macs"] = statistics.mean(r["made"]["macs_ratio"] for r in picked)
-    out["seeds"] = len(picked)
-    return out
+    summary = {figure: {"mean": statistics.mean(p[figure]["mean"] for p in summaries),
+                        "std": statistics.stdev(p[figure]["mean"] for p in summaries)}
+               for figure in FIGURES if all(figure in p for p in summaries)}
+    return TrainingSeedSpread(summary, statistics.mean(r["made"]["macs_ratio"] for r in picked), len(picked))
 
 
-def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+def _ablation_lines(context: StudyContext, rows: dict[str, dict], spread: TrainingSeedSpread | None) -> list[str]:
     m = target_name(context.settings.main_target)
     reference = rows.get(f"pyevo-diffnas-{m}")
     ablations = [r for r in rows.values() if r["arm"].family == "ablation"]
     if reference is None or not ablations:
         return []
     end = "the teacher's prediction" if default_end_target(context.settings) == "teacher" else "the true noise"
-    spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
     lines = [f"## Ablations at {m}% (against pyevo diffnas at {m}%, dynamic loss, end target {end})", "",
              "Each verdict is the ablation's against the reference. Both are one training seed's models: the first "
              "two verdicts count the evaluation noise alone, the last two also pyevo diffnas's spread over training "
@@ -372,8 +384,9 @@ def _ablation_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
-def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
-    """Plain statements: pyevo against each alternative per target, and the paper's two claims."""
+def _verdict_lines(context: StudyContext, rows: dict[str, dict], spread: TrainingSeedSpread | None) -> list[str]:
+    """Plain statements: pyevo against each alternative per target, and the paper's two claims (``spread``:
+    pyevo diffnas's over training seeds at the main target, counted in the claims' second verdict)."""
     lines = ["## Where pyevo wins and where it loses", "",
              "pyevo diffnas at each target against each alternative (class-balanced FD; FD), as the verdict "
              "rule in the opening of this page says. The arms land at different MACs for the same target; "
@@ -441,8 +454,6 @@ def _verdict_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     m = target_name(context.settings.main_target)
     reference = summary(f"pyevo-diffnas-{m}")
     if f"ablation-loss-end-only-{m}" in rows:
-        spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
-
         def claim(ablation: str, figure: str) -> str:
             """Dynamic's verdict on ``figure`` against ``ablation``: over evaluation noise, then counting training
             seeds'."""
@@ -616,11 +627,11 @@ def _plots(folder: Path, teacher: dict | None, rows: dict[str, dict]) -> list[tu
     return drawn
 
 
-def _time_lines(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+def _time_lines(context: StudyContext, finished: dict[str, dict]) -> list[str]:
     lines = ["## Wall time per unit", "", "| unit | seconds | threads | stages (s) |", "|---|---|---|---|"]
     total = 0.0
-    for name in context.units:
-        result = unit_result(context, name)
+    for name in context.units:  # in the plan's order
+        result = finished.get(name)
         if result is None:
             continue
         total += result["seconds"]
