@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -101,6 +102,32 @@ def test_a_result_is_credited_to_the_last_commit_that_changed_the_code():
             assert code_commit(commit) == git("log", "-1", "--format=%h", "--abbrev=12", commit, "--", *CODE_PATHS)
             assert code_commit(commit) != commit
             break
+
+
+def test_a_finished_unit_runs_again_only_where_its_work_is_gone_and_a_unit_to_run_needs_it(tmp_path):
+    from pyevo.study.__main__ import units_to_run
+
+    units, _ = build_plan(FULL)
+    keys = unit_keys(units)
+    context = StudyContext(tmp_path / "out", tmp_path / "state", FULL, {u.name: u for u in units}, keys)
+    (tmp_path / "state" / "units").mkdir(parents=True)
+    for name, key in keys.items():
+        (tmp_path / "state" / "units" / f"{name}.json").write_text(json.dumps({"key": key, "result": {}}))
+    # A finished study in a fresh clone (no work folder, so no base's search): nothing to run.
+    assert units_to_run(context, units) == ([], set(keys))
+    (tmp_path / "state" / "units" / "pyevo-diffnas-50.json").unlink()
+    run, done = units_to_run(context, units)
+    assert [u.name for u in run] == ["base-s0", "pyevo-diffnas-50"]  # its base's search is gone: made again
+    assert "base-s1" in done and "base-s0" not in done and "latency-pyevo-diffnas-50" in done
+    base = context.folder("base-s0")
+    base.mkdir(parents=True)
+    for name in ("supernet.safetensors", "search.json", "select.json"):
+        (base / name).write_text("x")
+    assert [u.name for u in units_to_run(context, units)[0]] == ["pyevo-diffnas-50"]
+    # Selected alone, with its base's work gone: the base is not done, so the arm waits on it (and says so).
+    base.joinpath("search.json").unlink()
+    run, done = units_to_run(context, [context.units["pyevo-diffnas-50"]])
+    assert [u.name for u in run] == ["pyevo-diffnas-50"] and "base-s0" not in done
 
 
 def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
@@ -349,3 +376,7 @@ def test_the_miniature_study_runs_writes_its_page_and_resumes_with_nothing_to_do
     assert (state / "bases" / "base-s0" / "timings.json").is_file()  # what another sitting's base starts from
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"0 of {len(units)} units to run" in again.stderr
+    # Another sitting (a fresh clone): the work folder is gone, the committed results are there.
+    shutil.rmtree(out)
+    fresh = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and f"0 of {len(units)} units to run" in fresh.stderr

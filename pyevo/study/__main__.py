@@ -97,16 +97,43 @@ def select_units(units: list[Unit], patterns: list[str]) -> set[str]:
     return chosen
 
 
-def is_done(context: StudyContext, name: str) -> bool:
-    """The unit's result is there with its key (and what later units need of its work folder is too)."""
+def has_result(context: StudyContext, name: str) -> bool:
+    """The unit's result is there with its key."""
     path = context.result_path(name)
     try:
-        if not (path.is_file() and read_json(path).get("key") == context.keys[name]):
-            return False
+        return path.is_file() and read_json(path).get("key") == context.keys[name]
     except (OSError, ValueError):
         return False
+
+
+def work_ready(context: StudyContext, name: str) -> bool:
+    """What later units need of the unit's work folder is there (a base's search; the work folder is not
+    committed, so another sitting or a fresh clone starts without it)."""
     unit = context.units[name]
     return unit.kind not in READY or READY[unit.kind](unit, context)
+
+
+def is_done(context: StudyContext, name: str) -> bool:
+    return has_result(context, name) and work_ready(context, name)
+
+
+def units_to_run(context: StudyContext, units: list[Unit]) -> tuple[list[Unit], set[str]]:
+    """Of ``units`` (the selection, in plan order), those to run, and the names of the units done. A unit with
+    its result runs again only where its work folder is gone and a unit still to run needs it: a finished study
+    in a fresh clone runs nothing."""
+    recorded = {name for name in context.units if has_result(context, name)}
+    selected = {unit.name for unit in units}
+    run = {unit.name for unit in units if unit.name not in recorded}
+    grown = True
+    while grown:  # what a unit to run needs, and in turn what that needs
+        needed = {dep for name in run for dep in context.units[name].deps}
+        again = {dep for dep in needed & selected & recorded if dep not in run and not work_ready(context, dep)}
+        run |= again
+        grown = bool(again)
+    needed = {dep for name in run for dep in context.units[name].deps}
+    # A needed unit outside the selection whose work is gone is not done: its dependants wait (and are named).
+    done = {name for name in recorded - run if name not in needed or work_ready(context, name)}
+    return [unit for unit in units if unit.name in run], done
 
 
 def run_unit(context: StudyContext, name: str, threads: int) -> int:
@@ -138,8 +165,7 @@ def schedule(context: StudyContext, units: list[Unit], workers: int, settings_ar
     other unit is through; each child gets ``settings_args`` (the study's teacher and size). Returns the names of
     the units that failed (and those that needed them are left)."""
     cores = os.cpu_count() or 1
-    pending = [u for u in units if not is_done(context, u.name)]
-    done = {name for name in context.units if is_done(context, name)}
+    pending, done = units_to_run(context, units)
     failed: list[str] = []
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     (context.out / "logs").mkdir(parents=True, exist_ok=True)
