@@ -166,7 +166,7 @@ def test_bk_sdm_is_compared_with_the_pyevo_student_nearest_it_in_macs(tmp_path):
     finish("pyevo-diffnas-50", 0.50, 5.0)  # better than BK-SDM, but far from it in MACs
     finish("pyevo-diffnas-70", 0.65, 9.0)
     finish("bk-sdm", 0.665, 6.0)
-    _, rows = collect(context, arms)
+    _, rows = collect(finished_units(context), arms)
     (line,) = [line for line in _verdict_lines(context, rows, None) if line.startswith("- BK-SDM")]
     assert "against pyevo at 70% (MACs 0.650, the nearest): pyevo worse; worse" in line
 
@@ -254,13 +254,13 @@ def test_ablations_are_judged_with_and_without_the_training_seeds_spread_and_oth
     finish("ablation-loss-end-only-50", 6.0)  # 1.0 worse: beyond evaluation noise (0.14), within 2 x 0.8 spread
     finish("ablation-loss-static-50", 9.0, search="b" * 64)  # beyond both; from another build
     finish("ablation-loss-hard-50", 6.0)
-    _, rows = collect(context, arms)
+    _, rows = collect(finished_units(context), arms)
     table = {line.split(" | ")[0].lstrip("| "): line for line in _ablation_lines(context, rows, None)
              if line.startswith("| ")}
     assert table["retrain loss end-only"].endswith("| worse | worse | pending | pending |")  # no spread yet
     finish("pyevo-diffnas-50-s1", 6.0, search="c" * 64)
     finish("pyevo-diffnas-50-s2", 4.4, search="d" * 64)  # seeds' means 5.1, 6.1, 4.5: std 0.81
-    _, rows = collect(context, arms)
+    _, rows = collect(finished_units(context), arms)
     spread = over_training_seeds(rows, "pyevo", 0.5)
     lines = _ablation_lines(context, rows, spread)
     table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}

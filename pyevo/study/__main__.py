@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyevo.runfolder import atomic_write_json, read_json
+from pyevo.runfolder import atomic_write_json
 from pyevo.study.plan import DEFAULT_TEACHER, TEACHERS, Unit, build_plan, study_settings, unit_keys
 from pyevo.study.provenance import code_version
 from pyevo.study.units import READY, RUNNERS, StudyContext
@@ -97,15 +97,6 @@ def select_units(units: list[Unit], patterns: list[str]) -> set[str]:
     return chosen
 
 
-def has_result(context: StudyContext, name: str) -> bool:
-    """The unit's result is there with its key."""
-    path = context.result_path(name)
-    try:
-        return path.is_file() and read_json(path).get("key") == context.keys[name]
-    except (OSError, ValueError):
-        return False
-
-
 def work_ready(context: StudyContext, name: str) -> bool:
     """What later units need of the unit's work folder is there (a base's search; the work folder is not
     committed, so another sitting or a fresh clone starts without it)."""
@@ -114,23 +105,22 @@ def work_ready(context: StudyContext, name: str) -> bool:
 
 
 def is_done(context: StudyContext, name: str) -> bool:
-    return has_result(context, name) and work_ready(context, name)
+    return context.stored(name) is not None and work_ready(context, name)
 
 
 def units_to_run(context: StudyContext, units: list[Unit]) -> tuple[list[Unit], set[str]]:
     """Of ``units`` (the selection, in plan order), those to run, and the names of the units done. A unit with
     its result runs again only where its work folder is gone and a unit still to run needs it: a finished study
     in a fresh clone runs nothing."""
-    recorded = {name for name in context.units if has_result(context, name)}
+    recorded = {name for name in context.units if context.stored(name) is not None}
     selected = {unit.name for unit in units}
     run = {unit.name for unit in units if unit.name not in recorded}
-    grown = True
-    while grown:  # what a unit to run needs, and in turn what that needs
+    while True:  # what a unit to run needs, and in turn what that needs
         needed = {dep for name in run for dep in context.units[name].deps}
         again = {dep for dep in needed & selected & recorded if dep not in run and not work_ready(context, dep)}
+        if not again:
+            break
         run |= again
-        grown = bool(again)
-    needed = {dep for name in run for dep in context.units[name].deps}
     # A needed unit outside the selection whose work is gone is not done: its dependants wait (and are named).
     done = {name for name in recorded - run if name not in needed or work_ready(context, name)}
     return [unit for unit in units if unit.name in run], done

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pyevo.autoencoder import has_own_autoencoder
-from pyevo.runfolder import atomic_write_text, read_json
+from pyevo.runfolder import atomic_write_text
 from pyevo.study.plan import Arm, default_end_target, target_name
 from pyevo.study.quality import BALANCED_PER_CLASS, FIGURES, LOWER_IS_BETTER, summarise
 from pyevo.study.units import StudyContext
@@ -26,19 +26,10 @@ FIGURE_NAMES = {"fd": "FD", "kid": "KID", "balanced_fd": "class-balanced FD", "m
 FAMILY_MARKERS = {"pyevo": "o", "ablation": "s", "random": "x", "bk-sdm": "D", "uniform": "^", "diff-pruning": "v"}
 
 
-def unit_result(context: StudyContext, name: str) -> dict | None:
-    path = context.result_path(name)
-    try:
-        data = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return data if data.get("key") == context.keys.get(name) else None
-
-
 def finished_units(context: StudyContext) -> dict[str, dict]:
-    """Every finished unit's stored result (its current key's), by unit name, read once per page."""
-    results = {name: unit_result(context, name) for name in context.units}
-    return {name: result for name, result in results.items() if result is not None}
+    """Every finished unit's stored record (its current key's), by unit name, read once per page."""
+    records = {name: context.stored(name) for name in context.units}
+    return {name: record for name, record in records.items() if record is not None}
 
 
 @dataclass(frozen=True)
@@ -51,13 +42,14 @@ class TrainingSeedSpread:
     seeds: int
 
 
-def collect(context: StudyContext, arms: list[Arm]) -> tuple[dict | None, dict[str, dict]]:
-    """The teacher's result and, per arm, what has finished of it (made, quality summary, latency)."""
-    teacher = unit_result(context, "teacher")
+def collect(finished: dict[str, dict], arms: list[Arm]) -> tuple[dict | None, dict[str, dict]]:
+    """The teacher's result and, per arm, what has finished of it (made, quality summary, latency), from the
+    finished units' records (:func:`finished_units`)."""
+    teacher = finished.get("teacher")
     teacher_seeds = teacher["result"]["per_seed"] if teacher else None
     rows = {}
     for arm in arms:
-        made, latency = unit_result(context, arm.name), unit_result(context, f"latency-{arm.name}")
+        made, latency = finished.get(arm.name), finished.get(f"latency-{arm.name}")
         rows[arm.name] = {"arm": arm, "made": made and made["result"], "made_seconds": made and made["seconds"],
                           "quality": made and made["result"],
                           "summary": summarise(made["result"]["per_seed"], teacher_seeds) if made else None,
@@ -101,8 +93,8 @@ def with_training_noise(summary: dict | None, spread: TrainingSeedSpread | None)
 
 
 def write_results(path: Path, context: StudyContext, arms: list[Arm], command: str) -> None:
-    teacher, rows = collect(context, arms)
     finished = finished_units(context)
+    teacher, rows = collect(finished, arms)
     # pyevo's own spread over training seeds at the main target: what a single seed's verdict hides.
     spread = over_training_seeds(rows, "pyevo", context.settings.main_target)
     plots = path.parent / f"{path.stem.lower()}_plots"  # RESULTS.md's beside it in results_plots/

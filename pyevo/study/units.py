@@ -57,6 +57,15 @@ class StudyContext:
     def result(self, name: str) -> dict:
         return read_json(self.result_path(name))["result"]
 
+    def stored(self, name: str) -> dict | None:
+        """The unit's stored record (key, seconds, code, result) where it holds the unit's current key; None
+        where there is none, it cannot be read, or it is another setting's."""
+        try:
+            data = read_json(self.result_path(name))
+        except (OSError, ValueError):
+            return None
+        return data if data.get("key") == self.keys.get(name) else None
+
 
 def study_teacher(name: str):
     """The study's teacher, its schedule, its autoencoder (None for a pixel teacher) and the size of the images
