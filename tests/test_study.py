@@ -130,6 +130,21 @@ def test_a_finished_unit_runs_again_only_where_its_work_is_gone_and_a_unit_to_ru
     assert [u.name for u in run] == ["pyevo-diffnas-50"] and "base-s0" not in done
 
 
+def test_a_runner_reads_a_dependency_only_under_its_current_key(tmp_path):
+    units, _ = build_plan(FULL)
+    keys = unit_keys(units)
+    context = StudyContext(tmp_path, tmp_path / "state", FULL, {u.name: u for u in units}, keys)
+    record = context.result_path("base-s0")
+    record.parent.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="'base-s0' has no result"):
+        context.result("base-s0")
+    record.write_text(json.dumps({"key": "another setting", "seconds": 1.0, "result": {"search_sha256": "a"}}))
+    with pytest.raises(RuntimeError, match="'base-s0' has no result"):
+        context.result("base-s0")
+    record.write_text(json.dumps({"key": keys["base-s0"], "seconds": 1.0, "result": {"search_sha256": "a"}}))
+    assert context.result("base-s0") == {"search_sha256": "a"}
+
+
 def test_the_page_names_each_build_of_the_base_its_arms_came_from(tmp_path):
     units, _ = build_plan(FULL)
     keys = unit_keys(units)

@@ -55,7 +55,12 @@ class StudyContext:
         return self.state / "units" / f"{name}.json"
 
     def result(self, name: str) -> dict:
-        return read_json(self.result_path(name))["result"]
+        """A finished dependency's result, read only where it holds the unit's current key (a runner
+        must not build on another setting's)."""
+        record = self.stored(name)
+        if record is None:
+            raise RuntimeError(f"unit {name!r} has no result under its current setting: run it first")
+        return record["result"]
 
     def stored(self, name: str) -> dict | None:
         """The unit's stored record (key, seconds, code, result) where it holds the unit's current key; None
