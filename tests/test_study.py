@@ -16,7 +16,8 @@ from pyevo.study.quality import summarise
 from pyevo.study.report import (TrainingSeedSpread, _ablation_lines, _build_lines, _equal_latency_lines, _verdict_lines,
                                  balanced_shortfall, collect, finished_units, over_training_seeds, read_curve,
                                  same_students, verdict, with_training_noise)
-from pyevo.study.units import StudyContext
+from pyevo.study.__main__ import main as study_main
+from pyevo.study.units import PIPELINE_DEFAULTS, StudyContext, changed_pipeline_defaults, pipeline_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,34 @@ def test_the_committed_digits_results_are_keyed_as_the_plan_keys_them_now():
     assert len(stored) == len(units)
     for path in stored:
         assert json.loads(path.read_text())["key"] == keys[path.stem], path.stem
+
+
+@pytest.mark.parametrize("teacher, state", [("digits", "results"), ("latent-digits", "results-latent-digits")])
+def test_the_committed_studies_ran_under_todays_pipeline_defaults(teacher, state):
+    """Unit keys hold the study's own settings, not the pipeline's defaults: a changed default would leave the
+    committed results standing for settings the study no longer runs. Keep the default, or run the study anew."""
+    recorded = json.loads((ROOT / "experiments" / state / PIPELINE_DEFAULTS).read_text())
+    assert recorded == pipeline_defaults(teacher)
+
+
+def test_a_study_records_its_pipeline_defaults_and_refuses_to_go_on_under_others(tmp_path, capsys):
+    units, _ = build_plan(MINI)
+    state = tmp_path / "state"
+    context = StudyContext(tmp_path / "out", state, MINI, {u.name: u for u in units}, unit_keys(units))
+    assert changed_pipeline_defaults(context) == []  # first use: recorded
+    recorded = json.loads((state / PIPELINE_DEFAULTS).read_text())
+    assert recorded == pipeline_defaults(MINI.teacher) and recorded["search.cap_latency_slack"] == 1.2
+    assert changed_pipeline_defaults(context) == []
+    recorded["search.cap_latency_slack"] = 1.0  # as if the units had run under another default
+    (state / PIPELINE_DEFAULTS).write_text(json.dumps(recorded))
+    assert changed_pipeline_defaults(context) == ["search.cap_latency_slack: 1.0 -> 1.2"]
+    argv = ["--mini", "--state", str(state), "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md")]
+    assert study_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "search.cap_latency_slack: 1.0 -> 1.2" in err and "another --state" in err
+    assert sorted(p.name for p in state.iterdir()) == [PIPELINE_DEFAULTS] and not (tmp_path / "out").exists()
+    (state / PIPELINE_DEFAULTS).write_text("[1, 2]")
+    assert changed_pipeline_defaults(context) == [f"{PIPELINE_DEFAULTS} is not a JSON object of settings"]
 
 
 def test_the_latent_study_plans_the_same_arms_keyed_apart_with_the_end_target_its_runs_do_not_use():

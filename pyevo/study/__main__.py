@@ -24,7 +24,7 @@ from pathlib import Path
 from pyevo.runfolder import atomic_write_json
 from pyevo.study.plan import DEFAULT_TEACHER, TEACHERS, Unit, build_plan, study_settings, unit_keys
 from pyevo.study.provenance import code_version
-from pyevo.study.units import READY, RUNNERS, StudyContext
+from pyevo.study.units import READY, RUNNERS, StudyContext, changed_pipeline_defaults
 
 log = logging.getLogger("pyevo.study")
 
@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         report()
         return 0
+    changed = changed_pipeline_defaults(context)
+    if changed:
+        print(f"pyevo.study: the pipeline's defaults changed since the units in {args.state} ran "
+              f"({'; '.join(changed)}); give another --state to run the study under today's defaults",
+              file=sys.stderr)
+        return 2
     wanted = select_units(units, args.only) if args.only else {u.name for u in units}
     failed = schedule(context, [u for u in units if u.name in wanted], args.workers or os.cpu_count() or 1,
                       ["--teacher", args.teacher] + (["--mini"] if args.mini else []), report)

@@ -14,6 +14,7 @@ search so that the page can tell whether its arms came from one search.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import shutil
@@ -26,7 +27,7 @@ import safetensors.torch
 import torch
 
 from pyevo.config import RunConfig, load_config
-from pyevo.runfolder import atomic_write_bytes, read_json
+from pyevo.runfolder import atomic_write_bytes, atomic_write_json, read_json
 from pyevo.study.plan import StudySettings, Unit
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,40 @@ class StudyContext:
         except (OSError, ValueError):
             return None
         return data if data.get("key") == self.keys.get(name) else None
+
+
+# Pipeline settings that are the unit's own (its seed and folder) or the study's (the teacher, the shared
+# latency table), or that change no figure: not part of the defaults a study's units ran under.
+UNIT_OWN_KEYS = ("teacher", "seed", "out", "latency.cache", "distributed.timeout")
+PIPELINE_DEFAULTS = "pipeline_defaults.json"
+
+
+def pipeline_defaults(teacher: str) -> dict[str, Any]:
+    """Every pipeline setting a unit of the study inherits rather than names in its spec (dotted key -> value, as
+    JSON has it). Units' keys hold their specs only, so a change here is recorded beside them instead."""
+    from pyevo.config import _get, describe_keys
+
+    config = load_config(overrides={"teacher": teacher})
+    values = {key: _get(config, key) for key, _, _ in describe_keys() if key not in UNIT_OWN_KEYS}
+    return json.loads(json.dumps(values, default=str))
+
+
+def changed_pipeline_defaults(context: StudyContext) -> list[str]:
+    """The pipeline defaults that differ from those the state's finished units ran under ("key: was -> now"),
+    recorded on first use. A state from before the record takes today's defaults as its own."""
+    path = context.state / PIPELINE_DEFAULTS
+    now = pipeline_defaults(context.settings.teacher)
+    try:
+        recorded = read_json(path)
+    except FileNotFoundError:
+        atomic_write_json(path, now)
+        return []
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        return [f"{path.name} is not a JSON object of settings"]
+    return [f"{key}: {recorded.get(key, '(none)')!r} -> {now.get(key, '(none)')!r}"
+            for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
 
 
 def study_teacher(name: str):
