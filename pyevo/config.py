@@ -245,23 +245,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 TEACHER_PRESETS: dict[str, str] = {"latent-digits": "latent-digits"}
 
 
+def config_values(config: RunConfig) -> dict[str, Any]:
+    """Every setting of ``config`` by its dotted key (as ``--set`` names it)."""
+    values: dict[str, Any] = {}
+
+    def walk(section: Any, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                values[prefix + f.name] = value
+
+    walk(config, "")
+    return values
+
+
 def describe_keys() -> list[tuple[str, Any, str]]:
     """Every config key, its default, and its allowed values (for --help)."""
-    rows = []
-
-    def walk(config: Any, prefix: str) -> None:
-        for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            key = prefix + f.name
-            if dataclasses.is_dataclass(value):
-                walk(value, key + ".")
-                continue
-            allowed = (" | ".join(CHOICES[key]) if key in CHOICES else str(BOUNDS[key]) if key in BOUNDS
-                       else "true | false" if isinstance(value, bool) else "")
-            rows.append((key, value, allowed))
-
-    walk(RunConfig(), "")
-    return rows
+    return [(key, value, " | ".join(CHOICES[key]) if key in CHOICES else str(BOUNDS[key]) if key in BOUNDS
+             else "true | false" if isinstance(value, bool) else "")
+            for key, value in config_values(RunConfig()).items()]
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -82,11 +82,11 @@ PIPELINE_DEFAULTS = "pipeline_defaults.json"
 def pipeline_defaults(teacher: str) -> dict[str, Any]:
     """Every pipeline setting a unit of the study inherits rather than names in its spec (dotted key -> value, as
     JSON has it). Units' keys hold their specs only, so a change here is recorded beside them instead."""
-    from pyevo.config import _get, describe_keys
+    from pyevo.config import config_values
 
-    config = load_config(overrides={"teacher": teacher})
-    values = {key: _get(config, key) for key, _, _ in describe_keys() if key not in UNIT_OWN_KEYS}
-    return json.loads(json.dumps(values, default=str))
+    values = config_values(load_config(overrides={"teacher": teacher}))
+    return json.loads(json.dumps({key: value for key, value in values.items() if key not in UNIT_OWN_KEYS},
+                                 default=str))
 
 
 def changed_pipeline_defaults(context: StudyContext) -> list[str]:
