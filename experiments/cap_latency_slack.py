@@ -14,7 +14,6 @@ for that, so they are not retrained.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,20 +24,12 @@ from pyevo import pipeline
 from pyevo.config import load_config
 from pyevo.evaluate import deployed
 from pyevo.latency import time_calls
+from pyevo.runfolder import read_json
 from pyevo.space import decode_network, unet_space
 from pyevo.student import student_class
+from pyevo.study.units import BASE_FILES
 from pyevo.supernet import build_supernet
 from pyevo.teacher import load_teacher
-
-# What a re-selection reads from the arm's folder (the rest of the run is not needed to select).
-RUN_FILES = ("config.yaml", "timings.json", "encode.json", "latents.safetensors", "distill.json",
-             "supernet.safetensors", "search.json", "select.json")
-
-
-def stage_result(path: Path) -> dict:
-    data = json.loads(path.read_text())
-    return data.get("result", data)
-
 
 def reselect(arm: Path, out: Path, slack: float) -> Path:
     """A copy of the arm's run with its selection made again at ``slack``."""
@@ -46,7 +37,7 @@ def reselect(arm: Path, out: Path, slack: float) -> Path:
     if copy.exists():
         shutil.rmtree(copy)
     copy.mkdir(parents=True)
-    for name in RUN_FILES:
+    for name in BASE_FILES:  # what an arm copies from its base is what selecting again reads
         if (arm / name).is_file():
             shutil.copy2(arm / name, copy / name)
     config = load_config(copy / "config.yaml", {"search.cap_latency_slack": slack, "out": str(copy)})
@@ -57,8 +48,8 @@ def reselect(arm: Path, out: Path, slack: float) -> Path:
 def summary(run: Path) -> dict:
     """The selection's MACs, params and latency estimate (ratios to the teacher), and its summed NSR relative to
     each block's teacher-shaped NSR (what the caps' repair minimises)."""
-    selected = stage_result(run / "select.json")
-    teacher_nsr = {name: block["teacher"]["nsr"] for name, block in stage_result(run / "search.json")["blocks"].items()}
+    selected = read_json(run / "select.json")
+    teacher_nsr = {name: block["teacher"]["nsr"] for name, block in read_json(run / "search.json")["blocks"].items()}
     return {"genome": selected["genome"], "macs": selected["macs_ratio"], "params": selected["params_ratio"],
             "estimate": selected["latency_estimate_ms"] / selected["teacher_ms"],
             "relative_nsr": sum(block["nsr"] / teacher_nsr[name] for name, block in selected["blocks"].items())}

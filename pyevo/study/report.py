@@ -104,7 +104,7 @@ def write_results(path: Path, context: StudyContext, arms: list[Arm], command: s
              "", *_setup_lines(context, finished), ""]
     lines += _teacher_lines(teacher)
     lines += _main_table(context, rows)
-    lines += _seed_table(context, rows)
+    lines += _seed_table(context, rows, spread)
     lines += _ablation_lines(context, rows, spread)
     lines += _verdict_lines(context, rows, spread)
     lines += _equal_macs_lines(rows)
@@ -295,7 +295,7 @@ def same_students(rows: dict[str, dict]) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
+def _seed_table(context: StudyContext, rows: dict[str, dict], spread: TrainingSeedSpread | None) -> list[str]:
     main = context.settings.main_target
     if len(context.settings.training_seeds) < 2:
         return []
@@ -304,8 +304,7 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
              "| family | " + " | ".join(f"seed {s}" for s in context.settings.training_seeds) + " | mean ± std |",
              "|---|" + "---|" * (len(context.settings.training_seeds) + 1)]
     for family in ("pyevo", "uniform", "diff-pruning"):
-        picked = [r for r in rows.values() if r["arm"].family == family and r["arm"].target == main
-                  and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas"))]
+        picked = _seed_arms(rows, family, main)
         if not picked:
             continue
         for figure in ("balanced_fd", "fd"):
@@ -317,7 +316,8 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
             lines.append(f"| {picked[0]['arm'].label}: {FIGURE_NAMES[figure]} ratio | " + " | ".join(cells)
                          + f" | {total} |")
     lines.append("")
-    families = {family: over_training_seeds(rows, family, main) for family in ("pyevo", "uniform", "diff-pruning")}
+    families = {"pyevo": spread} | {family: over_training_seeds(rows, family, main)
+                                    for family in ("uniform", "diff-pruning")}
     if all(families.values()):
         ours = families["pyevo"]
         cells = [f"{label} (MACs {_fmt(families[family].macs)}, {families[family].seeds} seeds): "
@@ -331,10 +331,15 @@ def _seed_table(context: StudyContext, rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _seed_arms(rows: dict[str, dict], family: str, target: float) -> list[dict]:
+    """The rows of a family's arms at ``target``, one per training seed (pyevo's: its diffnas arms)."""
+    return [r for r in rows.values() if r["arm"].family == family and r["arm"].target == target
+            and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas"))]
+
+
 def over_training_seeds(rows: dict[str, dict], family: str, target: float) -> TrainingSeedSpread | None:
     """A family's arms at ``target`` over its training seeds (None until at least two seeds have finished)."""
-    picked = [r for r in rows.values() if r["arm"].family == family and r["arm"].target == target
-              and (family != "pyevo" or r["arm"].name.startswith("pyevo-diffnas")) and r["summary"]]
+    picked = [r for r in _seed_arms(rows, family, target) if r["summary"]]
     if len(picked) < 2:
         return None
     summaries = [r["summary"] for r in picked]
