@@ -31,6 +31,7 @@ from pyevo.study.units import BASE_FILES
 from pyevo.supernet import build_supernet
 from pyevo.teacher import load_teacher
 
+
 def reselect(arm: Path, out: Path, slack: float) -> Path:
     """A copy of the arm's run with its selection made again at ``slack``."""
     copy = out / arm.name
@@ -74,8 +75,10 @@ def main() -> None:
         if not (arm / "search.json").is_file():
             print(f"{arm}: no search.json (the study's work folder lost it): skipped")
             continue
-        ran, again = summary(arm), summary(reselect(arm, args.out, args.slack))
         configured = load_config(arm / "config.yaml").search.cap_latency_slack
+        if configured == args.slack:
+            raise SystemExit(f"{arm} ran at slack {configured:g} already: give --slack another value")
+        ran, again = summary(arm), summary(reselect(arm, args.out, args.slack))
         for slack, selection in ((configured, ran), (args.slack, again)):
             name = f"{target}% slack {slack:g}"
             genomes = decode_network(selection["genome"], space)
